@@ -1,0 +1,606 @@
+//! Typed configuration read once from the environment (and `.env` when present).
+//!
+//! Every variable is documented here and in README.md. Parsing is written out by hand rather than
+//! with a derive crate because each error must name the variable, the value and the expected form,
+//! and several variables have aliases from the seed documents (`INGESTION_DATABASE_URL`, ...).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// The default database for a local run: every service shares one database, each in its own schema.
+pub const DEFAULT_DATABASE_URL: &str =
+    "postgres://cornjacket:cornjacket@localhost:5432/cornjacket?sslmode=disable";
+
+/// A configuration value that could not be accepted. Names the variable and the expected form.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid configuration: {var}={value:?} — expected {expected}")]
+pub struct ConfigError {
+    pub var: String,
+    pub value: String,
+    pub expected: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The three base topics of SPEC §5, with the optional test/tenant prefix applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub sensor: String,
+    pub user: String,
+    pub system: String,
+}
+
+impl Topics {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            sensor: format!("{prefix}sensor-events"),
+            user: format!("{prefix}user-actions"),
+            system: format!("{prefix}system-events"),
+        }
+    }
+
+    pub fn all(&self) -> [&str; 3] {
+        [&self.sensor, &self.user, &self.system]
+    }
+
+    /// The topic for an event type, by prefix (SPEC §5).
+    pub fn for_event_type(&self, event_type: &str) -> &str {
+        match crate::envelope::route(event_type) {
+            crate::envelope::Route::Sensor => &self.sensor,
+            crate::envelope::Route::User => &self.user,
+            crate::envelope::Route::System => &self.system,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseUrls {
+    pub ingestion: SecretString,
+    pub eventhandler: SecretString,
+    pub query: SecretString,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ports {
+    pub ingestion: u16,
+    pub query: u16,
+    pub actions: u16,
+    pub actions_health: u16,
+    pub eventhandler_health: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `CJ_KAFKA_BROKERS` (alias `CJ_REDPANDA_BROKERS`): bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// `CJ_KAFKA_PARTITIONS`: partitions for topics the platform creates (1–1024).
+    pub partitions: i32,
+    /// `CJ_KAFKA_RETENTION`: `retention.ms` for created topics.
+    pub retention: Duration,
+    /// `CJ_KAFKA_TOPIC_PREFIX`: prepended to every topic name (isolates tests and tenants).
+    pub topic_prefix: String,
+    /// `CJ_KAFKA_PRODUCER_LINGER_MS`: how long the producer gathers a batch.
+    pub linger_ms: u32,
+    /// `CJ_KAFKA_MESSAGE_TIMEOUT`: how long a publish may wait for the broker before failing.
+    pub message_timeout: Duration,
+    pub topics: Topics,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// `CJ_OUTBOX_WORKER_COUNT`: processor workers in this process (1–16).
+    pub worker_count: usize,
+    /// `CJ_OUTBOX_BATCH_SIZE`: rows claimed per batch (1–10000).
+    pub batch_size: i64,
+    /// `CJ_OUTBOX_MAX_RETRIES`: past this many failed attempts a row is reported (health degraded).
+    pub max_retries: i32,
+    /// `CJ_OUTBOX_POLL_INTERVAL`: the watchdog poll that covers missed notifications.
+    pub poll_interval: Duration,
+    /// `CJ_OUTBOX_ENABLED`: run the processor inside the ingestion service (default true).
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestionConfig {
+    /// `CJ_INGESTION_MAX_BODY_BYTES`: the largest single-event body (default 64 KiB).
+    pub max_body_bytes: usize,
+    /// `CJ_INGESTION_MAX_BATCH_BODY_BYTES`: the largest batch body (default 16 MiB).
+    pub max_batch_body_bytes: usize,
+    /// `CJ_INGESTION_MAX_BATCH_EVENTS`: events per batch request (default 1000).
+    pub max_batch_events: usize,
+    /// `CJ_INGESTION_STRICT_TYPES`: refuse event types outside the catalogue.
+    pub strict_types: bool,
+    /// `CJ_INGESTION_RATE_LIMIT`: requests per second per client; 0 disables the limit.
+    pub rate_limit_per_sec: u32,
+    /// `CJ_INGESTION_RATE_BURST`: bucket size of the per-client limit.
+    pub rate_limit_burst: u32,
+    /// `CJ_INGESTION_COMMIT_MAX_ROWS`: rows per group commit.
+    pub commit_max_rows: usize,
+    /// `CJ_INGESTION_COMMIT_CONCURRENCY`: group commits in flight at once.
+    pub commit_concurrency: usize,
+    /// `CJ_INGESTION_REQUEST_TIMEOUT`: the longest a client waits for its commit before a 503.
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventHandlerConfig {
+    /// `CJ_EVENTHANDLER_CONSUMER_GROUP` (default `event-handler`).
+    pub consumer_group: String,
+    /// `CJ_EVENTHANDLER_TOPICS`: comma-separated; default the three platform topics.
+    pub topics: Vec<String>,
+    /// `CJ_EVENTHANDLER_RETRY_DELAYS`: delays before each retry of a poison message (`0s,1s,2s`).
+    pub retry_delays: Vec<Duration>,
+    /// `CJ_EVENTHANDLER_MAX_BATCH`: messages applied per database transaction.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `CJ_LOG_LEVEL`: a tracing filter (`info`, `cornjacket=debug,info`).
+    pub log_level: String,
+    /// `CJ_LOG_FORMAT`: `json` or `text`.
+    pub log_format: LogFormat,
+    /// `CJ_BIND_ADDR`: the address every port binds (default 127.0.0.1; containers use 0.0.0.0).
+    pub bind_addr: IpAddr,
+    pub ports: Ports,
+    pub databases: DatabaseUrls,
+    /// `CJ_DB_MAX_CONNECTIONS`: pool size per service.
+    pub db_max_connections: u32,
+    /// `CJ_DB_ACQUIRE_TIMEOUT`: how long a request waits for a connection before 503.
+    pub db_acquire_timeout: Duration,
+    pub kafka: KafkaConfig,
+    pub outbox: OutboxConfig,
+    pub ingestion: IngestionConfig,
+    pub eventhandler: EventHandlerConfig,
+    /// `CJ_SHUTDOWN_TIMEOUT`: the hard deadline for a graceful shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// Reads variables from a map so that parsing is testable without touching the process env.
+struct Vars<'a>(&'a HashMap<String, String>);
+
+impl Vars<'_> {
+    fn raw(&self, names: &[&str]) -> Option<(String, String)> {
+        names.iter().find_map(|n| {
+            self.0
+                .get(*n)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (n.to_string(), v.trim().to_string()))
+        })
+    }
+
+    fn err(var: &str, value: &str, expected: &str) -> ConfigError {
+        ConfigError {
+            var: var.to_string(),
+            value: value.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.raw(&[name])
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| default.to_string())
+    }
+
+    fn parse<T: FromStr>(&self, name: &str, default: T, expected: &str) -> Result<T, ConfigError> {
+        match self.raw(&[name]) {
+            None => Ok(default),
+            Some((var, v)) => v.parse().map_err(|_| Self::err(&var, &v, expected)),
+        }
+    }
+
+    fn ranged<T: FromStr + PartialOrd + Copy + std::fmt::Display>(
+        &self,
+        name: &str,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError> {
+        let expected = format!("an integer from {min} to {max}");
+        let v = self.parse(name, default, &expected)?;
+        if v < min || v > max {
+            return Err(Self::err(name, &v.to_string(), &expected));
+        }
+        Ok(v)
+    }
+
+    fn port(&self, name: &str, default: u16) -> Result<u16, ConfigError> {
+        self.parse(name, default, "a TCP port number from 0 to 65535")
+    }
+
+    fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(&[name]) {
+            None => Ok(default),
+            Some((var, v)) => match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(Self::err(&var, &v, "true or false")),
+            },
+        }
+    }
+
+    fn duration(&self, name: &str, default: Duration) -> Result<Duration, ConfigError> {
+        match self.raw(&[name]) {
+            None => Ok(default),
+            Some((var, v)) => parse_duration(&v)
+                .ok_or_else(|| Self::err(&var, &v, "a duration such as 500ms, 5s, 24h")),
+        }
+    }
+
+    fn database_url(&self, names: &[&str], fallback: &str) -> Result<SecretString, ConfigError> {
+        let Some((var, v)) = self.raw(names) else {
+            return Ok(SecretString::from(fallback.to_string()));
+        };
+        validate_database_url(&v).map_err(|_| {
+            Self::err(
+                &var,
+                &redact_url(&v),
+                "a URL such as postgres://user:password@host:5432/db",
+            )
+        })?;
+        Ok(SecretString::from(v))
+    }
+}
+
+fn parse_duration(v: &str) -> Option<Duration> {
+    humantime::parse_duration(v).ok()
+}
+
+fn validate_database_url(v: &str) -> Result<(), ()> {
+    let rest = v
+        .strip_prefix("postgres://")
+        .or_else(|| v.strip_prefix("postgresql://"))
+        .ok_or(())?;
+    if rest.is_empty() {
+        return Err(());
+    }
+    v.parse::<sqlx::postgres::PgConnectOptions>()
+        .map(|_| ())
+        .map_err(|_| ())
+}
+
+/// Hides the password of a database URL so it can appear in errors and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl Config {
+    /// Reads `.env` (when present) and the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let _ = dotenvy::dotenv();
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::from_map(&vars)
+    }
+
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let v = Vars(map);
+        let log_format = match v.raw(&["CJ_LOG_FORMAT"]) {
+            None => LogFormat::Json,
+            Some((_, f)) if f.eq_ignore_ascii_case("json") => LogFormat::Json,
+            Some((_, f)) if f.eq_ignore_ascii_case("text") => LogFormat::Text,
+            Some((var, f)) => return Err(Vars::err(&var, &f, "json or text")),
+        };
+        let log_level = v.string("CJ_LOG_LEVEL", "info");
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(Vars::err(
+                "CJ_LOG_LEVEL",
+                &log_level,
+                "a level (error, warn, info, debug, trace) or a tracing filter",
+            ));
+        }
+
+        let common = match v.raw(&["CJ_DATABASE_URL", "DATABASE_URL"]) {
+            None => DEFAULT_DATABASE_URL.to_string(),
+            Some((var, url)) => {
+                validate_database_url(&url).map_err(|_| {
+                    Vars::err(
+                        &var,
+                        &redact_url(&url),
+                        "a URL such as postgres://user:password@host:5432/db",
+                    )
+                })?;
+                url
+            }
+        };
+        let databases = DatabaseUrls {
+            ingestion: v.database_url(
+                &["CJ_INGESTION_DATABASE_URL", "INGESTION_DATABASE_URL"],
+                &common,
+            )?,
+            eventhandler: v.database_url(
+                &["CJ_EVENTHANDLER_DATABASE_URL", "EVENTHANDLER_DATABASE_URL"],
+                &common,
+            )?,
+            query: v.database_url(&["CJ_QUERY_DATABASE_URL", "QUERY_DATABASE_URL"], &common)?,
+        };
+
+        let brokers = v
+            .raw(&["CJ_KAFKA_BROKERS", "CJ_REDPANDA_BROKERS"])
+            .map(|(var, b)| {
+                let ok = b.split(',').all(|hp| {
+                    let hp = hp.trim();
+                    hp.rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+                });
+                if ok {
+                    Ok(b)
+                } else {
+                    Err(Vars::err(&var, &b, "host:port[,host:port...]"))
+                }
+            })
+            .transpose()?
+            .unwrap_or_else(|| "localhost:9092".to_string());
+        let topic_prefix = v.string("CJ_KAFKA_TOPIC_PREFIX", "");
+        if !topic_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(Vars::err(
+                "CJ_KAFKA_TOPIC_PREFIX",
+                &topic_prefix,
+                "letters, digits, '.', '_' or '-'",
+            ));
+        }
+        let topics = Topics::with_prefix(&topic_prefix);
+        let kafka = KafkaConfig {
+            brokers,
+            partitions: v.ranged("CJ_KAFKA_PARTITIONS", 3, 1, 1024)?,
+            retention: v.duration("CJ_KAFKA_RETENTION", Duration::from_secs(24 * 3600))?,
+            linger_ms: v.ranged("CJ_KAFKA_PRODUCER_LINGER_MS", 2, 0, 10_000)?,
+            message_timeout: v.duration("CJ_KAFKA_MESSAGE_TIMEOUT", Duration::from_secs(10))?,
+            topic_prefix,
+            topics: topics.clone(),
+        };
+
+        let outbox = OutboxConfig {
+            worker_count: v.ranged("CJ_OUTBOX_WORKER_COUNT", 4, 1, 16)?,
+            batch_size: v.ranged("CJ_OUTBOX_BATCH_SIZE", 100, 1, 10_000)?,
+            max_retries: v.ranged("CJ_OUTBOX_MAX_RETRIES", 5, 0, 1_000_000)?,
+            poll_interval: v.duration("CJ_OUTBOX_POLL_INTERVAL", Duration::from_secs(5))?,
+            enabled: v.bool("CJ_OUTBOX_ENABLED", true)?,
+        };
+        if outbox.poll_interval.is_zero() {
+            return Err(Vars::err(
+                "CJ_OUTBOX_POLL_INTERVAL",
+                "0",
+                "a positive duration such as 5s",
+            ));
+        }
+
+        let ingestion = IngestionConfig {
+            max_body_bytes: v.ranged(
+                "CJ_INGESTION_MAX_BODY_BYTES",
+                64 * 1024,
+                256,
+                64 * 1024 * 1024,
+            )?,
+            max_batch_body_bytes: v.ranged(
+                "CJ_INGESTION_MAX_BATCH_BODY_BYTES",
+                16 * 1024 * 1024,
+                1024,
+                1024 * 1024 * 1024,
+            )?,
+            max_batch_events: v.ranged("CJ_INGESTION_MAX_BATCH_EVENTS", 1000, 1, 100_000)?,
+            strict_types: v.bool("CJ_INGESTION_STRICT_TYPES", false)?,
+            rate_limit_per_sec: v.ranged("CJ_INGESTION_RATE_LIMIT", 0, 0, 10_000_000)?,
+            rate_limit_burst: v.ranged("CJ_INGESTION_RATE_BURST", 0, 0, 10_000_000)?,
+            commit_max_rows: v.ranged("CJ_INGESTION_COMMIT_MAX_ROWS", 1000, 1, 100_000)?,
+            commit_concurrency: v.ranged("CJ_INGESTION_COMMIT_CONCURRENCY", 4, 1, 64)?,
+            request_timeout: v.duration("CJ_INGESTION_REQUEST_TIMEOUT", Duration::from_secs(10))?,
+        };
+
+        let eh_topics = match v.raw(&["CJ_EVENTHANDLER_TOPICS"]) {
+            None => topics.all().iter().map(|t| t.to_string()).collect(),
+            Some((var, t)) => {
+                let list: Vec<String> = t
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if list.is_empty() {
+                    return Err(Vars::err(&var, &t, "a comma-separated list of topic names"));
+                }
+                list
+            }
+        };
+        let retry_delays = match v.raw(&["CJ_EVENTHANDLER_RETRY_DELAYS"]) {
+            None => vec![
+                Duration::ZERO,
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+            ],
+            Some((var, t)) => t
+                .split(',')
+                .map(|s| parse_duration(s.trim()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    Vars::err(
+                        &var,
+                        &t,
+                        "a comma-separated list of durations such as 0s,1s,2s",
+                    )
+                })?,
+        };
+        let eventhandler = EventHandlerConfig {
+            consumer_group: v.string("CJ_EVENTHANDLER_CONSUMER_GROUP", "event-handler"),
+            topics: eh_topics,
+            retry_delays,
+            max_batch: v.ranged("CJ_EVENTHANDLER_MAX_BATCH", 500, 1, 100_000)?,
+        };
+
+        Ok(Self {
+            log_level,
+            log_format,
+            bind_addr: v.parse(
+                "CJ_BIND_ADDR",
+                IpAddr::from([127, 0, 0, 1]),
+                "an IP address such as 0.0.0.0",
+            )?,
+            ports: Ports {
+                ingestion: v.port("CJ_INGESTION_PORT", 8080)?,
+                query: v.port("CJ_QUERY_PORT", 8081)?,
+                actions: v.port("CJ_ACTIONS_PORT", 8082)?,
+                actions_health: v.port("CJ_ACTIONS_HEALTH_PORT", 8083)?,
+                eventhandler_health: v.port("CJ_EVENTHANDLER_HEALTH_PORT", 8084)?,
+            },
+            databases,
+            db_max_connections: v.ranged("CJ_DB_MAX_CONNECTIONS", 16, 1, 1000)?,
+            db_acquire_timeout: v.duration("CJ_DB_ACQUIRE_TIMEOUT", Duration::from_secs(3))?,
+            kafka,
+            outbox,
+            ingestion,
+            eventhandler,
+            shutdown_timeout: v.duration("CJ_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
+        })
+    }
+
+    /// The database URL of a service, for connecting; never log it unredacted.
+    pub fn database_url(&self, service: &str) -> &str {
+        match service {
+            "ingestion" => self.databases.ingestion.expose_secret(),
+            "eventhandler" => self.databases.eventhandler.expose_secret(),
+            _ => self.databases.query.expose_secret(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_map(&map)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.ports.ingestion, 8080);
+        assert_eq!(c.ports.eventhandler_health, 8084);
+        assert_eq!(c.kafka.brokers, "localhost:9092");
+        assert_eq!(c.outbox.worker_count, 4);
+        assert_eq!(c.outbox.batch_size, 100);
+        assert_eq!(c.outbox.max_retries, 5);
+        assert_eq!(c.outbox.poll_interval, Duration::from_secs(5));
+        assert_eq!(c.kafka.retention, Duration::from_secs(86_400));
+        assert_eq!(c.database_url("ingestion"), DEFAULT_DATABASE_URL);
+        assert_eq!(c.kafka.topics.sensor, "sensor-events");
+    }
+
+    #[test]
+    fn each_malformed_variable_names_itself_and_the_expected_form() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("CJ_LOG_FORMAT", "xml", "json or text"),
+            ("CJ_LOG_LEVEL", "loud[", "tracing filter"),
+            ("CJ_INGESTION_PORT", "80800", "TCP port"),
+            ("CJ_QUERY_PORT", "abc", "TCP port"),
+            ("CJ_ACTIONS_PORT", "-1", "TCP port"),
+            ("CJ_ACTIONS_HEALTH_PORT", "x", "TCP port"),
+            ("CJ_EVENTHANDLER_HEALTH_PORT", "1.5", "TCP port"),
+            ("CJ_INGESTION_DATABASE_URL", "mysql://x", "postgres://"),
+            ("INGESTION_DATABASE_URL", "not a url", "postgres://"),
+            ("CJ_EVENTHANDLER_DATABASE_URL", "http://x", "postgres://"),
+            ("CJ_QUERY_DATABASE_URL", "postgres://", "postgres://"),
+            ("CJ_DATABASE_URL", "nope", "postgres://"),
+            ("CJ_KAFKA_BROKERS", "localhost", "host:port"),
+            ("CJ_REDPANDA_BROKERS", "a:b", "host:port"),
+            ("CJ_KAFKA_PARTITIONS", "0", "from 1 to 1024"),
+            ("CJ_KAFKA_RETENTION", "forever", "duration"),
+            ("CJ_KAFKA_TOPIC_PREFIX", "a b", "letters"),
+            ("CJ_OUTBOX_WORKER_COUNT", "0", "from 1 to 16"),
+            ("CJ_OUTBOX_BATCH_SIZE", "ten", "integer"),
+            ("CJ_OUTBOX_MAX_RETRIES", "-3", "integer"),
+            ("CJ_OUTBOX_POLL_INTERVAL", "5", "duration"),
+            ("CJ_OUTBOX_POLL_INTERVAL", "0s", "positive duration"),
+            ("CJ_OUTBOX_ENABLED", "maybe", "true or false"),
+            ("CJ_INGESTION_STRICT_TYPES", "sometimes", "true or false"),
+            ("CJ_INGESTION_MAX_BODY_BYTES", "10", "integer from 256"),
+            ("CJ_INGESTION_RATE_LIMIT", "fast", "integer"),
+            ("CJ_EVENTHANDLER_RETRY_DELAYS", "1s,soon", "durations"),
+            ("CJ_EVENTHANDLER_TOPICS", ",,", "comma-separated"),
+            ("CJ_BIND_ADDR", "localhost", "IP address"),
+            ("CJ_DB_MAX_CONNECTIONS", "0", "integer"),
+            ("CJ_SHUTDOWN_TIMEOUT", "soon", "duration"),
+        ];
+        for (var, value, expected) in cases {
+            let err = with(&[(var, value)]).expect_err(var);
+            assert_eq!(&err.var, var, "{var}");
+            let msg = err.to_string();
+            assert!(msg.contains(var), "{msg}");
+            assert!(
+                msg.contains(expected),
+                "{var}: '{msg}' should mention '{expected}'"
+            );
+        }
+    }
+
+    #[test]
+    fn database_url_errors_never_print_the_password() {
+        let err = with(&[("CJ_INGESTION_DATABASE_URL", "mysql://u:hunter2@h/db")]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn seed_unprefixed_database_variables_are_accepted_and_prefixed_ones_win() {
+        let c = with(&[("EVENTHANDLER_DATABASE_URL", "postgres://a:b@h:1/eh")]).unwrap();
+        assert_eq!(c.database_url("eventhandler"), "postgres://a:b@h:1/eh");
+        assert_eq!(c.database_url("ingestion"), DEFAULT_DATABASE_URL);
+        let c = with(&[
+            ("INGESTION_DATABASE_URL", "postgres://a:b@h:1/seed"),
+            ("CJ_INGESTION_DATABASE_URL", "postgres://a:b@h:1/cj"),
+        ])
+        .unwrap();
+        assert_eq!(c.database_url("ingestion"), "postgres://a:b@h:1/cj");
+    }
+
+    #[test]
+    fn a_common_database_url_is_the_default_of_every_service() {
+        let c = with(&[("CJ_DATABASE_URL", "postgres://a:b@h:1/all")]).unwrap();
+        assert_eq!(c.database_url("query"), "postgres://a:b@h:1/all");
+        assert_eq!(c.database_url("eventhandler"), "postgres://a:b@h:1/all");
+    }
+
+    #[test]
+    fn redpanda_alias_and_topic_prefix() {
+        let c = with(&[
+            ("CJ_REDPANDA_BROKERS", "rp:9092"),
+            ("CJ_KAFKA_TOPIC_PREFIX", "t1."),
+        ])
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "rp:9092");
+        assert_eq!(c.kafka.topics.user, "t1.user-actions");
+        assert_eq!(c.eventhandler.topics.len(), 3);
+        assert!(c.eventhandler.topics.iter().all(|t| t.starts_with("t1.")));
+    }
+
+    #[test]
+    fn redaction_hides_only_the_password() {
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
+}

@@ -1,0 +1,208 @@
+//! The Kafka-API bus: producers, consumers and topic administration built from config.
+//! Client creation does blocking I/O in librdkafka, so it runs on the blocking pool (STYLE §8).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+
+use crate::config::KafkaConfig;
+
+fn base(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", "cornjacket")
+        .set("socket.keepalive.enable", "true")
+        // Reconnect quickly after a broker restart; the default backs off to 10 s.
+        .set("reconnect.backoff.max.ms", "2000");
+    c
+}
+
+/// The outbox processor's producer: acks=all and idempotence, so retries never reorder or
+/// duplicate within a partition.
+pub async fn producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
+    let mut c = base(cfg);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", cfg.linger_ms.to_string())
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .set(
+            "message.timeout.ms",
+            cfg.message_timeout.as_millis().to_string(),
+        );
+    Ok(tokio::task::spawn_blocking(move || c.create::<FutureProducer>()).await??)
+}
+
+/// What a consumer knows about itself, for `/health` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ConsumerState {
+    pub assigned: Mutex<Vec<(String, i32)>>,
+    /// (topic, partition) → lag, from librdkafka's statistics.
+    pub lag: Mutex<HashMap<(String, i32), i64>>,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ConsumerState {
+    pub fn total_lag(&self) -> i64 {
+        self.lag
+            .lock()
+            .expect("lag lock")
+            .values()
+            .filter(|l| **l > 0)
+            .sum()
+    }
+    pub fn assigned_count(&self) -> usize {
+        self.assigned.lock().expect("assigned lock").len()
+    }
+}
+
+/// Records rebalances and statistics into a [`ConsumerState`].
+pub struct ObservedContext {
+    pub group: String,
+    pub state: Arc<ConsumerState>,
+}
+
+impl ClientContext for ObservedContext {
+    fn stats(&self, stats: Statistics) {
+        let mut lag = self.state.lag.lock().expect("lag lock");
+        lag.clear();
+        for (topic, t) in stats.topics {
+            for (p, part) in t.partitions {
+                if p >= 0 && part.consumer_lag >= 0 {
+                    metrics::gauge!("cj_consumer_lag", "group" => self.group.clone(), "topic" => topic.clone(), "partition" => p.to_string())
+                        .set(part.consumer_lag as f64);
+                    lag.insert((topic.clone(), p), part.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(group = %self.group, error = %error, reason, "Kafka client error.");
+        *self.state.last_error.lock().expect("error lock") = Some(format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for ObservedContext {
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut assigned = self.state.assigned.lock().expect("assigned lock");
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                for e in tpl.elements() {
+                    let k = (e.topic().to_string(), e.partition());
+                    if !assigned.contains(&k) {
+                        assigned.push(k);
+                    }
+                }
+                tracing::info!(group = %self.group, partitions = assigned.len(), "Partitions assigned.");
+            }
+            Rebalance::Revoke(tpl) => {
+                let gone: Vec<_> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
+                assigned.retain(|k| !gone.contains(k));
+                tracing::info!(group = %self.group, partitions = assigned.len(), "Partitions revoked.");
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.group, error = %e, "Rebalance failed.");
+            }
+        }
+    }
+}
+
+pub type ObservedConsumer = StreamConsumer<ObservedContext>;
+
+/// A group consumer with auto-commit and auto offset store off: the caller stores each offset
+/// once its side effect is durable and commits in batches (STYLE §8).
+pub async fn consumer(
+    cfg: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+) -> anyhow::Result<(Arc<ObservedConsumer>, Arc<ConsumerState>)> {
+    let mut c = base(cfg);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", "2000")
+        .set("fetch.wait.max.ms", "50")
+        .set("partition.assignment.strategy", "range,roundrobin");
+    let state = Arc::new(ConsumerState::default());
+    let ctx = ObservedContext {
+        group: group.to_string(),
+        state: state.clone(),
+    };
+    let topics = topics.to_vec();
+    let consumer = tokio::task::spawn_blocking(move || -> anyhow::Result<ObservedConsumer> {
+        let consumer: ObservedConsumer = c.create_with_context(ctx)?;
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&refs)?;
+        Ok(consumer)
+    })
+    .await??;
+    Ok((Arc::new(consumer), state))
+}
+
+/// Creates the topics that are missing (partitions and `retention.ms` from config); existing
+/// ones are left as they are. Safe to call at any time — after a broker restart with in-memory
+/// storage it recreates what was lost.
+pub async fn ensure_topics(cfg: &KafkaConfig, topics: &[&str]) -> anyhow::Result<()> {
+    let c = base(cfg);
+    let admin: AdminClient<DefaultClientContext> =
+        tokio::task::spawn_blocking(move || c.create()).await??;
+    let retention = cfg.retention.as_millis().to_string();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(t, cfg.partitions, TopicReplication::Fixed(1))
+                .set("retention.ms", &retention)
+        })
+        .collect();
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&new, &opts).await?;
+    for r in results {
+        match r {
+            Ok(t) => tracing::info!(topic = %t, "Topic created."),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => anyhow::bail!("could not create topic {t}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the broker answers a metadata request within the deadline (for `/health`).
+pub async fn reachable(producer: Arc<FutureProducer>) -> Result<usize, String> {
+    tokio::task::spawn_blocking(move || {
+        rdkafka::producer::Producer::client(producer.as_ref())
+            .fetch_metadata(None, Duration::from_secs(2))
+            .map(|m| m.brokers().len())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Commits stored offsets synchronously; used once on shutdown.
+pub fn commit_now(consumer: &ObservedConsumer) {
+    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        // Nothing stored since the last commit is the common case on shutdown.
+        if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+            tracing::warn!(error = %e, "Final offset commit failed; the next owner re-reads from the last commit.");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Database adapters: one lazily-connecting pool per service URL, and each service's embedded
+//! migrations applied under an advisory lock with the history table inside its own schema.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+use crate::config::Config;
+
+/// A service's migrations: its schema and the SQL files embedded from `migrations/<service>/`.
+pub struct Migrations {
+    pub schema: &'static str,
+    pub runner: fn() -> refinery::Runner,
+}
+
+mod embedded {
+    pub mod ingestion {
+        refinery::embed_migrations!("migrations/ingestion");
+    }
+    pub mod eventhandler {
+        refinery::embed_migrations!("migrations/eventhandler");
+    }
+}
+
+pub const INGESTION: Migrations = Migrations {
+    schema: "ingestion",
+    runner: embedded::ingestion::migrations::runner,
+};
+pub const EVENTHANDLER: Migrations = Migrations {
+    schema: "eventhandler",
+    runner: embedded::eventhandler::migrations::runner,
+};
+
+/// Every service that owns a schema, in dependency-free order.
+pub const ALL: &[&Migrations] = &[&INGESTION, &EVENTHANDLER];
+
+pub fn by_schema(name: &str) -> Option<&'static Migrations> {
+    ALL.iter().copied().find(|m| m.schema == name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The database could not be reached: worth waiting for.
+    #[error("database unreachable: {0}")]
+    Unreachable(#[source] tokio_postgres::Error),
+    /// A migration itself failed: fatal, the process must stop.
+    #[error("migration of schema {schema} failed: {source}")]
+    Failed {
+        schema: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A pool that connects on first use, so a service can start (and report unhealthy) while its
+/// database is still down.
+pub fn lazy_pool(url: &str, config: &Config, max: u32) -> anyhow::Result<PgPool> {
+    let opts: PgConnectOptions = url.parse()?;
+    let opts = opts
+        .application_name("cornjacket")
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    Ok(PgPoolOptions::new()
+        .max_connections(max)
+        .min_connections(0)
+        .acquire_timeout(config.db_acquire_timeout)
+        .idle_timeout(Duration::from_secs(300))
+        .test_before_acquire(false)
+        .connect_lazy_with(opts))
+}
+
+/// Applies one service's migrations. Two processes starting at once serialise on an advisory
+/// lock, so each migration runs exactly once; the history table lives in the service's schema so
+/// services sharing a database never collide.
+pub async fn migrate(url: &str, m: &Migrations) -> Result<refinery::Report, MigrateError> {
+    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(MigrateError::Unreachable)?;
+    let conn_task = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "migration connection closed");
+        }
+    });
+    let fail = |e: Box<dyn std::error::Error + Send + Sync>| MigrateError::Failed {
+        schema: m.schema,
+        source: e,
+    };
+    let lock_key = advisory_key(m.schema);
+    let result = async {
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&lock_key])
+            .await
+            .map_err(|e| fail(e.into()))?;
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", m.schema))
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let mut runner = (m.runner)();
+        runner.set_migration_table_name(format!("{}.refinery_schema_history", m.schema));
+        runner
+            .run_async(&mut client)
+            .await
+            .map_err(|e| fail(e.into()))
+    }
+    .await;
+    // Unlock explicitly; closing the connection would release it too.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key])
+        .await;
+    drop(client);
+    let _ = conn_task.await;
+    result
+}
+
+/// A stable 64-bit advisory lock key for a name (FNV-1a; std's hasher is not stable across builds).
+pub fn advisory_key(name: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in b"cornjacket.migrate.".iter().chain(name.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// Whether a database error means "the database is not there" (wait and retry) rather than
+/// "this statement or this data is wrong".
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // 08: connection exception; 57P0x: shutdown/crash; 53: resources; 40: retryable.
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || c.starts_with("53")
+                || c == "40001"
+                || c == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+/// Pings a pool with a deadline, for health checks.
+pub async fn ping(pool: &PgPool) -> Result<(), String> {
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(pool),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out after 2s".to_string()),
+    }
+}

@@ -1,0 +1,127 @@
+//! HTTP plumbing shared by every port: health reports, the metrics endpoint, serving with
+//! graceful shutdown, and the request-tracing layer.
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::telemetry;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+/// One line of a health report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub status: Status,
+    #[serde(flatten)]
+    pub detail: Value,
+}
+
+impl Check {
+    pub fn new(status: Status, detail: Value) -> Self {
+        Self { status, detail }
+    }
+    pub fn healthy(detail: Value) -> Self {
+        Self::new(Status::Healthy, detail)
+    }
+    pub fn from_ping(r: Result<(), String>) -> Self {
+        match r {
+            Ok(()) => Self::healthy(json!({})),
+            Err(e) => Self::new(Status::Unhealthy, json!({ "error": e })),
+        }
+    }
+}
+
+/// `{"status": worst-of-checks, "checks": {...}}`; 503 when unhealthy (SPEC §13).
+pub fn health_response(checks: Vec<(&str, Check)>) -> Response {
+    let status = checks
+        .iter()
+        .map(|(_, c)| c.status)
+        .max()
+        .unwrap_or(Status::Healthy);
+    let code = if status == Status::Unhealthy {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let checks: serde_json::Map<String, Value> = checks
+        .into_iter()
+        .map(|(k, c)| {
+            (
+                k.to_string(),
+                serde_json::to_value(c).unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    (code, Json(json!({ "status": status, "checks": checks }))).into_response()
+}
+
+/// `GET /metrics` in Prometheus text format; every port renders the process-wide registry.
+pub fn metrics_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new().route(
+        "/metrics",
+        get(|| async {
+            (
+                [("content-type", "text/plain; version=0.0.4")],
+                telemetry::render_metrics(),
+            )
+        }),
+    )
+}
+
+/// A JSON error body `{"error": ..., "details": [...]}`.
+pub fn error_body(status: StatusCode, error: impl Into<String>, details: Value) -> Response {
+    (
+        status,
+        Json(json!({ "error": error.into(), "details": details })),
+    )
+        .into_response()
+}
+
+/// The fallback for routes that do not exist, so clients get JSON and not an empty 404.
+pub async fn not_found() -> Response {
+    error_body(StatusCode::NOT_FOUND, "no such route", json!([]))
+}
+
+/// Serves a router on an already-bound listener until `shutdown` fires, then drains in-flight
+/// requests (bounded by `drain`).
+pub async fn serve(
+    name: &'static str,
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(service = name, %addr, "Listening.");
+    let router = router.layer(axum::middleware::from_fn(telemetry::http_metrics));
+    let signal = shutdown.clone();
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { signal.cancelled().await })
+    .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!(service = name, "HTTP drain deadline passed; closing open connections.");
+        }
+    }
+    Ok(())
+}

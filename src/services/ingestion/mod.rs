@@ -1,0 +1,213 @@
+//! Ingestion (port 8080): HTTP ingest into the outbox, and the outbox processor that feeds the
+//! event store and the bus. Owns the `ingestion` schema.
+
+mod api;
+mod error;
+pub mod processor;
+pub mod writer;
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use rdkafka::producer::FutureProducer;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
+
+pub use api::ROUTES;
+
+use super::{Ready, ServiceContext, migrate_when_reachable};
+use crate::config::Config;
+use crate::envelope::Clock;
+use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
+use crate::infra::{bus, db};
+
+#[derive(Clone)]
+pub struct AppState {
+    config: Arc<Config>,
+    pool: sqlx::PgPool,
+    writer: writer::Writer,
+    clock: Arc<dyn Clock>,
+    limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
+    ready: Ready,
+    producer: Arc<tokio::sync::OnceCell<Arc<FutureProducer>>>,
+}
+
+impl AppState {
+    fn is_ready(&self) -> bool {
+        self.ready.get()
+    }
+}
+
+pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
+    let ServiceContext {
+        config,
+        db: pool,
+        listener,
+        shutdown,
+        clock,
+    } = ctx;
+    let tracker = TaskTracker::new();
+    let limiter = NonZeroU32::new(config.ingestion.rate_limit_per_sec).map(|rate| {
+        let burst = NonZeroU32::new(config.ingestion.rate_limit_burst).unwrap_or(rate);
+        Arc::new(RateLimiter::keyed(
+            Quota::per_second(rate).allow_burst(burst),
+        ))
+    });
+    let state = AppState {
+        writer: writer::Writer::spawn(
+            pool.clone(),
+            config.ingestion.commit_max_rows,
+            config.ingestion.commit_concurrency,
+            &tracker,
+        ),
+        config: config.clone(),
+        pool: pool.clone(),
+        clock,
+        limiter: limiter.clone(),
+        ready: Ready::default(),
+        producer: Arc::new(tokio::sync::OnceCell::new()),
+    };
+
+    let router = Router::new()
+        .merge(api::router(&state))
+        .route("/health", get(health))
+        .merge(metrics_router())
+        .fallback(not_found)
+        .with_state(state.clone());
+    let http = tokio::spawn(serve(
+        "ingestion",
+        listener,
+        router,
+        shutdown.clone(),
+        config.shutdown_timeout,
+    ));
+
+    // Migrate (waiting for the database if need be), then open for writes and start the processor.
+    let url = config.database_url("ingestion").to_string();
+    let background = {
+        let (state, shutdown, tracker) = (state.clone(), shutdown.clone(), tracker.clone());
+        async move {
+            if !migrate_when_reachable(&url, &db::INGESTION, &shutdown).await? {
+                return Ok(());
+            }
+            state.ready.set();
+            if let Some(l) = limiter {
+                // Forget idle clients so the limiter's memory stays bounded.
+                let s = shutdown.clone();
+                tracker.spawn(async move {
+                    while s
+                        .run_until_cancelled(tokio::time::sleep(Duration::from_secs(60)))
+                        .await
+                        .is_some()
+                    {
+                        l.retain_recent();
+                    }
+                });
+            }
+            if state.config.outbox.enabled {
+                start_processor(&state, &shutdown, &tracker).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let result = tokio::select! {
+        r = background => r,
+        _ = shutdown.cancelled() => Ok(()),
+    };
+    if result.is_err() {
+        shutdown.cancel();
+    }
+    let served = http.await?;
+    drop(state);
+    tracker.close();
+    tracker.wait().await;
+    result.and(served)
+}
+
+async fn start_processor(
+    state: &AppState,
+    shutdown: &tokio_util::sync::CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<()> {
+    let kafka = state.config.kafka.clone();
+    let producer = Arc::new(bus::producer(&kafka).await?);
+    let _ = state.producer.set(producer.clone());
+    let topics = kafka.topics.clone();
+    // The broker may be down at startup; the processor recreates topics when a publish says so.
+    if let Err(e) = bus::ensure_topics(&kafka, &topics.all()).await {
+        tracing::warn!(error = %e, "Could not create topics at startup; will retry on publish.");
+    }
+    let processor = processor::Processor {
+        pool: state.pool.clone(),
+        producer,
+        topics,
+        kafka,
+        cfg: state.config.outbox.clone(),
+    };
+    let workers = state.config.outbox.worker_count;
+    let wakers: Vec<Arc<Notify>> = (0..workers).map(|_| Arc::new(Notify::new())).collect();
+    tracker.spawn(processor::listen(
+        state.pool.clone(),
+        wakers.clone(),
+        shutdown.clone(),
+    ));
+    for (i, wake) in wakers.into_iter().enumerate() {
+        tracker.spawn(
+            processor
+                .clone()
+                .run_worker(i, workers, wake, shutdown.clone()),
+        );
+    }
+    tracing::info!(workers, "Outbox processor started.");
+    Ok(())
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let mut checks = vec![("database", Check::from_ping(db::ping(&state.pool).await))];
+    if !state.is_ready() {
+        checks.push((
+            "migrations",
+            Check::new(
+                Status::Unhealthy,
+                json!({ "error": "not applied yet: waiting for the database" }),
+            ),
+        ));
+    } else {
+        let max = state.config.outbox.max_retries;
+        let outbox = match processor::backlog(&state.pool, max).await {
+            Ok((n, age, stuck)) => {
+                metrics::gauge!("cj_outbox_backlog").set(n as f64);
+                metrics::gauge!("cj_outbox_oldest_age_seconds").set(age);
+                metrics::gauge!("cj_outbox_over_retry_limit").set(stuck as f64);
+                let status = if stuck > 0 {
+                    Status::Degraded
+                } else {
+                    Status::Healthy
+                };
+                Check::new(
+                    status,
+                    json!({ "backlog": n, "oldest_age_seconds": age, "over_retry_limit": stuck }),
+                )
+            }
+            Err(e) => Check::new(Status::Unhealthy, json!({ "error": e.to_string() })),
+        };
+        checks.push(("outbox", outbox));
+    }
+    if let Some(p) = state.producer.get() {
+        // HTTP ingestion keeps accepting while the broker is away: degraded, not unhealthy.
+        let bus = match bus::reachable(p.clone()).await {
+            Ok(brokers) => Check::healthy(json!({ "brokers": brokers })),
+            Err(e) => Check::new(Status::Degraded, json!({ "error": e })),
+        };
+        checks.push(("bus", bus));
+    }
+    health_response(checks)
+}

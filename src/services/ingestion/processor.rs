@@ -1,0 +1,348 @@
+//! The outbox processor (SPEC §6, ADR-0002/0012): moves committed events to the event store and
+//! the bus, and deletes them from the outbox only once the broker has acknowledged them.
+//!
+//! Ordering: rows carry `shard = hash(aggregate_id) % 16`. A worker takes a transaction-scoped
+//! advisory lock per shard before claiming that shard's rows, so exactly one worker in the whole
+//! cluster publishes a shard at a time, in `outbox_id` order, and waits for every delivery before
+//! the next claim. An aggregate lives in one shard, so its events reach their partition in order
+//! however many workers and processes run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use sqlx::postgres::PgListener;
+use sqlx::{PgPool, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::writer::SHARDS;
+use crate::config::{KafkaConfig, OutboxConfig, Topics};
+use crate::infra::{bus, db};
+
+/// Namespace of the shard advisory locks (the other key is the shard).
+const LOCK_NAMESPACE: i32 = 0x636a_6f62;
+pub const NOTIFY_CHANNEL: &str = "cj_outbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("publish failed: {0}")]
+    Publish(KafkaError),
+    #[error("topic missing: {0}")]
+    TopicMissing(String),
+}
+
+/// One claimed outbox row.
+struct Row_ {
+    outbox_id: Uuid,
+    body: String,
+    aggregate_id: String,
+    event_type: String,
+    event_id: String,
+    traceparent: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Processor {
+    pub pool: PgPool,
+    pub producer: Arc<FutureProducer>,
+    pub topics: Topics,
+    pub kafka: KafkaConfig,
+    pub cfg: OutboxConfig,
+}
+
+impl Processor {
+    /// Claims, publishes and moves one batch from the given shards. Returns how many rows moved;
+    /// 0 when there was nothing to do (or every shard was held by another worker).
+    pub async fn process_batch(&self, shards: &[i16]) -> Result<usize, ProcessError> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<Row_> = sqlx::query(
+            "WITH locked AS MATERIALIZED (
+                 SELECT s FROM unnest($1::int2[]) AS s
+                 WHERE pg_try_advisory_xact_lock($2::int4, s::int4))
+             SELECT outbox_id, event_payload::text AS body,
+                    event_payload->>'aggregate_id' AS aggregate_id,
+                    event_payload->>'event_type' AS event_type,
+                    event_payload->>'event_id' AS event_id,
+                    event_payload->'metadata'->>'traceparent' AS traceparent
+             FROM ingestion.outbox
+             WHERE shard IN (SELECT s FROM locked)
+             ORDER BY outbox_id
+             LIMIT $3
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(shards)
+        .bind(LOCK_NAMESPACE)
+        .bind(self.cfg.batch_size)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| Row_ {
+            outbox_id: r.get("outbox_id"),
+            body: r.get("body"),
+            aggregate_id: r.get("aggregate_id"),
+            event_type: r.get("event_type"),
+            event_id: r.get("event_id"),
+            traceparent: r.get("traceparent"),
+        })
+        .collect();
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.outbox_id).collect();
+        let started = Instant::now();
+        if let Err(e) = self.publish(&rows).await {
+            drop(tx);
+            self.record_failure(&ids, &e).await;
+            return Err(e);
+        }
+        metrics::histogram!("cj_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
+
+        // One statement moves the batch: the event store insert absorbs a republished duplicate.
+        sqlx::query(
+            "WITH moved AS (
+                 DELETE FROM ingestion.outbox WHERE outbox_id = ANY($1) RETURNING event_payload AS p)
+             INSERT INTO ingestion.event_store
+                 (event_id, event_type, aggregate_id, event_time, ingested_at, payload, metadata)
+             SELECT (p->>'event_id')::uuid, p->>'event_type', p->>'aggregate_id',
+                    (p->>'event_time')::timestamptz, (p->>'ingested_at')::timestamptz,
+                    p->'payload', p->'metadata'
+             FROM moved
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("cj_outbox_published_total").increment(rows.len() as u64);
+        Ok(rows.len())
+    }
+
+    async fn publish(&self, rows: &[Row_]) -> Result<(), ProcessError> {
+        let timeout = self.kafka.message_timeout;
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for r in rows {
+            let topic = self.topics.for_event_type(&r.event_type);
+            let mut headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "event_type",
+                    value: Some(r.event_type.as_str()),
+                })
+                .insert(Header {
+                    key: "event_id",
+                    value: Some(r.event_id.as_str()),
+                });
+            if let Some(tp) = &r.traceparent {
+                headers = headers.insert(Header {
+                    key: "traceparent",
+                    value: Some(tp.as_str()),
+                });
+            }
+            let mut record = FutureRecord::to(topic)
+                .key(r.aggregate_id.as_str())
+                .payload(r.body.as_str())
+                .headers(headers);
+            // Enqueue strictly in order; a full local queue waits rather than reordering.
+            let deadline = Instant::now() + timeout;
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(f) => {
+                        deliveries.push(f);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec))
+                        if Instant::now() < deadline =>
+                    {
+                        record = rec;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => return Err(ProcessError::Publish(e)),
+                }
+            }
+        }
+        let mut first_err = None;
+        for d in deliveries {
+            match d.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(KafkaError::Canceled);
+                }
+            }
+        }
+        match first_err {
+            None => Ok(()),
+            Some(KafkaError::MessageProduction(
+                RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
+            )) => Err(ProcessError::TopicMissing(
+                "a platform topic is missing".into(),
+            )),
+            Some(e) => Err(ProcessError::Publish(e)),
+        }
+    }
+
+    async fn record_failure(&self, ids: &[Uuid], e: &ProcessError) {
+        metrics::counter!("cj_outbox_publish_failures_total").increment(1);
+        let r = sqlx::query(
+            "UPDATE ingestion.outbox
+             SET retry_count = retry_count + 1, last_error = $2, last_attempt_at = now()
+             WHERE outbox_id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(e.to_string())
+        .execute(&self.pool)
+        .await;
+        if let Err(db) = r {
+            tracing::debug!(error = %db, "Could not record the failed attempt.");
+        }
+    }
+
+    /// One worker: drains its home shards first, then helps with the others, then waits for a
+    /// notification or the watchdog poll. Errors back off exponentially (capped at 30 s); rows are
+    /// retried for as long as it takes, so no accepted event is ever dropped and no later event of
+    /// an aggregate overtakes an earlier one.
+    pub async fn run_worker(
+        self,
+        worker: usize,
+        workers: usize,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) {
+        let home: Vec<i16> = (0..SHARDS)
+            .filter(|s| *s as usize % workers == worker)
+            .collect();
+        let all: Vec<i16> = (0..SHARDS).collect();
+        let mut failures: u32 = 0;
+        while !shutdown.is_cancelled() {
+            let mut moved = 0;
+            let mut failed = false;
+            for shards in [&home, &all] {
+                loop {
+                    match self.process_batch(shards).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            moved += n;
+                            failures = 0;
+                            if shutdown.is_cancelled() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            failed = true;
+                            failures = failures.saturating_add(1);
+                            self.on_error(worker, failures, &e).await;
+                            break;
+                        }
+                    }
+                }
+                if failed {
+                    break;
+                }
+            }
+            let wait = if failed {
+                backoff(failures)
+            } else {
+                self.cfg.poll_interval
+            };
+            if moved > 0 && !failed {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified(), if !failed => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn on_error(&self, worker: usize, failures: u32, e: &ProcessError) {
+        match e {
+            ProcessError::TopicMissing(_) => {
+                tracing::warn!(
+                    worker,
+                    "A topic is missing on the broker; recreating the platform topics."
+                );
+                if let Err(err) = bus::ensure_topics(&self.kafka, &self.topics.all()).await {
+                    tracing::warn!(worker, error = %err, "Could not recreate topics.");
+                }
+            }
+            ProcessError::Db(err) if db::is_unavailable(err) => {
+                tracing::warn!(worker, failures, error = %err, "Outbox database unavailable; retrying.");
+            }
+            _ => {
+                tracing::warn!(worker, failures, error = %e, "Outbox batch failed; it stays in the outbox and is retried.")
+            }
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << failures.min(9));
+    Duration::from_millis(ms.min(30_000))
+}
+
+/// Keeps a LISTEN connection open and wakes every worker on each notification; reconnects with
+/// backoff when the connection drops, and wakes everyone after a reconnect to cover what was
+/// missed meanwhile.
+pub async fn listen(pool: PgPool, wakers: Vec<Arc<Notify>>, shutdown: CancellationToken) {
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(error = %e, "LISTEN connection failed; retrying.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff(failures)) => continue,
+                }
+            }
+        };
+        // Without this, PgListener silently reconnects and swallows the gap.
+        listener.ignore_pool_close_event(false);
+        if let Err(e) = listener.listen(NOTIFY_CHANNEL).await {
+            failures += 1;
+            tracing::debug!(error = %e, "LISTEN failed; retrying.");
+            continue;
+        }
+        failures = 0;
+        wakers.iter().for_each(|w| w.notify_one());
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = listener.try_recv() => match n {
+                    Ok(Some(_)) => wakers.iter().for_each(|w| w.notify_one()),
+                    Ok(None) | Err(_) => {
+                        tracing::info!("LISTEN connection lost; reconnecting.");
+                        metrics::counter!("cj_outbox_listen_reconnects_total").increment(1);
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Outbox backlog for `/health` and `/metrics`: rows, age of the oldest, rows past the retry limit.
+pub async fn backlog(pool: &PgPool, max_retries: i32) -> Result<(i64, f64, i64), sqlx::Error> {
+    let r = sqlx::query(
+        "SELECT count(*) AS n,
+                COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS age,
+                count(*) FILTER (WHERE retry_count > $1) AS stuck
+         FROM ingestion.outbox",
+    )
+    .bind(max_retries)
+    .fetch_one(pool)
+    .await?;
+    Ok((r.get("n"), r.get("age"), r.get("stuck")))
+}

@@ -1,0 +1,61 @@
+//! Query errors and their HTTP answers, in one place.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::infra::db;
+use crate::infra::http::error_body;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the database is unavailable; retry later")]
+    Unavailable,
+    #[error("the read model is not initialised yet (its service has not migrated); retry later")]
+    NotInitialised,
+    #[error(transparent)]
+    Internal(anyhow::Error),
+}
+
+impl From<sqlx::Error> for QueryError {
+    fn from(e: sqlx::Error) -> Self {
+        if db::is_unavailable(&e) {
+            return QueryError::Unavailable;
+        }
+        // 42P01 undefined_table / 3F000 invalid_schema: the owning service has not migrated.
+        if let sqlx::Error::Database(d) = &e {
+            if matches!(d.code().as_deref(), Some("42P01" | "3F000")) {
+                return QueryError::NotInitialised;
+            }
+        }
+        QueryError::Internal(e.into())
+    }
+}
+
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        let msg = self.to_string();
+        match self {
+            QueryError::NotFound(_) => error_body(StatusCode::NOT_FOUND, msg, json!([])),
+            QueryError::BadRequest(_) => error_body(StatusCode::BAD_REQUEST, msg, json!([])),
+            QueryError::Unavailable | QueryError::NotInitialised => {
+                let mut r = error_body(StatusCode::SERVICE_UNAVAILABLE, msg, json!([]));
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            QueryError::Internal(e) => {
+                tracing::error!(error = ?e, "Query failed.");
+                error_body(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error",
+                    json!([]),
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Starts the enabled services under one root cancellation token (STYLE §1–§3).
+//!
+//! Every listener is bound before anything runs, so a port clash fails the whole process at
+//! once. Any service's fatal error cancels the others; the process drains within the configured
+//! deadline and exits non-zero. SIGTERM/SIGINT drain and exit 0.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::envelope::{Clock, SystemClock};
+use crate::infra::db;
+use crate::services::{self, Service, ServiceContext};
+
+/// A running platform: where it listens and how to stop it.
+pub struct Platform {
+    pub addrs: HashMap<Service, SocketAddr>,
+    pub shutdown: CancellationToken,
+    tasks: JoinSet<(Service, anyhow::Result<()>)>,
+    config: Arc<Config>,
+}
+
+/// Binds every enabled service's port, then starts them. A bind failure is returned before any
+/// service runs.
+pub async fn start(
+    config: Config,
+    enabled: &[Service],
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Platform> {
+    let config = Arc::new(config);
+    let mut bound = Vec::new();
+    for &svc in enabled {
+        let addr = SocketAddr::new(config.bind_addr, svc.port(&config));
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{} could not bind port {addr}", svc.name()))?;
+        bound.push((svc, listener));
+    }
+
+    let shutdown = CancellationToken::new();
+    let mut addrs = HashMap::new();
+    let mut tasks = JoinSet::new();
+    for (svc, listener) in bound {
+        addrs.insert(svc, listener.local_addr()?);
+        let max = config.db_max_connections;
+        let ctx = ServiceContext {
+            db: db::lazy_pool(svc.database_url(&config), &config, max)?,
+            config: config.clone(),
+            listener,
+            shutdown: shutdown.child_token(),
+            clock: clock.clone(),
+        };
+        let root = shutdown.clone();
+        tasks.spawn(async move {
+            let r = match svc {
+                Service::Ingestion => services::ingestion::run(ctx).await,
+                Service::Eventhandler => services::eventhandler::run(ctx).await,
+                Service::Query => services::query::run(ctx).await,
+            };
+            // Whatever ended a service — error or unexpected return — ends the process.
+            root.cancel();
+            (svc, r)
+        });
+    }
+    Ok(Platform {
+        addrs,
+        shutdown,
+        tasks,
+        config,
+    })
+}
+
+impl Platform {
+    /// Waits for every service to finish; false when any failed or the drain deadline passed.
+    pub async fn wait(mut self) -> bool {
+        let mut ok = true;
+        let mut stopping = false;
+        let deadline = self.config.shutdown_timeout;
+        loop {
+            let next = if stopping {
+                match tokio::time::timeout(deadline, self.tasks.join_next()).await {
+                    Ok(n) => n,
+                    Err(_) => {
+                        tracing::error!(
+                            ?deadline,
+                            "Services did not stop before the deadline; exiting anyway."
+                        );
+                        self.tasks.abort_all();
+                        return false;
+                    }
+                }
+            } else {
+                self.tasks.join_next().await
+            };
+            let Some(joined) = next else { break };
+            stopping = true;
+            match joined {
+                Ok((svc, Ok(()))) if self.shutdown.is_cancelled() => {
+                    tracing::info!(service = svc.name(), "Service stopped.");
+                }
+                Ok((svc, Ok(()))) => {
+                    tracing::error!(service = svc.name(), "Service ended unexpectedly.");
+                    ok = false;
+                }
+                Ok((svc, Err(e))) => {
+                    tracing::error!(service = svc.name(), error = ?e, "Service failed; shutting down.");
+                    ok = false;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Service task panicked; shutting down.");
+                    ok = false;
+                }
+            }
+            self.shutdown.cancel();
+        }
+        ok
+    }
+}
+
+/// `cornjacket serve`: run until a signal or a failure. Returns the process exit code.
+pub async fn serve(config: Config, enabled: &[Service]) -> i32 {
+    let platform = match start(config, enabled, Arc::new(SystemClock)).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "Startup failed.");
+            eprintln!("cornjacket: startup failed: {e:#}");
+            return 1;
+        }
+    };
+    let mut ports: Vec<_> = platform.addrs.iter().collect();
+    ports.sort_by_key(|(_, a)| a.port());
+    for (svc, addr) in ports {
+        tracing::info!(service = svc.name(), %addr, "Service port.");
+        eprintln!("cornjacket: {:<13} http://{addr}/health", svc.name());
+    }
+    let token = platform.shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("Signal received; draining.");
+        token.cancel();
+    });
+    if platform.wait().await { 0 } else { 1 }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

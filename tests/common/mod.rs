@@ -1,0 +1,484 @@
+//! Test harness (STYLE §11): real PostgreSQL, the real Kafka-API broker, services in-process on
+//! port 0, a fresh database and unique topic and group names per test.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use cornjacket::config::Config;
+use cornjacket::envelope::SystemClock;
+use cornjacket::services::Service;
+use cornjacket::supervisor::{self, Platform};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub fn admin_url() -> String {
+    std::env::var("CJ_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        "postgres://cornjacket:cornjacket@127.0.0.1:5432/cornjacket?sslmode=disable".into()
+    })
+}
+
+pub fn brokers() -> String {
+    std::env::var("CJ_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A short unique name for databases, topics and groups.
+pub fn unique(prefix: &str) -> String {
+    let id = Uuid::now_v7().simple().to_string();
+    format!("{prefix}{}", &id[id.len() - 12..])
+}
+
+/// A fresh database for one test. Old ones from earlier runs are dropped when older than a day.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = format!(
+            "cjtest_{}_{}",
+            chrono::Utc::now().timestamp(),
+            unique("").to_lowercase()
+        );
+        let mut admin = PgConnection::connect(&admin_url())
+            .await
+            .expect("test PostgreSQL reachable (run `make infra-up`)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'cjtest\\_%'
+             AND split_part(datname, '_', 2)::bigint < extract(epoch from now())::bigint - 86400",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .unwrap_or_default();
+        for db in stale {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .execute(&mut admin)
+                .await;
+        }
+        let url = with_db(&admin_url(), &name);
+        Self { name, url }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPool::connect(&self.url).await.expect("connect test db")
+    }
+}
+
+/// Replaces the database name in a postgres URL.
+pub fn with_db(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let cut = base.rfind('/').expect("url has a path");
+    let q = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("{}/{db}{q}", &base[..cut])
+}
+
+/// Replaces host:port in a postgres URL (to route through a proxy).
+pub fn with_host(url: &str, hostport: &str) -> String {
+    let at = url.rfind('@').expect("url has credentials");
+    let rest = &url[at + 1..];
+    let slash = rest.find('/').expect("url has a path");
+    format!("{}@{hostport}{}", &url[..at], &rest[slash..])
+}
+
+/// Configuration for one test: ports 0, its database, unique topics and consumer group.
+pub fn test_env(db_url: &str, topic_prefix: &str) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    for (k, v) in [
+        ("CJ_DATABASE_URL", db_url.to_string()),
+        ("CJ_KAFKA_BROKERS", brokers()),
+        ("CJ_KAFKA_TOPIC_PREFIX", topic_prefix.to_string()),
+        ("CJ_KAFKA_PARTITIONS", "3".into()),
+        ("CJ_INGESTION_PORT", "0".into()),
+        ("CJ_QUERY_PORT", "0".into()),
+        ("CJ_EVENTHANDLER_HEALTH_PORT", "0".into()),
+        ("CJ_ACTIONS_PORT", "0".into()),
+        ("CJ_ACTIONS_HEALTH_PORT", "0".into()),
+        (
+            "CJ_EVENTHANDLER_CONSUMER_GROUP",
+            format!("{topic_prefix}event-handler"),
+        ),
+        ("CJ_OUTBOX_POLL_INTERVAL", "1s".into()),
+        ("CJ_DB_MAX_CONNECTIONS", "8".into()),
+        ("CJ_SHUTDOWN_TIMEOUT", "15s".into()),
+        ("CJ_LOG_LEVEL", "warn".into()),
+        ("CJ_LOG_FORMAT", "text".into()),
+    ] {
+        m.insert(k.to_string(), v);
+    }
+    m
+}
+
+pub struct TestApp {
+    pub db: TestDb,
+    pub prefix: String,
+    pub config: Config,
+    pub platform: Option<Platform>,
+    pub addrs: HashMap<Service, SocketAddr>,
+    pub http: reqwest::Client,
+}
+
+impl TestApp {
+    /// Starts the chosen services against a fresh database and unique topics.
+    pub async fn spawn(services: &[Service]) -> Self {
+        Self::spawn_with(services, |_| {}).await
+    }
+
+    pub async fn spawn_with(
+        services: &[Service],
+        tweak: impl FnOnce(&mut HashMap<String, String>),
+    ) -> Self {
+        let db = TestDb::new().await;
+        let prefix = unique("t").to_lowercase() + ".";
+        let mut env = test_env(&db.url, &prefix);
+        tweak(&mut env);
+        Self::start(db, prefix, env, services).await
+    }
+
+    pub async fn start(
+        db: TestDb,
+        prefix: String,
+        env: HashMap<String, String>,
+        services: &[Service],
+    ) -> Self {
+        let config = Config::from_map(&env).expect("test config is valid");
+        cornjacket::infra::telemetry::init_logging(&config);
+        let platform = supervisor::start(config.clone(), services, Arc::new(SystemClock))
+            .await
+            .expect("platform starts");
+        let addrs = platform.addrs.clone();
+        Self {
+            db,
+            prefix,
+            config,
+            platform: Some(platform),
+            addrs,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn url(&self, svc: Service, path: &str) -> String {
+        format!("http://{}{path}", self.addrs[&svc])
+    }
+
+    /// POSTs one event to /api/v1/ingest and returns (status, body).
+    pub async fn ingest(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(self.url(Service::Ingestion, "/api/v1/ingest"))
+            .json(&body)
+            .send()
+            .await
+            .expect("ingest request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Waits until ingestion accepts writes (migrations applied).
+    pub async fn wait_ready(&self) {
+        let url = self.url(Service::Ingestion, "/health");
+        eventually(Duration::from_secs(30), || async {
+            let r = self.http.get(&url).send().await.ok()?;
+            let v: serde_json::Value = r.json().await.ok()?;
+            v["checks"].get("outbox").map(|_| ())
+        })
+        .await;
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        self.db.pool().await
+    }
+
+    pub fn topic(&self, base: &str) -> String {
+        format!("{}{base}", self.prefix)
+    }
+
+    /// Stops the services gracefully; true when they all stopped cleanly.
+    pub async fn stop(&mut self) -> bool {
+        let p = self.platform.take().expect("running");
+        p.shutdown.cancel();
+        p.wait().await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(p) = &self.platform {
+            p.shutdown.cancel();
+        }
+    }
+}
+
+/// Polls `f` until it yields Some, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A record read back from the bus.
+#[derive(Debug, Clone)]
+pub struct BusRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: serde_json::Value,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads every record of the topics from the beginning until `want` records arrived or the
+/// deadline passed (no consumer group: partitions are assigned directly).
+pub async fn read_topics(topics: &[String], want: usize, timeout: Duration) -> Vec<BusRecord> {
+    read_topics_from(&brokers(), topics, want, timeout).await
+}
+
+pub async fn read_topics_from(
+    brokers: &str,
+    topics: &[String],
+    want: usize,
+    timeout: Duration,
+) -> Vec<BusRecord> {
+    let topics = topics.to_vec();
+    let brokers = brokers.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("test consumer");
+        let mut tpl = TopicPartitionList::new();
+        for t in &topics {
+            let md = consumer
+                .fetch_metadata(Some(t), Duration::from_secs(5))
+                .expect("metadata");
+            for mt in md.topics() {
+                for p in mt.partitions() {
+                    tpl.add_partition_offset(t, p.id(), Offset::Beginning)
+                        .unwrap();
+                }
+            }
+        }
+        consumer.assign(&tpl).expect("assign");
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < want && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        headers.insert(
+                            hd.key.to_string(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                out.push(BusRecord {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: serde_json::from_slice(m.payload().unwrap_or_default())
+                        .unwrap_or(serde_json::Value::Null),
+                    headers,
+                });
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// Produces raw bytes straight to a topic (to inject poison).
+pub async fn produce_raw(topic: &str, key: &str, payload: &[u8]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    p.send(
+        FutureRecord::to(topic).key(key).payload(payload),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("produce");
+}
+
+/// A TCP proxy that can be cut (all connections dropped, new ones refused) and restored, to
+/// simulate a database going away without touching the shared server.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: watch::Sender<bool>,
+    _alive: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, rx) = watch::channel(true);
+        let target = target.to_string();
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    break;
+                };
+                if !*rx.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.into_split();
+                    let (mut ro, mut wo) = outbound.into_split();
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut ri, &mut wo) => {}
+                        _ = tokio::io::copy(&mut ro, &mut wi) => {}
+                        _ = rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            _alive: alive,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.borrow().to_owned()
+    }
+}
+
+/// A test-owned Tansu broker on its own port, so a test can stop and restart "the broker"
+/// without disturbing the shared one.
+pub struct OwnBroker {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnBroker {
+    pub fn start() -> Self {
+        let port = free_port();
+        let mut b = Self { port, child: None };
+        b.restart();
+        b
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let bin = std::env::var("CJ_TEST_TANSU").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            let p = format!("{home}/.cargo/bin/tansu");
+            if std::path::Path::new(&p).exists() {
+                p
+            } else {
+                "tansu".into()
+            }
+        });
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(bin)
+            .args(tansu_args(&url))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu binary (make infra-up installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "own broker did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The command line the infra script uses for Tansu, with the listener moved.
+fn tansu_args(url: &str) -> Vec<String> {
+    vec![
+        "broker".into(),
+        "--listener-url".into(),
+        url.into(),
+        "--advertised-listener-url".into(),
+        url.into(),
+        "--storage-engine".into(),
+        "memory://tansu/".into(),
+    ]
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `cornjacket` binary built for this test run.
+pub fn binary() -> String {
+    env!("CARGO_BIN_EXE_cornjacket").to_string()
+}
