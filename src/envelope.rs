@@ -255,12 +255,20 @@ pub fn validate_request(
             fe(&mut errors, "payload", "required");
             None
         }
-        Some(Value::Object(m)) => {
-            if depth(&Value::Object(m.clone())) > MAX_PAYLOAD_DEPTH {
+        Some(v @ Value::Object(m)) => {
+            let (depth, has_nul) = scan(v);
+            if depth > MAX_PAYLOAD_DEPTH {
                 fe(
                     &mut errors,
                     "payload",
                     format!("nested deeper than {MAX_PAYLOAD_DEPTH} levels"),
+                );
+            }
+            if has_nul {
+                fe(
+                    &mut errors,
+                    "payload",
+                    "contains a NUL character (\\u0000), which cannot be stored",
                 );
             }
             Some(m.clone())
@@ -406,19 +414,25 @@ fn check_aggregate_id(a: &str, field: &str, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn depth(v: &Value) -> usize {
+/// Nesting depth, and whether any key or string holds a NUL (PostgreSQL's jsonb refuses it).
+fn scan(v: &Value) -> (usize, bool) {
     // Iterative so a hostile payload cannot exhaust the stack.
     let mut max = 0;
+    let mut nul = false;
     let mut stack = vec![(v, 1usize)];
     while let Some((v, d)) = stack.pop() {
         max = max.max(d);
         match v {
-            Value::Object(m) => stack.extend(m.values().map(|c| (c, d + 1))),
+            Value::Object(m) => {
+                nul |= m.keys().any(|k| k.contains('\0'));
+                stack.extend(m.values().map(|c| (c, d + 1)));
+            }
             Value::Array(a) => stack.extend(a.iter().map(|c| (c, d + 1))),
+            Value::String(s) => nul |= s.contains('\0'),
             _ => {}
         }
     }
-    max
+    (max, nul)
 }
 
 /// The read models the platform maintains (seed design spec §4.4), shared by the service that
@@ -600,6 +614,8 @@ mod tests {
                 "payload.value",
             ),
             (base("sensor.reading", json!({"value": 1})), "payload.unit"),
+            (base("a.b", json!({"note": "a\u{0}b"})), "payload"),
+            (base("a.b", json!({"deep": {"k\u{0}": 1}})), "payload"),
             (
                 base("sensor.reading", json!({"value": 1, "unit": " "})),
                 "payload.unit",

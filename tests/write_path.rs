@@ -432,6 +432,7 @@ async fn broker_outage_keeps_accepting_and_publishes_everything_after_recovery()
         e.insert("CJ_KAFKA_BROKERS".into(), broker.brokers());
         e.insert("CJ_KAFKA_MESSAGE_TIMEOUT".into(), "2s".into());
         e.insert("CJ_OUTBOX_MAX_RETRIES".into(), "1".into());
+        e.insert("CJ_LOG_LEVEL".into(), "info,librdkafka=warn".into());
     })
     .await;
     app.wait_ready().await;

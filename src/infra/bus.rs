@@ -42,6 +42,39 @@ pub async fn producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
     Ok(tokio::task::spawn_blocking(move || c.create::<FutureProducer>()).await??)
 }
 
+/// A producer that is replaced after a failed publish. A broker that lost its state (a restart
+/// of Tansu in memory) no longer knows the idempotent producer's id and answers every produce
+/// with `UnknownProducerId`, which librdkafka retries until the message times out; only a new
+/// producer session (a new id) gets through again.
+pub struct SharedProducer(std::sync::RwLock<Arc<FutureProducer>>);
+
+impl SharedProducer {
+    pub fn new(p: FutureProducer) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(p)))
+    }
+
+    pub fn get(&self) -> Arc<FutureProducer> {
+        self.0.read().expect("producer lock").clone()
+    }
+
+    /// Replaces `failed` with a new producer, unless another caller already did.
+    pub async fn replace(&self, failed: &Arc<FutureProducer>, cfg: &KafkaConfig) {
+        if !Arc::ptr_eq(&self.get(), failed) {
+            return;
+        }
+        match producer(cfg).await {
+            Ok(p) => {
+                let mut cur = self.0.write().expect("producer lock");
+                if Arc::ptr_eq(&cur, failed) {
+                    *cur = Arc::new(p);
+                    tracing::info!("Started a new producer session after a failed publish.");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not create a new producer."),
+        }
+    }
+}
+
 /// What a consumer knows about itself, for `/health` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct ConsumerState {

@@ -431,6 +431,8 @@ impl OwnBroker {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let child = Command::new(bin)
             .args(tansu_args(&url))
+            // Tansu reads a .env in its working directory; keep it away from the project's.
+            .current_dir(std::env::temp_dir())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -461,6 +463,8 @@ impl Drop for OwnBroker {
 fn tansu_args(url: &str) -> Vec<String> {
     vec![
         "broker".into(),
+        "--cluster-id".into(),
+        "cornjacket-test".into(),
         "--listener-url".into(),
         url.into(),
         "--advertised-listener-url".into(),

@@ -80,12 +80,15 @@ pub async fn insert_dead_letters(
 ) -> Result<(), sqlx::Error> {
     for d in letters {
         let raw = d.payload.as_deref().unwrap_or_default();
-        let json: Option<Value> = serde_json::from_slice(raw).ok();
-        let text = if json.is_none() {
-            Some(String::from_utf8_lossy(raw).into_owned())
-        } else {
+        // PostgreSQL refuses NUL in text and jsonb: such a payload is kept as escaped text, so
+        // recording a dead letter can never fail on its content.
+        let text = String::from_utf8_lossy(raw);
+        let json: Option<Value> = if text.contains("\\u0000") || text.contains('\0') {
             None
+        } else {
+            serde_json::from_slice(raw).ok()
         };
+        let text = json.is_none().then(|| text.replace('\0', "\\0"));
         let field = |k: &str| {
             json.as_ref()
                 .and_then(|j| j.get(k))

@@ -50,16 +50,16 @@ fn admit(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<Value, IngestError> {
-    if let Some(limiter) = &state.limiter {
-        if let Err(not_until) = limiter.check_key(&peer.ip()) {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(
-                &governor::clock::DefaultClock::default(),
-            ));
-            metrics::counter!("cj_ingest_rejected_total", "reason" => "rate_limited").increment(1);
-            return Err(IngestError::RateLimited {
-                retry_after_s: wait.as_secs().max(1),
-            });
-        }
+    if let Some(limiter) = &state.limiter
+        && let Err(not_until) = limiter.check_key(&peer.ip())
+    {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        metrics::counter!("cj_ingest_rejected_total", "reason" => "rate_limited").increment(1);
+        return Err(IngestError::RateLimited {
+            retry_after_s: wait.as_secs().max(1),
+        });
     }
     let is_json = headers
         .get(header::CONTENT_TYPE)

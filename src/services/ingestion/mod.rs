@@ -16,7 +16,6 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use rdkafka::producer::FutureProducer;
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
@@ -37,7 +36,7 @@ pub struct AppState {
     clock: Arc<dyn Clock>,
     limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
     ready: Ready,
-    producer: Arc<tokio::sync::OnceCell<Arc<FutureProducer>>>,
+    producer: Arc<tokio::sync::OnceCell<Arc<bus::SharedProducer>>>,
 }
 
 impl AppState {
@@ -138,7 +137,7 @@ async fn start_processor(
     tracker: &TaskTracker,
 ) -> anyhow::Result<()> {
     let kafka = state.config.kafka.clone();
-    let producer = Arc::new(bus::producer(&kafka).await?);
+    let producer = Arc::new(bus::SharedProducer::new(bus::producer(&kafka).await?));
     let _ = state.producer.set(producer.clone());
     let topics = kafka.topics.clone();
     // The broker may be down at startup; the processor recreates topics when a publish says so.
@@ -203,7 +202,7 @@ async fn health(State(state): State<AppState>) -> Response {
     }
     if let Some(p) = state.producer.get() {
         // HTTP ingestion keeps accepting while the broker is away: degraded, not unhealthy.
-        let bus = match bus::reachable(p.clone()).await {
+        let bus = match bus::reachable(p.get()).await {
             Ok(brokers) => Check::healthy(json!({ "brokers": brokers })),
             Err(e) => Check::new(Status::Degraded, json!({ "error": e })),
         };

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
@@ -33,9 +33,7 @@ pub enum ProcessError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("publish failed: {0}")]
-    Publish(KafkaError),
-    #[error("topic missing: {0}")]
-    TopicMissing(String),
+    Publish(KafkaError, FailedProducer),
 }
 
 /// One claimed outbox row.
@@ -51,7 +49,7 @@ struct Row_ {
 #[derive(Clone)]
 pub struct Processor {
     pub pool: PgPool,
-    pub producer: Arc<FutureProducer>,
+    pub producer: Arc<bus::SharedProducer>,
     pub topics: Topics,
     pub kafka: KafkaConfig,
     pub cfg: OutboxConfig,
@@ -128,6 +126,7 @@ impl Processor {
 
     async fn publish(&self, rows: &[Row_]) -> Result<(), ProcessError> {
         let timeout = self.kafka.message_timeout;
+        let producer = self.producer.get();
         let mut deliveries = Vec::with_capacity(rows.len());
         for r in rows {
             let topic = self.topics.for_event_type(&r.event_type);
@@ -153,7 +152,7 @@ impl Processor {
             // Enqueue strictly in order; a full local queue waits rather than reordering.
             let deadline = Instant::now() + timeout;
             loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(f) => {
                         deliveries.push(f);
                         break;
@@ -164,7 +163,7 @@ impl Processor {
                         record = rec;
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
-                    Err((e, _)) => return Err(ProcessError::Publish(e)),
+                    Err((e, _)) => return Err(ProcessError::Publish(e, FailedProducer(producer))),
                 }
             }
         }
@@ -182,12 +181,7 @@ impl Processor {
         }
         match first_err {
             None => Ok(()),
-            Some(KafkaError::MessageProduction(
-                RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
-            )) => Err(ProcessError::TopicMissing(
-                "a platform topic is missing".into(),
-            )),
-            Some(e) => Err(ProcessError::Publish(e)),
+            Some(e) => Err(ProcessError::Publish(e, FailedProducer(producer))),
         }
     }
 
@@ -267,22 +261,32 @@ impl Processor {
 
     async fn on_error(&self, worker: usize, failures: u32, e: &ProcessError) {
         match e {
-            ProcessError::TopicMissing(_) => {
-                tracing::warn!(
-                    worker,
-                    "A topic is missing on the broker; recreating the platform topics."
-                );
-                if let Err(err) = bus::ensure_topics(&self.kafka, &self.topics.all()).await {
-                    tracing::warn!(worker, error = %err, "Could not recreate topics.");
-                }
-            }
             ProcessError::Db(err) if db::is_unavailable(err) => {
                 tracing::warn!(worker, failures, error = %err, "Outbox database unavailable; retrying.");
             }
-            _ => {
-                tracing::warn!(worker, failures, error = %e, "Outbox batch failed; it stays in the outbox and is retried.")
+            ProcessError::Db(_) => {
+                tracing::warn!(worker, failures, error = %e, "Outbox batch failed; it stays in the outbox and is retried.");
+            }
+            ProcessError::Publish(_, FailedProducer(failed)) => {
+                tracing::warn!(worker, failures, error = %e, "Publishing failed; the batch stays in the outbox and is retried.");
+                // A broker that restarted empty (Tansu in memory) has lost the topics, and
+                // librdkafka reports that only as a timeout: recreating them is cheap and
+                // idempotent, so do it after any publish failure.
+                if let Err(err) = bus::ensure_topics(&self.kafka, &self.topics.all()).await {
+                    tracing::debug!(worker, error = %err, "Could not ensure topics yet.");
+                }
+                self.producer.replace(failed, &self.kafka).await;
             }
         }
+    }
+}
+
+/// The producer a failed publish used, so that only it is replaced.
+pub struct FailedProducer(Arc<rdkafka::producer::FutureProducer>);
+
+impl std::fmt::Debug for FailedProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FailedProducer")
     }
 }
 

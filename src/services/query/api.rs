@@ -207,10 +207,10 @@ async fn list_events(
     let limit = int_param(&q, "limit", 100, 1, 1000)?;
     let from = time_param(&q, "from")?;
     let to = time_param(&q, "to")?;
-    if let (Some(f), Some(t)) = (from, to) {
-        if f > t {
-            return Err(QueryError::BadRequest("from must not be after to".into()));
-        }
+    if let (Some(f), Some(t)) = (from, to)
+        && f > t
+    {
+        return Err(QueryError::BadRequest("from must not be after to".into()));
     }
     let after = q
         .get("after")
@@ -276,12 +276,12 @@ async fn list_dlq(
     let limit = int_param(&q, "limit", 50, 1, 500)?;
     let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
     let status = q.get("status");
-    if let Some(st) = status {
-        if !["pending", "replayed", "discarded"].contains(&st.as_str()) {
-            return Err(QueryError::BadRequest(format!(
-                "status must be pending, replayed or discarded, got '{st}'"
-            )));
-        }
+    if let Some(st) = status
+        && !["pending", "replayed", "discarded"].contains(&st.as_str())
+    {
+        return Err(QueryError::BadRequest(format!(
+            "status must be pending, replayed or discarded, got '{st}'"
+        )));
     }
     let mut parts = Vec::new();
     for (_, table) in DLQ_TABLES {

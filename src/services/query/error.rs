@@ -27,10 +27,10 @@ impl From<sqlx::Error> for QueryError {
             return QueryError::Unavailable;
         }
         // 42P01 undefined_table / 3F000 invalid_schema: the owning service has not migrated.
-        if let sqlx::Error::Database(d) = &e {
-            if matches!(d.code().as_deref(), Some("42P01" | "3F000")) {
-                return QueryError::NotInitialised;
-            }
+        if let sqlx::Error::Database(d) = &e
+            && matches!(d.code().as_deref(), Some("42P01" | "3F000"))
+        {
+            return QueryError::NotInitialised;
         }
         QueryError::Internal(e.into())
     }
