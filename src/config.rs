@@ -142,6 +142,30 @@ pub struct EventHandlerConfig {
     pub max_batch: usize,
 }
 
+/// MQTT device ingestion (SPEC §12).
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// From `CJ_MQTT_URL` (`mqtt://host:port`; `off` disables MQTT ingestion).
+    pub host: String,
+    pub port: u16,
+    /// `CJ_MQTT_USERNAME` (development default `cornjacket`).
+    pub username: String,
+    /// `CJ_MQTT_PASSWORD` (development default `cornjacket`).
+    pub password: SecretString,
+    /// `CJ_MQTT_TOPIC`: the subscription; its `+` segment is the device id.
+    pub topic: String,
+    /// `CJ_MQTT_CLIENT_ID`: stable per instance, so the persistent session survives restarts.
+    pub client_id: String,
+    /// `CJ_MQTT_INFLIGHT`: unacknowledged messages the broker may hand over at once.
+    pub inflight: u16,
+}
+
+impl MqttConfig {
+    pub fn password_exposed(&self) -> String {
+        self.password.expose_secret().to_string()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `CJ_LOG_LEVEL`: a tracing filter (`info`, `cornjacket=debug,info`).
@@ -160,6 +184,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub ingestion: IngestionConfig,
     pub eventhandler: EventHandlerConfig,
+    /// `None` when `CJ_MQTT_URL=off`.
+    pub mqtt: Option<MqttConfig>,
     /// `CJ_SHUTDOWN_TIMEOUT`: the hard deadline for a graceful shutdown.
     pub shutdown_timeout: Duration,
 }
@@ -446,6 +472,61 @@ impl Config {
             max_batch: v.ranged("CJ_EVENTHANDLER_MAX_BATCH", 500, 1, 100_000)?,
         };
 
+        let ingestion_port = v.port("CJ_INGESTION_PORT", 8080)?;
+        let mqtt = match v.raw(&["CJ_MQTT_URL"]) {
+            Some((_, u))
+                if matches!(u.to_ascii_lowercase().as_str(), "off" | "none" | "disabled") =>
+            {
+                None
+            }
+            other => {
+                let (var, url) =
+                    other.unwrap_or_else(|| ("CJ_MQTT_URL".into(), "mqtt://localhost:1883".into()));
+                let expected = "mqtt://host:port, or off";
+                let rest = url
+                    .strip_prefix("mqtt://")
+                    .or_else(|| url.strip_prefix("tcp://"))
+                    .ok_or_else(|| Vars::err(&var, &url, expected))?;
+                let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
+                    Some((h, p)) => (
+                        h.to_string(),
+                        p.parse::<u16>()
+                            .map_err(|_| Vars::err(&var, &url, expected))?,
+                    ),
+                    None => (rest.trim_end_matches('/').to_string(), 1883),
+                };
+                if host.is_empty() {
+                    return Err(Vars::err(&var, &url, expected));
+                }
+                let topic = v.string("CJ_MQTT_TOPIC", "$share/cornjacket/devices/+/events");
+                if topic.split('/').filter(|s| *s == "+").count() != 1 || topic.contains('#') {
+                    return Err(Vars::err(
+                        "CJ_MQTT_TOPIC",
+                        &topic,
+                        "a filter with exactly one '+' (the device id) and no '#', e.g. $share/cornjacket/devices/+/events",
+                    ));
+                }
+                let host_name = std::env::var("HOSTNAME")
+                    .ok()
+                    .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "local".into());
+                Some(MqttConfig {
+                    host,
+                    port,
+                    username: v.string("CJ_MQTT_USERNAME", "cornjacket"),
+                    password: SecretString::from(v.string("CJ_MQTT_PASSWORD", "cornjacket")),
+                    topic,
+                    client_id: v.string(
+                        "CJ_MQTT_CLIENT_ID",
+                        &format!("cornjacket-{host_name}-{ingestion_port}"),
+                    ),
+                    inflight: v.ranged("CJ_MQTT_INFLIGHT", 1000, 1, 65_535)?,
+                })
+            }
+        };
+
         Ok(Self {
             log_level,
             log_format,
@@ -455,7 +536,7 @@ impl Config {
                 "an IP address such as 0.0.0.0",
             )?,
             ports: Ports {
-                ingestion: v.port("CJ_INGESTION_PORT", 8080)?,
+                ingestion: ingestion_port,
                 query: v.port("CJ_QUERY_PORT", 8081)?,
                 actions: v.port("CJ_ACTIONS_PORT", 8082)?,
                 actions_health: v.port("CJ_ACTIONS_HEALTH_PORT", 8083)?,
@@ -468,6 +549,7 @@ impl Config {
             outbox,
             ingestion,
             eventhandler,
+            mqtt,
             shutdown_timeout: v.duration("CJ_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
         })
     }
@@ -507,6 +589,11 @@ mod tests {
         assert_eq!(c.kafka.retention, Duration::from_secs(86_400));
         assert_eq!(c.database_url("ingestion"), DEFAULT_DATABASE_URL);
         assert_eq!(c.kafka.topics.sensor, "sensor-events");
+        let m = c.mqtt.unwrap();
+        assert_eq!((m.host.as_str(), m.port), ("localhost", 1883));
+        assert_eq!(m.topic, "$share/cornjacket/devices/+/events");
+        assert_eq!(m.username, "cornjacket");
+        assert!(with(&[("CJ_MQTT_URL", "off")]).unwrap().mqtt.is_none());
     }
 
     #[test]
@@ -543,6 +630,10 @@ mod tests {
             ("CJ_BIND_ADDR", "localhost", "IP address"),
             ("CJ_DB_MAX_CONNECTIONS", "0", "integer"),
             ("CJ_SHUTDOWN_TIMEOUT", "soon", "duration"),
+            ("CJ_MQTT_URL", "http://broker", "mqtt://host:port"),
+            ("CJ_MQTT_URL", "mqtt://broker:99999", "mqtt://host:port"),
+            ("CJ_MQTT_TOPIC", "devices/#", "exactly one '+'"),
+            ("CJ_MQTT_INFLIGHT", "0", "integer from 1"),
         ];
         for (var, value, expected) in cases {
             let err = with(&[(var, value)]).expect_err(var);

@@ -121,6 +121,8 @@ pub fn test_env(db_url: &str, topic_prefix: &str) -> HashMap<String, String> {
         ("CJ_SHUTDOWN_TIMEOUT", "15s".into()),
         ("CJ_LOG_LEVEL", "warn".into()),
         ("CJ_LOG_FORMAT", "text".into()),
+        // MQTT tests switch it on with their own topics; elsewhere it would only add noise.
+        ("CJ_MQTT_URL", "off".into()),
     ] {
         m.insert(k.to_string(), v);
     }

@@ -253,7 +253,7 @@ async fn ingest_batch(
 }
 
 impl AppState {
-    fn rules(&self) -> Rules {
+    pub(super) fn rules(&self) -> Rules {
         Rules {
             strict_types: self.config.ingestion.strict_types,
         }

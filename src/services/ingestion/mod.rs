@@ -3,6 +3,7 @@
 
 mod api;
 mod error;
+pub mod mqtt;
 pub mod processor;
 pub mod writer;
 
@@ -37,6 +38,7 @@ pub struct AppState {
     limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
     ready: Ready,
     producer: Arc<tokio::sync::OnceCell<Arc<bus::SharedProducer>>>,
+    mqtt: Option<Arc<mqtt::MqttState>>,
 }
 
 impl AppState {
@@ -73,6 +75,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         limiter: limiter.clone(),
         ready: Ready::default(),
         producer: Arc::new(tokio::sync::OnceCell::new()),
+        mqtt: config
+            .mqtt
+            .as_ref()
+            .map(|_| Arc::new(mqtt::MqttState::default())),
     };
 
     let router = Router::new()
@@ -110,6 +116,17 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                         l.retain_recent();
                     }
                 });
+            }
+            if let (Some(cfg), Some(mqtt_state)) = (&state.config.mqtt, &state.mqtt) {
+                let subscriber = mqtt::Subscriber {
+                    cfg: cfg.clone(),
+                    writer: state.writer.clone(),
+                    clock: state.clock.clone(),
+                    rules: state.rules(),
+                    state: mqtt_state.clone(),
+                };
+                tracing::info!(broker = %format!("{}:{}", cfg.host, cfg.port), topic = %cfg.topic, "MQTT ingestion starting.");
+                tracker.spawn(subscriber.run(shutdown.clone()));
             }
             if state.config.outbox.enabled {
                 start_processor(&state, &shutdown, &tracker).await?;
@@ -207,6 +224,19 @@ async fn health(State(state): State<AppState>) -> Response {
             Err(e) => Check::new(Status::Degraded, json!({ "error": e })),
         };
         checks.push(("bus", bus));
+    }
+    if let Some(m) = &state.mqtt {
+        // HTTP ingestion works without MQTT: degraded, not unhealthy.
+        let check = if m.connected.load(std::sync::atomic::Ordering::Relaxed) {
+            Check::healthy(json!({ "connected": true }))
+        } else {
+            let err = m.last_error.lock().expect("mqtt state lock").clone();
+            Check::new(
+                Status::Degraded,
+                json!({ "connected": false, "error": err }),
+            )
+        };
+        checks.push(("mqtt", check));
     }
     health_response(checks)
 }

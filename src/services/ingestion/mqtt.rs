@@ -1,0 +1,261 @@
+//! MQTT device ingestion (SPEC §12): a persistent session on a shared subscription at QoS 1,
+//! with manual acknowledgements sent only after the event's outbox row is committed — so a crash
+//! before the ack means the broker hands the message over again, and nothing it delivered is lost.
+//!
+//! Acks go out in the order the messages arrived (MQTT 3.1.1 §4.6); commits run concurrently
+//! through the same group-commit writer as HTTP, so a burst of device messages shares commits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::writer::{Pending, WriteError, Writer};
+use crate::config::MqttConfig;
+use crate::envelope::{self, Clock, FieldError, Rules, Source, Submission};
+
+/// What `/health` shows of the subscriber.
+#[derive(Default)]
+pub struct MqttState {
+    pub connected: AtomicBool,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// How a message ended.
+enum Handled {
+    Accepted,
+    Rejected,
+    /// Shut down before it could be committed: not acknowledged, the broker redelivers it.
+    Abandoned,
+}
+
+/// A message being committed; resolves to the message and how it ended.
+type InFlight = futures::future::BoxFuture<'static, (Publish, Handled)>;
+
+pub struct Subscriber {
+    pub cfg: MqttConfig,
+    pub writer: Writer,
+    pub clock: Arc<dyn Clock>,
+    pub rules: Rules,
+    pub state: Arc<MqttState>,
+}
+
+impl Subscriber {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let (host, port) = (self.cfg.host.clone(), self.cfg.port);
+        let mut opts = MqttOptions::new(self.cfg.client_id.clone(), host, port);
+        opts.set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(15))
+            .set_inflight(self.cfg.inflight)
+            .set_max_packet_size(256 * 1024, 256 * 1024)
+            .set_credentials(self.cfg.username.clone(), self.cfg.password_exposed());
+        let (client, mut events) = AsyncClient::new(opts, 65_536);
+        let this = Arc::new(self);
+        let mut pending: FuturesOrdered<InFlight> = FuturesOrdered::new();
+        let mut backoff = Duration::from_millis(200);
+
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some((publish, handled)) = pending.next(), if !pending.is_empty() => {
+                    this.finish(&client, &publish, handled);
+                }
+                ev = events.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        backoff = Duration::from_millis(200);
+                        this.state.connected.store(true, Ordering::Relaxed);
+                        *this.state.last_error.lock().expect("mqtt state lock") = None;
+                        tracing::info!(session_present = ack.session_present, "MQTT connected.");
+                        // Idempotent; covers a broker that lost the persistent session.
+                        if let Err(e) = client.try_subscribe(this.cfg.topic.clone(), QoS::AtLeastOnce) {
+                            tracing::warn!(error = %e, "MQTT subscribe request failed.");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let this = this.clone();
+                        let stop = shutdown.clone();
+                        let reporter = client.clone();
+                        pending.push_back(Box::pin(async move {
+                            let handled = this.handle(&p, &reporter, &stop).await;
+                            (p, handled)
+                        }));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        this.state.connected.store(false, Ordering::Relaxed);
+                        *this.state.last_error.lock().expect("mqtt state lock") = Some(e.to_string());
+                        metrics::counter!("cj_mqtt_disconnects_total").increment(1);
+                        tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost; reconnecting.");
+                        if shutdown.run_until_cancelled(tokio::time::sleep(backoff)).await.is_none() {
+                            break;
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                },
+            }
+        }
+
+        // Drain: acknowledge what was committed; the rest stays with the broker.
+        let drain = async {
+            while let Some((publish, handled)) = pending.next().await {
+                this.finish(&client, &publish, handled);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while events.poll().await.is_ok() {}
+        })
+        .await;
+        this.state.connected.store(false, Ordering::Relaxed);
+    }
+
+    fn finish(&self, client: &AsyncClient, publish: &Publish, handled: Handled) {
+        if matches!(handled, Handled::Abandoned) {
+            return;
+        }
+        if let Err(e) = client.try_ack(publish) {
+            tracing::warn!(error = %e, "Could not queue an MQTT ack; the broker will redeliver.");
+        }
+        let outcome = match handled {
+            Handled::Accepted => "accepted",
+            _ => "rejected",
+        };
+        metrics::counter!("cj_mqtt_messages_total", "outcome" => outcome).increment(1);
+    }
+
+    /// Validates and commits one message. Database outages are waited out (the message stays
+    /// unacknowledged meanwhile, which also stops the broker from sending more than `inflight`).
+    async fn handle(
+        &self,
+        p: &Publish,
+        client: &AsyncClient,
+        shutdown: &CancellationToken,
+    ) -> Handled {
+        let device = match device_of(&self.cfg.topic, &p.topic) {
+            Some(d) => d,
+            None => {
+                tracing::warn!(topic = %p.topic, "MQTT message on an unexpected topic; dropped.");
+                return Handled::Rejected;
+            }
+        };
+        let checked = serde_json::from_slice::<Value>(&p.payload)
+            .map_err(|e| {
+                (
+                    "invalid JSON".to_string(),
+                    json!([{"field": "", "message": e.to_string()}]),
+                )
+            })
+            .and_then(|body| {
+                let sub = Submission {
+                    source: Source::Mqtt,
+                    subject: None,
+                    traceparent: Some(super::api::new_traceparent()),
+                    aggregate_id: Some(device.clone()),
+                };
+                envelope::validate_request(&body, &sub, self.rules, self.clock.now())
+                    .map(|env| (env, body))
+                    .map_err(|errs: Vec<FieldError>| ("validation failed".to_string(), json!(errs)))
+            });
+        let (env, body) = match checked {
+            Ok(ok) => ok,
+            Err((error, details)) => {
+                metrics::counter!("cj_ingest_rejected_total", "reason" => "invalid_mqtt")
+                    .increment(1);
+                tracing::warn!(device = %device, error = %error, details = %details, "MQTT message rejected.");
+                report(client, &p.topic, &error, details);
+                return Handled::Rejected;
+            }
+        };
+        let client_event_id = body.get("event_id").is_some_and(|v| !v.is_null());
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let event = Pending {
+                envelope: env.clone(),
+                client_event_id,
+                idempotency_key: None,
+            };
+            match self.writer.submit(vec![event]).await {
+                Ok(_) => {
+                    metrics::counter!("cj_events_accepted_total", "source" => "mqtt").increment(1);
+                    return Handled::Accepted;
+                }
+                Err(e) => {
+                    if !matches!(e, WriteError::Unavailable) {
+                        tracing::error!(device = %device, error = %e, "MQTT message could not be stored; retrying.");
+                    }
+                    if shutdown
+                        .run_until_cancelled(tokio::time::sleep(backoff))
+                        .await
+                        .is_none()
+                    {
+                        return Handled::Abandoned;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Tells the device why its message was refused, on `…/{device}/errors` (the topic with its last
+/// segment replaced). Best effort: a full client queue drops the report, never the ack.
+fn report(client: &AsyncClient, topic: &str, error: &str, details: Value) {
+    let Some((base, _)) = topic.rsplit_once('/') else {
+        return;
+    };
+    let body = json!({ "error": error, "details": details }).to_string();
+    if let Err(e) = client.try_publish(format!("{base}/errors"), QoS::AtLeastOnce, false, body) {
+        tracing::debug!(error = %e, "Could not queue an error report to the device.");
+    }
+}
+
+/// The device id of a topic matched against the subscription filter (the `+` segment).
+pub fn device_of(filter: &str, topic: &str) -> Option<String> {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/')?.1,
+        None => filter,
+    };
+    let f: Vec<&str> = filter.split('/').collect();
+    let t: Vec<&str> = topic.split('/').collect();
+    if f.len() != t.len() {
+        return None;
+    }
+    let mut device = None;
+    for (fs, ts) in f.iter().zip(&t) {
+        match *fs {
+            "+" if !ts.is_empty() => device = device.or(Some(ts.to_string())),
+            "+" => return None,
+            s if s == *ts => {}
+            _ => return None,
+        }
+    }
+    device
+}
+
+#[cfg(test)]
+mod tests {
+    use super::device_of;
+
+    #[test]
+    fn device_id_comes_from_the_wildcard_segment() {
+        let f = "$share/cornjacket/devices/+/events";
+        assert_eq!(
+            device_of(f, "devices/dev-1/events").as_deref(),
+            Some("dev-1")
+        );
+        assert_eq!(
+            device_of("t1/devices/+/events", "t1/devices/x/events").as_deref(),
+            Some("x")
+        );
+        assert_eq!(device_of(f, "devices/dev-1/other"), None);
+        assert_eq!(device_of(f, "devices//events"), None);
+        assert_eq!(device_of(f, "devices/a/b/events"), None);
+    }
+}

@@ -1,0 +1,507 @@
+//! MQTT device ingestion (SPEC §12) against the real Mosquitto.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use cornjacket::services::Service;
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+fn mqtt_port() -> u16 {
+    std::env::var("CJ_TEST_MQTT_URL")
+        .ok()
+        .and_then(|u| {
+            u.rsplit(':')
+                .next()
+                .and_then(|p| p.trim_end_matches('/').parse().ok())
+        })
+        .unwrap_or(1883)
+}
+
+const USER: &str = "cornjacket";
+const PASS: &str = "cornjacket";
+
+/// MQTT settings for one test: its own topic root and share group, so parallel tests never see
+/// each other's messages.
+fn mqtt_env(env: &mut HashMap<String, String>, port: u16, root: &str, client_id: &str) {
+    env.insert("CJ_MQTT_URL".into(), format!("mqtt://127.0.0.1:{port}"));
+    env.insert(
+        "CJ_MQTT_TOPIC".into(),
+        format!("$share/{root}g/{root}/devices/+/events"),
+    );
+    env.insert("CJ_MQTT_CLIENT_ID".into(), client_id.into());
+}
+
+fn client(port: u16, creds: Option<(&str, &str)>) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut o = MqttOptions::new(unique("dev-"), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    if let Some((u, p)) = creds {
+        o.set_credentials(u, p);
+    }
+    AsyncClient::new(o, 1000)
+}
+
+/// Publishes at QoS 1 and waits for every PUBACK.
+async fn publish_all(port: u16, msgs: Vec<(String, Vec<u8>)>) {
+    let (c, mut ev) = client(port, Some((USER, PASS)));
+    let n = msgs.len();
+    let sender = tokio::spawn(async move {
+        for (t, m) in msgs {
+            c.publish(t, QoS::AtLeastOnce, false, m).await.unwrap();
+        }
+        c
+    });
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked < n {
+        assert!(Instant::now() < deadline, "publishes not acknowledged");
+        match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("publisher connection failed: {e}"),
+            Err(_) => {}
+        }
+    }
+    let _ = sender.await;
+}
+
+async fn store_rows(pool: &sqlx::PgPool) -> Vec<(Uuid, String, Value)> {
+    sqlx::query_as("SELECT event_id, aggregate_id, metadata FROM ingestion.event_store")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_device_publish_becomes_an_event_and_a_projection() {
+    let root = unique("m");
+    let app = TestApp::spawn_with(
+        &[Service::Ingestion, Service::Eventhandler, Service::Query],
+        |e| mqtt_env(e, mqtt_port(), &root, &unique("cj-")),
+    )
+    .await;
+    app.wait_ready().await;
+    let health = app.url(Service::Ingestion, "/health");
+    eventually(Duration::from_secs(20), || async {
+        let v: Value = app.http.get(&health).send().await.ok()?.json().await.ok()?;
+        (v["checks"]["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+    let id = Uuid::now_v7();
+    let body = json!({"event_type": "sensor.reading", "payload": {"value": 42.0, "unit": "c"}, "event_id": id});
+    publish_all(
+        mqtt_port(),
+        vec![(
+            format!("{root}/devices/dev-9/events"),
+            body.to_string().into_bytes(),
+        )],
+    )
+    .await;
+    let pool = app.pool().await;
+    let rows = eventually(Duration::from_secs(20), || async {
+        let r = store_rows(&pool).await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(rows[0].0, id);
+    assert_eq!(rows[0].1, "dev-9", "aggregate_id is the device id");
+    assert_eq!(rows[0].2["source"], "mqtt");
+    let p = eventually(Duration::from_secs(45), || async {
+        let r = app
+            .http
+            .get(app.url(
+                Service::Query,
+                "/api/v1/query/projections/sensor_state/dev-9",
+            ))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())?;
+        r.json::<Value>().await.ok()
+    })
+    .await;
+    assert_eq!(p["state"]["value"], 42.0);
+}
+
+#[tokio::test]
+async fn anonymous_and_wrong_password_connections_are_refused() {
+    for creds in [None, Some((USER, "wrong-password"))] {
+        let (_c, mut ev) = client(mqtt_port(), creds);
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .expect("broker answered");
+        match r {
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                let code = format!("{code:?}");
+                assert!(
+                    code.contains("NotAuthorized") || code.contains("BadUserNamePassword"),
+                    "{code}"
+                )
+            }
+            other => panic!("{creds:?} should be refused, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_message_is_reported_to_the_device_and_not_redelivered() {
+    let root = unique("m");
+    let client_id = unique("cj-");
+    let db = TestDb::new().await;
+    let prefix = unique("t").to_lowercase() + ".";
+    let mut env = test_env(&db.url, &prefix);
+    mqtt_env(&mut env, mqtt_port(), &root, &client_id);
+    let same_db = || TestDb {
+        name: db.name.clone(),
+        url: db.url.clone(),
+    };
+    let mut app = TestApp::start(
+        same_db(),
+        prefix.clone(),
+        env.clone(),
+        &[Service::Ingestion],
+    )
+    .await;
+    app.wait_ready().await;
+
+    // Listen on the device's error topic.
+    let (listener, mut lev) = client(mqtt_port(), Some((USER, PASS)));
+    listener
+        .subscribe(format!("{root}/devices/bad-1/errors"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, mut errors) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    tokio::spawn(async move {
+        while let Ok(ev) = lev.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                let _ = tx.send(serde_json::from_slice(&p.payload).unwrap_or(Value::Null));
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health = app.url(Service::Ingestion, "/health");
+    eventually(Duration::from_secs(20), || async {
+        let v: Value = app.http.get(&health).send().await.ok()?.json().await.ok()?;
+        (v["checks"]["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+    let topic = format!("{root}/devices/bad-1/events");
+    publish_all(
+        mqtt_port(),
+        vec![
+            (topic.clone(), b"{not json".to_vec()),
+            (
+                topic.clone(),
+                json!({"event_type": "sensor.reading", "payload": {"value": "x"}})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        ],
+    )
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(10), errors.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first["error"], "invalid JSON");
+    let second = tokio::time::timeout(Duration::from_secs(10), errors.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second["error"], "validation failed");
+    let fields: HashSet<String> = second["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        fields.contains("payload.value") && fields.contains("payload.unit"),
+        "{second}"
+    );
+
+    // Restart the subscriber on the same persistent session: nothing is handed over again.
+    assert!(app.stop().await);
+    let app2 = TestApp::start(same_db(), prefix, env, &[Service::Ingestion]).await;
+    app2.wait_ready().await;
+    let again = tokio::time::timeout(Duration::from_secs(3), errors.recv()).await;
+    assert!(
+        again.is_err(),
+        "the rejected messages were acknowledged, not redelivered: {again:?}"
+    );
+    let pool = app2.pool().await;
+    let n: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM ingestion.outbox) + (SELECT count(*) FROM ingestion.event_store)")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "nothing reached the outbox");
+}
+
+#[tokio::test]
+async fn two_instances_share_the_subscription_and_ingest_each_message_once() {
+    let root = unique("m");
+    let prefix = unique("t").to_lowercase() + ".";
+    let (db_a, db_b) = (TestDb::new().await, TestDb::new().await);
+    let mut env_a = test_env(&db_a.url, &prefix);
+    let mut env_b = test_env(&db_b.url, &prefix);
+    mqtt_env(&mut env_a, mqtt_port(), &root, &unique("cj-a-"));
+    mqtt_env(&mut env_b, mqtt_port(), &root, &unique("cj-b-"));
+    // Separate databases make each instance's share visible: their union must be every message,
+    // their intersection empty.
+    let a = TestApp::start(db_a, prefix.clone(), env_a, &[Service::Ingestion]).await;
+    let b = TestApp::start(db_b, prefix.clone(), env_b, &[Service::Ingestion]).await;
+    for app in [&a, &b] {
+        app.wait_ready().await;
+        let health = app.url(Service::Ingestion, "/health");
+        eventually(Duration::from_secs(20), || async {
+            let v: Value = app.http.get(&health).send().await.ok()?.json().await.ok()?;
+            (v["checks"]["mqtt"]["connected"] == true).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ids: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+    let msgs = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let body = json!({"event_type": "sensor.reading", "event_id": id,
+                              "payload": {"value": i, "unit": "c"}});
+            (
+                format!("{root}/devices/d{}/events", i % 10),
+                body.to_string().into_bytes(),
+            )
+        })
+        .collect();
+    publish_all(mqtt_port(), msgs).await;
+    let (pa, pb) = (a.pool().await, b.pool().await);
+    let (sa, sb) = eventually(Duration::from_secs(30), || async {
+        let count = |p: &sqlx::PgPool| {
+            let p = p.clone();
+            async move {
+                sqlx::query_scalar::<_, Uuid>(
+                    "SELECT event_id FROM ingestion.outbox UNION ALL SELECT event_id FROM ingestion.event_store",
+                )
+                .fetch_all(&p)
+                .await
+                .unwrap_or_default()
+            }
+        };
+        let (x, y) = (count(&pa).await, count(&pb).await);
+        (x.len() + y.len() >= 200).then_some((x, y))
+    })
+    .await;
+    let set_a: HashSet<Uuid> = sa.iter().copied().collect();
+    let set_b: HashSet<Uuid> = sb.iter().copied().collect();
+    assert!(
+        !set_a.is_empty() && !set_b.is_empty(),
+        "both instances received some: {} / {}",
+        set_a.len(),
+        set_b.len()
+    );
+    assert!(set_a.is_disjoint(&set_b), "no message went to both");
+    let all: HashSet<Uuid> = set_a.union(&set_b).copied().collect();
+    assert_eq!(all, ids.into_iter().collect::<HashSet<_>>());
+}
+
+/// A Mosquitto owned by one test, so it can be killed and restarted (with its persistence).
+struct OwnMosquitto {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnMosquitto {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let passwd = dir.path().join("passwd");
+        let ok = Command::new("mosquitto_passwd")
+            .args(["-b", "-c", passwd.to_str().unwrap(), USER, PASS])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "per_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n\
+                 password_file {}\npersistence true\npersistence_location {}/\nuser root\n",
+                passwd.display(),
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut m = Self {
+            port,
+            dir,
+            child: None,
+        };
+        m.restart();
+        m
+    }
+
+    fn restart(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        self.child = Some(
+            Command::new("mosquitto")
+                .args(["-c", conf.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("mosquitto (make infra-up installs it)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "own mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM lets it write its persistence file, like a broker restart in production.
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnMosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_subscriber_reconnects_after_a_broker_restart() {
+    let mut broker = OwnMosquitto::start();
+    let root = unique("m");
+    let app = TestApp::spawn_with(&[Service::Ingestion], |e| {
+        mqtt_env(e, broker.port, &root, &unique("cj-"))
+    })
+    .await;
+    app.wait_ready().await;
+    let health = app.url(Service::Ingestion, "/health");
+    let mqtt_connected = |want: bool| {
+        let (app, health) = (&app, health.clone());
+        async move {
+            eventually(Duration::from_secs(30), || async {
+                let r = app.http.get(&health).send().await.ok()?;
+                let status = r.status();
+                let v: Value = r.json().await.ok()?;
+                (v["checks"]["mqtt"]["connected"] == want).then_some((status, v))
+            })
+            .await
+        }
+    };
+    mqtt_connected(true).await;
+    let broker_port = broker.port;
+    let send = |n: i32| {
+        let topic = format!("{root}/devices/r1/events");
+        let body = json!({"event_type": "sensor.reading", "payload": {"value": n, "unit": "c"}});
+        publish_all(broker_port, vec![(topic, body.to_string().into_bytes())])
+    };
+    send(1).await;
+    broker.stop();
+    let (status, v) = mqtt_connected(false).await;
+    assert_eq!(
+        status, 200,
+        "MQTT down alone is degraded, not unhealthy: {v}"
+    );
+    assert_eq!(v["status"], "degraded");
+    broker.restart();
+    mqtt_connected(true).await;
+    send(2).await;
+    let pool = app.pool().await;
+    eventually(Duration::from_secs(30), || async {
+        (store_rows(&pool).await.len() == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_crash_before_the_ack_means_redelivery_and_no_loss() {
+    // The database is cut so the message is received but cannot commit (and is not acked); the
+    // process is then killed, the database restored, and a new process with the same session
+    // gets the message again.
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let prefix = unique("t").to_lowercase() + ".";
+    let root = unique("m");
+    let client_id = unique("cj-");
+    let port = free_port();
+    let mut env = test_env(&with_host(&db.url, &proxy.addr.to_string()), &prefix);
+    mqtt_env(&mut env, mqtt_port(), &root, &client_id);
+    env.insert("CJ_INGESTION_PORT".into(), port.to_string());
+    env.insert("CJ_DB_ACQUIRE_TIMEOUT".into(), "1s".into());
+    let spawn = |env: &HashMap<String, String>| {
+        Command::new(binary())
+            .args(["serve", "--services", "ingestion"])
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let http = reqwest::Client::new();
+    let health = format!("http://127.0.0.1:{port}/health");
+    let connected = || async {
+        eventually(Duration::from_secs(30), || async {
+            let v: Value = http.get(&health).send().await.ok()?.json().await.ok()?;
+            (v["checks"]["mqtt"]["connected"] == true && v["checks"].get("outbox").is_some())
+                .then_some(())
+        })
+        .await
+    };
+    let mut first = spawn(&env);
+    connected().await;
+    proxy.cut();
+    let id = Uuid::now_v7();
+    let body = json!({"event_type": "sensor.reading", "event_id": id, "payload": {"value": 1, "unit": "c"}});
+    publish_all(
+        mqtt_port(),
+        vec![(
+            format!("{root}/devices/k1/events"),
+            body.to_string().into_bytes(),
+        )],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // received, commit failing, no ack
+    let _ = Command::new("kill")
+        .args(["-KILL", &first.id().to_string()])
+        .status();
+    let _ = first.wait();
+    proxy.restore();
+    let mut second = spawn(&env);
+    let pool = db.pool().await;
+    eventually(Duration::from_secs(30), || async {
+        let rows = store_rows(&pool).await;
+        rows.iter().any(|r| r.0 == id).then_some(())
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status();
+    let _ = second.wait();
+}
