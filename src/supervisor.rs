@@ -34,6 +34,8 @@ pub async fn start(
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Platform> {
     let config = Arc::new(config);
+    let auth =
+        crate::infra::auth::Auth::from_config(&config.auth).map_err(|e| anyhow::anyhow!(e))?;
     let mut bound = Vec::new();
     for &svc in enabled {
         let addr = SocketAddr::new(config.bind_addr, svc.port(&config));
@@ -55,6 +57,7 @@ pub async fn start(
             listener,
             shutdown: shutdown.child_token(),
             clock: clock.clone(),
+            auth: auth.clone(),
         };
         let root = shutdown.clone();
         tasks.spawn(async move {
@@ -78,28 +81,29 @@ pub async fn start(
 
 impl Platform {
     /// Waits for every service to finish; false when any failed or the drain deadline passed.
+    /// The deadline runs from the moment shutdown begins (a signal or a failure), so a service
+    /// stuck on a silent network peer cannot keep the process alive.
     pub async fn wait(mut self) -> bool {
         let mut ok = true;
-        let mut stopping = false;
         let deadline = self.config.shutdown_timeout;
+        let token = self.shutdown.clone();
+        let hard_stop = async move {
+            token.cancelled().await;
+            tokio::time::sleep(deadline).await;
+        };
+        tokio::pin!(hard_stop);
         loop {
-            let next = if stopping {
-                match tokio::time::timeout(deadline, self.tasks.join_next()).await {
-                    Ok(n) => n,
-                    Err(_) => {
-                        tracing::error!(
-                            ?deadline,
-                            "Services did not stop before the deadline; exiting anyway."
-                        );
-                        self.tasks.abort_all();
-                        return false;
-                    }
+            let joined = tokio::select! {
+                j = self.tasks.join_next() => match j {
+                    Some(j) => j,
+                    None => break,
+                },
+                _ = &mut hard_stop => {
+                    tracing::error!(?deadline, "Services did not stop before the deadline; exiting anyway.");
+                    self.tasks.abort_all();
+                    return false;
                 }
-            } else {
-                self.tasks.join_next().await
             };
-            let Some(joined) = next else { break };
-            stopping = true;
             match joined {
                 Ok((svc, Ok(()))) if self.shutdown.is_cancelled() => {
                     tracing::info!(service = svc.name(), "Service stopped.");

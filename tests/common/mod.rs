@@ -123,6 +123,8 @@ pub fn test_env(db_url: &str, topic_prefix: &str) -> HashMap<String, String> {
         ("CJ_LOG_FORMAT", "text".into()),
         // MQTT tests switch it on with their own topics; elsewhere it would only add noise.
         ("CJ_MQTT_URL", "off".into()),
+        // Authentication has its own tests; elsewhere requests go unauthenticated.
+        ("CJ_AUTH_MODE", "off".into()),
     ] {
         m.insert(k.to_string(), v);
     }
@@ -273,6 +275,16 @@ pub async fn read_topics_from(
     want: usize,
     timeout: Duration,
 ) -> Vec<BusRecord> {
+    read_topics_until(brokers, topics, timeout, move |recs| recs.len() >= want).await
+}
+
+/// Reads from the beginning until `done` holds for what was read, or the deadline passes.
+pub async fn read_topics_until(
+    brokers: &str,
+    topics: &[String],
+    timeout: Duration,
+    done: impl Fn(&[BusRecord]) -> bool + Send + 'static,
+) -> Vec<BusRecord> {
     let topics = topics.to_vec();
     let brokers = brokers.to_string();
     tokio::task::spawn_blocking(move || {
@@ -297,7 +309,7 @@ pub async fn read_topics_from(
         consumer.assign(&tpl).expect("assign");
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
-        while out.len() < want && Instant::now() < deadline {
+        while !done(&out) && Instant::now() < deadline {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
                 let mut headers = HashMap::new();
                 if let Some(h) = m.headers() {

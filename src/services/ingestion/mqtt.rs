@@ -22,6 +22,7 @@ use crate::envelope::{self, Clock, FieldError, Rules, Source, Submission};
 /// What `/health` shows of the subscriber.
 #[derive(Default)]
 pub struct MqttState {
+    /// Connected and subscribed: ready to receive device messages.
     pub connected: AtomicBool,
     pub last_error: std::sync::Mutex<Option<String>>,
 }
@@ -69,12 +70,26 @@ impl Subscriber {
                 ev = events.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         backoff = Duration::from_millis(200);
-                        this.state.connected.store(true, Ordering::Relaxed);
-                        *this.state.last_error.lock().expect("mqtt state lock") = None;
-                        tracing::info!(session_present = ack.session_present, "MQTT connected.");
-                        // Idempotent; covers a broker that lost the persistent session.
+                        tracing::info!(session_present = ack.session_present, "MQTT connected; subscribing.");
+                        // Idempotent; covers a broker that lost the persistent session. Readiness
+                        // waits for the SUBACK: until then a device's message may find no
+                        // subscriber in the share group.
                         if let Err(e) = client.try_subscribe(this.cfg.topic.clone(), QoS::AtLeastOnce) {
                             tracing::warn!(error = %e, "MQTT subscribe request failed.");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        let granted = ack.return_codes.iter().all(|c| {
+                            matches!(c, rumqttc::SubscribeReasonCode::Success(_))
+                        });
+                        if granted {
+                            this.state.connected.store(true, Ordering::Relaxed);
+                            *this.state.last_error.lock().expect("mqtt state lock") = None;
+                            tracing::info!(topic = %this.cfg.topic, "MQTT subscribed.");
+                        } else {
+                            let msg = format!("subscription to {} refused: {:?}", this.cfg.topic, ack.return_codes);
+                            tracing::error!(error = %msg, "MQTT subscription refused; check the broker's ACLs.");
+                            *this.state.last_error.lock().expect("mqtt state lock") = Some(msg);
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {

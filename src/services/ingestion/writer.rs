@@ -33,7 +33,7 @@ pub fn shard_of(aggregate_id: &str) -> i16 {
 /// An event ready for the outbox.
 pub struct Pending {
     pub envelope: Envelope,
-    /// The client chose the event_id: check the event store too, so a late repeat is a no-op.
+    /// The client chose the event_id: a repeat of it, concurrent or late, stores nothing.
     pub client_event_id: bool,
     /// An `Idempotency-Key` header value.
     pub idempotency_key: Option<String>,
@@ -159,13 +159,22 @@ async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>) {
     }
 }
 
+/// One statement: client-chosen ids claim their row in `client_event_ids` first, and only rows
+/// that are new there (or whose id the platform chose) reach the outbox.
 const INSERT_OUTBOX: &str = "
+    WITH u AS (
+        SELECT * FROM UNNEST($1::uuid[], $2::int2[], $3::uuid[], $4::text[], $5::bool[])
+            AS u(outbox_id, shard, event_id, payload, client_id)
+    ), claimed AS (
+        INSERT INTO ingestion.client_event_ids (event_id)
+        SELECT DISTINCT event_id FROM u WHERE client_id
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING event_id
+    )
     INSERT INTO ingestion.outbox (outbox_id, shard, event_id, event_payload)
     SELECT u.outbox_id, u.shard, u.event_id, u.payload::jsonb
-    FROM UNNEST($1::uuid[], $2::int2[], $3::uuid[], $4::text[], $5::bool[])
-         AS u(outbox_id, shard, event_id, payload, check_store)
-    WHERE NOT u.check_store
-       OR NOT EXISTS (SELECT 1 FROM ingestion.event_store e WHERE e.event_id = u.event_id)
+    FROM u
+    WHERE NOT u.client_id OR u.event_id IN (SELECT event_id FROM claimed)
     ON CONFLICT (event_id) DO NOTHING";
 
 async fn write(pool: &PgPool, events: &[Pending]) -> Result<Vec<Uuid>, WriteError> {
