@@ -4,9 +4,10 @@ use clap::{Parser, Subcommand};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::infra::{db, telemetry};
+use crate::infra::{auth, db, telemetry};
 use crate::services::Service;
-use crate::services::eventhandler::store;
+use crate::services::eventhandler::{rebuild, store};
+use crate::services::ingestion::replay;
 
 #[derive(Parser, Debug)]
 #[command(name = "cornjacket", version, about = "Cornjacket event platform", long_about = None)]
@@ -34,6 +35,58 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Republish events from the event store to their topics (refills a bus that lost them).
+    Replay {
+        /// Events whose event_time is at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: chrono::DateTime<chrono::Utc>,
+        /// ... and before this one.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long)]
+        aggregate: Option<String>,
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Count what would be sent, send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Read-model maintenance.
+    Projections {
+        #[command(subcommand)]
+        action: ProjectionsAction,
+    },
+    /// Mint a development JWT (HS256, from CJ_JWT_SECRET) and print it.
+    Token {
+        /// The subject (`sub`), e.g. a device or service name.
+        #[arg(long)]
+        sub: String,
+        /// Scopes, comma- or space-separated: ingest:write, query:read, actions:admin.
+        #[arg(long, default_value = "ingest:write query:read")]
+        scopes: String,
+        /// Lifetime, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProjectionsAction {
+    /// Recompute projections from the event store, without the bus.
+    Rebuild {
+        /// Only this projection type (sensor_state, user_session).
+        #[arg(long = "type")]
+        projection_type: Option<String>,
+        /// Count what would be read, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| format!("'{s}' is not an RFC 3339 time such as 2026-11-23T10:00:00Z"))
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -108,6 +161,29 @@ pub async fn main() -> i32 {
             }
             0
         }
+        Command::Token { sub, scopes, ttl } => token(&config, &sub, &scopes, ttl),
+        Command::Replay {
+            since,
+            until,
+            aggregate,
+            event_type,
+            dry_run,
+        } => {
+            let filter = replay::ReplayFilter {
+                since: Some(since),
+                until,
+                aggregate_id: aggregate,
+                event_type,
+            };
+            report(replay_cmd(&config, &filter, dry_run).await)
+        }
+        Command::Projections {
+            action:
+                ProjectionsAction::Rebuild {
+                    projection_type,
+                    dry_run,
+                },
+        } => report(rebuild_cmd(&config, projection_type.as_deref(), dry_run).await),
         Command::Dlq { action } => match dlq(&config, action).await {
             Ok(code) => code,
             Err(e) => {
@@ -115,6 +191,97 @@ pub async fn main() -> i32 {
                 1
             }
         },
+    }
+}
+
+fn report(r: anyhow::Result<i32>) -> i32 {
+    r.unwrap_or_else(|e| {
+        eprintln!("cornjacket: {e:#}");
+        1
+    })
+}
+
+async fn replay_cmd(
+    config: &Config,
+    f: &replay::ReplayFilter,
+    dry_run: bool,
+) -> anyhow::Result<i32> {
+    let pool = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
+    if dry_run {
+        println!(
+            "{} event(s) would be republished",
+            replay::count(&pool, f).await?
+        );
+        return Ok(0);
+    }
+    let sent = replay::replay(
+        &pool,
+        &config.kafka,
+        f,
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    )
+    .await?;
+    println!("{sent} event(s) republished");
+    Ok(0)
+}
+
+async fn rebuild_cmd(
+    config: &Config,
+    projection: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<i32> {
+    if let Some(p) = projection
+        && !crate::envelope::PROJECTION_TYPES.contains(&p)
+    {
+        anyhow::bail!(
+            "unknown projection type '{p}'; known: {}",
+            crate::envelope::PROJECTION_TYPES.join(", ")
+        );
+    }
+    let events = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
+    if dry_run {
+        println!(
+            "{} event(s) would be read",
+            rebuild::count(&events, projection).await?
+        );
+        return Ok(0);
+    }
+    let projections = db::lazy_pool(config.database_url("eventhandler"), config, 2)?;
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (read, refused) = rebuild::rebuild(&events, &projections, projection, progress).await?;
+    println!("{read} event(s) read, {refused} refused by their handler");
+    Ok(0)
+}
+
+fn token(config: &Config, sub: &str, scopes: &str, ttl: std::time::Duration) -> i32 {
+    use secrecy::ExposeSecret;
+    let Some(secret) = &config.auth.jwt_secret else {
+        eprintln!(
+            "cornjacket: minting a token needs CJ_JWT_SECRET (the HS256 key the platform verifies with)"
+        );
+        return 2;
+    };
+    let scopes: Vec<String> = scopes
+        .split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if let Some(bad) = scopes.iter().find(|s| !auth::SCOPES.contains(&s.as_str())) {
+        eprintln!(
+            "cornjacket: unknown scope '{bad}'; known: {}",
+            auth::SCOPES.join(", ")
+        );
+        return 2;
+    }
+    match auth::mint(secret.expose_secret(), sub, &scopes, ttl, &config.auth) {
+        Ok(t) => {
+            println!("{t}");
+            0
+        }
+        Err(e) => {
+            eprintln!("cornjacket: {e}");
+            1
+        }
     }
 }
 

@@ -142,6 +142,41 @@ pub struct EventHandlerConfig {
     pub max_batch: usize,
 }
 
+/// Where requests are authenticated (SPEC §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Behind Traefik: the gateway calls `/internal/auth/verify` before forwarding.
+    Gateway,
+    /// Every API route checks the JWT itself (the default: secure without a gateway).
+    App,
+    /// No authentication; local development only.
+    Off,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Gateway => "gateway",
+            AuthMode::App => "app",
+            AuthMode::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// `CJ_AUTH_MODE`: gateway, app (default) or off.
+    pub mode: AuthMode,
+    /// `CJ_JWT_SECRET`: HS256 key, at least 32 characters.
+    pub jwt_secret: Option<SecretString>,
+    /// `CJ_JWT_PUBLIC_KEY_FILE`: an RS256 or ES256 public key (PEM).
+    pub public_key_file: Option<std::path::PathBuf>,
+    /// `CJ_JWT_ISSUER`: checked against `iss` when set.
+    pub issuer: Option<String>,
+    /// `CJ_JWT_AUDIENCE`: checked against `aud` when set.
+    pub audience: Option<String>,
+}
+
 /// MQTT device ingestion (SPEC §12).
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
@@ -186,15 +221,23 @@ pub struct Config {
     pub eventhandler: EventHandlerConfig,
     /// `None` when `CJ_MQTT_URL=off`.
     pub mqtt: Option<MqttConfig>,
+    pub auth: AuthConfig,
     /// `CJ_SHUTDOWN_TIMEOUT`: the hard deadline for a graceful shutdown.
     pub shutdown_timeout: Duration,
 }
 
 /// Reads variables from a map so that parsing is testable without touching the process env.
-struct Vars<'a>(&'a HashMap<String, String>);
+/// Records every name it is asked for, so the list of variables comes from the parser itself.
+struct Vars<'a>(
+    &'a HashMap<String, String>,
+    std::cell::RefCell<std::collections::BTreeSet<String>>,
+);
 
 impl Vars<'_> {
     fn raw(&self, names: &[&str]) -> Option<(String, String)> {
+        self.1
+            .borrow_mut()
+            .extend(names.iter().map(|n| n.to_string()));
         names.iter().find_map(|n| {
             self.0
                 .get(*n)
@@ -317,7 +360,19 @@ impl Config {
     }
 
     pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let v = Vars(map);
+        Self::parse(&Vars(map, Default::default()))
+    }
+
+    /// Every environment variable the configuration reads (with the seed's aliases), derived
+    /// from the parser; deployment files are checked against it.
+    pub fn known_variables() -> Vec<String> {
+        let empty = HashMap::new();
+        let v = Vars(&empty, Default::default());
+        Self::parse(&v).expect("defaults are valid");
+        v.1.into_inner().into_iter().collect()
+    }
+
+    fn parse(v: &Vars) -> Result<Self, ConfigError> {
         let log_format = match v.raw(&["CJ_LOG_FORMAT"]) {
             None => LogFormat::Json,
             Some((_, f)) if f.eq_ignore_ascii_case("json") => LogFormat::Json,
@@ -527,6 +582,29 @@ impl Config {
             }
         };
 
+        let mode = match v.raw(&["CJ_AUTH_MODE"]) {
+            None => AuthMode::App,
+            Some((var, m)) => match m.to_ascii_lowercase().as_str() {
+                "gateway" => AuthMode::Gateway,
+                "app" => AuthMode::App,
+                "off" => AuthMode::Off,
+                _ => return Err(Vars::err(&var, &m, "gateway, app or off")),
+            },
+        };
+        let jwt_secret = match v.raw(&["CJ_JWT_SECRET"]) {
+            Some((var, s)) if s.len() < 32 => {
+                return Err(Vars::err(&var, "***", "a secret of at least 32 characters"));
+            }
+            other => other.map(|(_, s)| SecretString::from(s)),
+        };
+        let auth = AuthConfig {
+            mode,
+            jwt_secret,
+            public_key_file: v.raw(&["CJ_JWT_PUBLIC_KEY_FILE"]).map(|(_, p)| p.into()),
+            issuer: v.raw(&["CJ_JWT_ISSUER"]).map(|(_, s)| s),
+            audience: v.raw(&["CJ_JWT_AUDIENCE"]).map(|(_, s)| s),
+        };
+
         Ok(Self {
             log_level,
             log_format,
@@ -550,6 +628,7 @@ impl Config {
             ingestion,
             eventhandler,
             mqtt,
+            auth,
             shutdown_timeout: v.duration("CJ_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
         })
     }
@@ -634,6 +713,8 @@ mod tests {
             ("CJ_MQTT_URL", "mqtt://broker:99999", "mqtt://host:port"),
             ("CJ_MQTT_TOPIC", "devices/#", "exactly one '+'"),
             ("CJ_MQTT_INFLIGHT", "0", "integer from 1"),
+            ("CJ_AUTH_MODE", "maybe", "gateway, app or off"),
+            ("CJ_JWT_SECRET", "short", "at least 32 characters"),
         ];
         for (var, value, expected) in cases {
             let err = with(&[(var, value)]).expect_err(var);
@@ -684,6 +765,19 @@ mod tests {
         assert_eq!(c.kafka.topics.user, "t1.user-actions");
         assert_eq!(c.eventhandler.topics.len(), 3);
         assert!(c.eventhandler.topics.iter().all(|t| t.starts_with("t1.")));
+    }
+
+    #[test]
+    fn known_variables_come_from_the_parser() {
+        let vars = Config::known_variables();
+        for v in [
+            "CJ_INGESTION_PORT",
+            "INGESTION_DATABASE_URL",
+            "CJ_MQTT_TOPIC",
+            "CJ_REDPANDA_BROKERS",
+        ] {
+            assert!(vars.iter().any(|x| x == v), "{v} in {vars:?}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Adapters shared by the services: database, bus, HTTP and telemetry.
 
+pub mod auth;
 pub mod bus;
 pub mod db;
 pub mod http;

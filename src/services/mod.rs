@@ -24,6 +24,8 @@ pub struct ServiceContext {
     /// Cancelled on SIGTERM/SIGINT or when any service fails.
     pub shutdown: CancellationToken,
     pub clock: Arc<dyn Clock>,
+    /// The configured authentication, shared by every API.
+    pub auth: Arc<crate::infra::auth::Auth>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]

@@ -17,7 +17,7 @@ use rdkafka::message::OwnedMessage;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::handlers::{self, Handler, ProjectionWrite};
+use super::handlers::{self, Entry, ProjectionWrite};
 use super::store::{self, DeadLetter};
 use crate::envelope::Envelope;
 use crate::infra::bus::ObservedConsumer;
@@ -34,7 +34,7 @@ pub struct Worker {
     pub retry_delays: Vec<Duration>,
     pub max_batch: usize,
     pub blocked: Arc<Blocked>,
-    registry: HashMap<&'static str, Handler>,
+    registry: HashMap<&'static str, Entry>,
 }
 
 enum Outcome {
@@ -116,7 +116,7 @@ impl Worker {
         };
         match self.registry.get(env.event_type.as_str()) {
             None => Outcome::Skip,
-            Some(h) => match h(&env) {
+            Some(entry) => match (entry.handler)(&env) {
                 Ok(w) => Outcome::Write(w),
                 Err(e) => Outcome::Poison(format!("{}: {e}", env.event_type)),
             },

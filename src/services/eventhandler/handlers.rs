@@ -28,11 +28,31 @@ impl ProjectionWrite {
 
 pub type Handler = fn(&Envelope) -> Result<ProjectionWrite, String>;
 
-pub fn registry() -> HashMap<&'static str, Handler> {
-    let mut r: HashMap<&'static str, Handler> = HashMap::new();
-    r.insert("sensor.reading", sensor_state);
-    r.insert("user.login", user_session);
-    r
+/// A registered handler and the projection type it writes.
+#[derive(Clone, Copy)]
+pub struct Entry {
+    pub projection: &'static str,
+    pub handler: Handler,
+}
+
+/// event type → handler (ADR-0014). Types without an entry are consumed and skipped.
+pub fn registry() -> HashMap<&'static str, Entry> {
+    HashMap::from([
+        (
+            "sensor.reading",
+            Entry {
+                projection: "sensor_state",
+                handler: sensor_state,
+            },
+        ),
+        (
+            "user.login",
+            Entry {
+                projection: "user_session",
+                handler: user_session,
+            },
+        ),
+    ])
 }
 
 fn sensor_state(e: &Envelope) -> Result<ProjectionWrite, String> {

@@ -3,6 +3,7 @@
 
 mod consumer;
 pub mod handlers;
+pub mod rebuild;
 pub mod store;
 
 use std::sync::Arc;

@@ -188,7 +188,7 @@ pub async fn replay(pool: &PgPool, dlq_id: Uuid) -> Result<ReplayOutcome, sqlx::
             Err(e) => Err(e),
             Ok(env) => match handlers::registry().get(env.event_type.as_str()) {
                 None => Ok(None),
-                Some(h) => h(&env).map(Some),
+                Some(entry) => (entry.handler)(&env).map(Some),
             },
         },
     };

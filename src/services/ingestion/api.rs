@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
@@ -16,12 +17,14 @@ use super::AppState;
 use super::error::IngestError;
 use super::writer::{Pending, WriteError};
 use crate::envelope::{self, Envelope, Rules, Source, Submission};
+use crate::infra::auth::Subject;
 
 /// Every route this module serves, for the OpenAPI agreement test.
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/ingest"),
     ("post", "/api/v1/events"),
     ("post", "/api/v1/ingest/batch"),
+    ("get", "/internal/auth/verify"),
 ];
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -83,7 +86,7 @@ fn admit(
     serde_json::from_slice(&body).map_err(|e| IngestError::InvalidJson(e.to_string()))
 }
 
-fn submission(headers: &HeaderMap) -> Submission {
+fn submission(headers: &HeaderMap, subject: Option<Extension<Subject>>) -> Submission {
     let traceparent = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -92,7 +95,7 @@ fn submission(headers: &HeaderMap) -> Submission {
         .unwrap_or_else(new_traceparent);
     Submission {
         source: Source::Http,
-        subject: None,
+        subject: subject.map(|Extension(Subject(s))| s),
         traceparent: Some(traceparent),
         aggregate_id: None,
     }
@@ -154,17 +157,23 @@ async fn commit(state: &AppState, events: Vec<Pending>) -> Result<Vec<Uuid>, Ing
 async fn ingest(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    subject: Option<Extension<Subject>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
     let limit = state.config.ingestion.max_body_bytes;
     let value = admit(&state, peer, &headers, body, limit)?;
     let key = idempotency_key(&headers)?;
-    let env = envelope::validate_request(&value, &submission(&headers), state.rules(), state.now())
-        .map_err(|errs| {
-            metrics::counter!("cj_ingest_rejected_total", "reason" => "invalid").increment(1);
-            IngestError::Validation(errs)
-        })?;
+    let env = envelope::validate_request(
+        &value,
+        &submission(&headers, subject),
+        state.rules(),
+        state.now(),
+    )
+    .map_err(|errs| {
+        metrics::counter!("cj_ingest_rejected_total", "reason" => "invalid").increment(1);
+        IngestError::Validation(errs)
+    })?;
     let ids = commit(&state, vec![pending(env, &value, key)]).await?;
     tracing::Span::current().record("event_id", tracing::field::display(ids[0]));
     Ok((
@@ -178,6 +187,7 @@ async fn ingest(
 async fn ingest_batch(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    subject: Option<Extension<Subject>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
@@ -202,7 +212,7 @@ async fn ingest_batch(
         ));
     }
     tracing::Span::current().record("events", items.len());
-    let sub = submission(&headers);
+    let sub = submission(&headers, subject);
     let (rules, now) = (state.rules(), state.now());
     let single_limit = state.config.ingestion.max_body_bytes;
     let mut results: Vec<Value> = Vec::with_capacity(items.len());

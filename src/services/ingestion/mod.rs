@@ -5,6 +5,7 @@ mod api;
 mod error;
 pub mod mqtt;
 pub mod processor;
+pub mod replay;
 pub mod writer;
 
 use std::net::IpAddr;
@@ -26,6 +27,7 @@ pub use api::ROUTES;
 use super::{Ready, ServiceContext, migrate_when_reachable};
 use crate::config::Config;
 use crate::envelope::Clock;
+use crate::infra::auth::Auth;
 use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
 use crate::infra::{bus, db};
 
@@ -39,6 +41,7 @@ pub struct AppState {
     ready: Ready,
     producer: Arc<tokio::sync::OnceCell<Arc<bus::SharedProducer>>>,
     mqtt: Option<Arc<mqtt::MqttState>>,
+    auth: Arc<Auth>,
 }
 
 impl AppState {
@@ -54,6 +57,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         shutdown,
         clock,
+        auth,
     } = ctx;
     let tracker = TaskTracker::new();
     let limiter = NonZeroU32::new(config.ingestion.rate_limit_per_sec).map(|rate| {
@@ -79,14 +83,20 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             .mqtt
             .as_ref()
             .map(|_| Arc::new(mqtt::MqttState::default())),
+        auth: auth.clone(),
     };
 
     let router = Router::new()
         .merge(api::router(&state))
         .route("/health", get(health))
+        .route("/internal/auth/verify", get(verify))
         .merge(metrics_router())
         .fallback(not_found)
-        .with_state(state.clone());
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::infra::auth::middleware,
+        ));
     let http = tokio::spawn(serve(
         "ingestion",
         listener,
@@ -184,6 +194,11 @@ async fn start_processor(
     }
     tracing::info!(workers, "Outbox processor started.");
     Ok(())
+}
+
+/// Traefik's ForwardAuth target (SPEC §11); never routed by the gateway itself.
+async fn verify(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    crate::infra::auth::forward_auth(&state.auth, &headers)
 }
 
 async fn health(State(state): State<AppState>) -> Response {

@@ -26,7 +26,11 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         .route("/health", get(health))
         .merge(metrics_router())
         .fallback(not_found)
-        .with_state(state);
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.auth.clone(),
+            crate::infra::auth::middleware,
+        ));
     serve(
         "query",
         ctx.listener,

@@ -1,0 +1,377 @@
+//! Authentication and authorisation (SPEC §11, ADR-0006): JWT verification with one configured
+//! algorithm family, scopes matched to path and method, the app-mode middleware and the logic of
+//! Traefik's ForwardAuth endpoint.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::{AuthConfig, AuthMode};
+use crate::infra::http::error_body;
+
+pub const SCOPE_INGEST: &str = "ingest:write";
+pub const SCOPE_QUERY: &str = "query:read";
+pub const SCOPE_ACTIONS: &str = "actions:admin";
+pub const SCOPES: &[&str] = &[SCOPE_INGEST, SCOPE_QUERY, SCOPE_ACTIONS];
+
+/// Clock skew tolerated on `exp` and `nbf`.
+const LEEWAY_S: u64 = 5;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    /// Space-separated scopes (RFC 8693 `scope`).
+    #[serde(default)]
+    pub scope: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// Who made a request, as far as the platform knows; stored in `metadata.subject`.
+#[derive(Debug, Clone)]
+pub struct Subject(pub String);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("the token lacks the scope {0}")]
+    Forbidden(String),
+    #[error("no scope grants access to {0}")]
+    NoRoute(String),
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        let msg = self.to_string();
+        match self {
+            AuthError::Missing | AuthError::Invalid(_) => {
+                let mut r = error_body(StatusCode::UNAUTHORIZED, msg.clone(), json!([]));
+                let challenge = if matches!(self, AuthError::Missing) {
+                    "Bearer realm=\"cornjacket\"".to_string()
+                } else {
+                    format!(
+                        "Bearer realm=\"cornjacket\", error=\"invalid_token\", error_description=\"{}\"",
+                        msg.replace('"', "'")
+                    )
+                };
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                r
+            }
+            AuthError::Forbidden(_) | AuthError::NoRoute(_) => {
+                error_body(StatusCode::FORBIDDEN, msg, json!([]))
+            }
+        }
+    }
+}
+
+/// The scope a request needs, by path and method; `None` for paths no scope opens.
+pub fn required_scope(method: &Method, path: &str) -> Option<&'static str> {
+    let under = |p: &str| path == p || path.starts_with(&format!("{p}/"));
+    if under("/api/v1/ingest") || under("/api/v1/events") {
+        (method == Method::POST).then_some(SCOPE_INGEST)
+    } else if under("/api/v1/query") || under("/api/v1/projections") {
+        (method == Method::GET || method == Method::HEAD).then_some(SCOPE_QUERY)
+    } else if under("/api/v1/actions") {
+        Some(SCOPE_ACTIONS)
+    } else {
+        None
+    }
+}
+
+/// The configured verifier. Exactly one algorithm family is accepted, so `alg: none` and
+/// algorithm confusion (an HS256 token signed with the RSA public key) are refused.
+pub struct Auth {
+    pub mode: AuthMode,
+    verifier: Option<(DecodingKey, Validation)>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").field("mode", &self.mode).finish()
+    }
+}
+
+impl Auth {
+    /// Builds the verifier; a mode that needs a key without one is a startup error naming the
+    /// variable to set.
+    pub fn from_config(cfg: &AuthConfig) -> Result<Arc<Self>, String> {
+        let key = match (&cfg.jwt_secret, &cfg.public_key_file) {
+            (Some(secret), None) => Some((
+                DecodingKey::from_secret(secret.expose_secret().as_bytes()),
+                vec![Algorithm::HS256],
+            )),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!(
+                        "CJ_JWT_PUBLIC_KEY_FILE={}: cannot read it: {e}",
+                        path.display()
+                    )
+                })?;
+                let key = DecodingKey::from_rsa_pem(&pem)
+                    .map(|k| (k, vec![Algorithm::RS256]))
+                    .or_else(|_| DecodingKey::from_ec_pem(&pem).map(|k| (k, vec![Algorithm::ES256])))
+                    .map_err(|_| {
+                        format!(
+                            "CJ_JWT_PUBLIC_KEY_FILE={}: not an RSA or EC (P-256) public key in PEM form",
+                            path.display()
+                        )
+                    })?;
+                Some(key)
+            }
+            (Some(_), Some(_)) => {
+                return Err("set either CJ_JWT_SECRET or CJ_JWT_PUBLIC_KEY_FILE, not both".into());
+            }
+            (None, None) => None,
+        };
+        if key.is_none() && cfg.mode != AuthMode::Off {
+            return Err(format!(
+                "CJ_AUTH_MODE={} needs a JWT key: set CJ_JWT_SECRET (HS256, at least 32 characters) \
+                 or CJ_JWT_PUBLIC_KEY_FILE (RS256/ES256 PEM); CJ_AUTH_MODE=off is for local development only",
+                cfg.mode.as_str()
+            ));
+        }
+        let verifier = key.map(|(k, algs)| {
+            let mut v = Validation::new(algs[0]);
+            v.algorithms = algs;
+            v.leeway = LEEWAY_S;
+            v.validate_nbf = true;
+            v.required_spec_claims = HashSet::from(["exp".to_string(), "sub".to_string()]);
+            match &cfg.issuer {
+                Some(iss) => v.set_issuer(&[iss]),
+                None => v.iss = None,
+            }
+            match &cfg.audience {
+                Some(aud) => v.set_audience(&[aud]),
+                None => v.validate_aud = false,
+            }
+            (k, v)
+        });
+        if cfg.mode == AuthMode::Off {
+            tracing::warn!(
+                "AUTHENTICATION IS OFF (CJ_AUTH_MODE=off): every API accepts anonymous requests. \
+                 Use this for local development only."
+            );
+        }
+        Ok(Arc::new(Self {
+            mode: cfg.mode,
+            verifier,
+        }))
+    }
+
+    /// A pass-through instance for tools and tests that need none.
+    pub fn off() -> Arc<Self> {
+        Arc::new(Self {
+            mode: AuthMode::Off,
+            verifier: None,
+        })
+    }
+
+    /// Verifies the bearer token of a request.
+    pub fn verify(&self, headers: &HeaderMap) -> Result<Claims, AuthError> {
+        let Some((key, validation)) = &self.verifier else {
+            return Ok(Claims {
+                sub: "anonymous".into(),
+                scope: SCOPES.join(" "),
+                exp: u64::MAX,
+                nbf: None,
+                iat: None,
+                iss: None,
+                aud: None,
+            });
+        };
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or(AuthError::Missing)?
+            .to_str()
+            .map_err(|_| AuthError::Invalid("the Authorization header is not text".into()))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| AuthError::Invalid("expected 'Authorization: Bearer <token>'".into()))?;
+        jsonwebtoken::decode::<Claims>(token, key, validation)
+            .map(|d| d.claims)
+            .map_err(|e| {
+                let why = match e.kind() {
+                    ErrorKind::ExpiredSignature => "expired".to_string(),
+                    ErrorKind::ImmatureSignature => "not valid yet (nbf)".to_string(),
+                    ErrorKind::InvalidSignature => "bad signature".to_string(),
+                    ErrorKind::InvalidAlgorithm => "algorithm not accepted".to_string(),
+                    ErrorKind::InvalidIssuer => "wrong issuer".to_string(),
+                    ErrorKind::InvalidAudience => "wrong audience".to_string(),
+                    ErrorKind::MissingRequiredClaim(c) => format!("missing claim {c}"),
+                    _ => "malformed".to_string(),
+                };
+                AuthError::Invalid(why)
+            })
+    }
+
+    /// Verifies the token and checks it grants what `method path` needs.
+    pub fn authorize(
+        &self,
+        headers: &HeaderMap,
+        method: &Method,
+        path: &str,
+    ) -> Result<Claims, AuthError> {
+        let claims = self.verify(headers)?;
+        let need = required_scope(method, path)
+            .ok_or_else(|| AuthError::NoRoute(format!("{method} {path}")))?;
+        if claims.scope.split_whitespace().any(|s| s == need) {
+            Ok(claims)
+        } else {
+            Err(AuthError::Forbidden(need.into()))
+        }
+    }
+}
+
+/// Paths that stay open in `app` mode: orchestrators and scrapers, and ForwardAuth itself.
+fn is_open(path: &str) -> bool {
+    matches!(path, "/health" | "/metrics" | "/internal/auth/verify")
+}
+
+/// The per-service middleware: in `app` mode every API route checks the JWT itself; in
+/// `gateway` mode the gateway already did, and its `X-Auth-Subject` names the caller.
+pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    if is_open(&path) {
+        return next.run(req).await;
+    }
+    let subject = match auth.mode {
+        AuthMode::App => match auth.authorize(req.headers(), &req.method().clone(), &path) {
+            Ok(claims) => Some(claims.sub),
+            Err(e) => {
+                metrics::counter!("cj_auth_denied_total", "reason" => match e {
+                    AuthError::Missing | AuthError::Invalid(_) => "unauthenticated",
+                    _ => "forbidden",
+                })
+                .increment(1);
+                return e.into_response();
+            }
+        },
+        AuthMode::Gateway => req
+            .headers()
+            .get("x-auth-subject")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        AuthMode::Off => None,
+    };
+    if let Some(s) = subject {
+        req.extensions_mut().insert(Subject(s));
+    }
+    next.run(req).await
+}
+
+/// `GET /internal/auth/verify` for Traefik ForwardAuth: the original method and URI come in
+/// `X-Forwarded-Method` / `X-Forwarded-Uri`.
+pub fn forward_auth(auth: &Auth, headers: &HeaderMap) -> Response {
+    let method = headers
+        .get("x-forwarded-method")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .unwrap_or(Method::GET);
+    let uri = headers
+        .get("x-forwarded-uri")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("/");
+    let path = uri.split('?').next().unwrap_or("/");
+    match auth.authorize(headers, &method, path) {
+        Ok(claims) => {
+            let mut r = StatusCode::OK.into_response();
+            let h = r.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&claims.sub) {
+                h.insert("x-auth-subject", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&claims.scope) {
+                h.insert("x-auth-scopes", v);
+            }
+            r
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Mints an HS256 development token (`cornjacket token`).
+pub fn mint(
+    secret: &str,
+    sub: &str,
+    scopes: &[String],
+    ttl: std::time::Duration,
+    cfg: &AuthConfig,
+) -> anyhow::Result<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = Claims {
+        sub: sub.to_string(),
+        scope: scopes.join(" "),
+        exp: now + ttl.as_secs(),
+        nbf: Some(now),
+        iat: Some(now),
+        iss: cfg.issuer.clone(),
+        aud: cfg.audience.clone(),
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_follow_path_and_method() {
+        assert_eq!(
+            required_scope(&Method::POST, "/api/v1/ingest"),
+            Some(SCOPE_INGEST)
+        );
+        assert_eq!(
+            required_scope(&Method::POST, "/api/v1/ingest/batch"),
+            Some(SCOPE_INGEST)
+        );
+        assert_eq!(
+            required_scope(&Method::POST, "/api/v1/events"),
+            Some(SCOPE_INGEST)
+        );
+        assert_eq!(required_scope(&Method::GET, "/api/v1/ingest"), None);
+        assert_eq!(
+            required_scope(&Method::GET, "/api/v1/query/events"),
+            Some(SCOPE_QUERY)
+        );
+        assert_eq!(
+            required_scope(&Method::GET, "/api/v1/projections/x"),
+            Some(SCOPE_QUERY)
+        );
+        assert_eq!(required_scope(&Method::DELETE, "/api/v1/query/x"), None);
+        assert_eq!(
+            required_scope(&Method::DELETE, "/api/v1/actions/rules/1"),
+            Some(SCOPE_ACTIONS)
+        );
+        assert_eq!(required_scope(&Method::GET, "/api/v1/ingestx"), None);
+        assert_eq!(required_scope(&Method::GET, "/internal/auth/verify"), None);
+    }
+}
