@@ -18,6 +18,21 @@ BENCH_ARGS ?=
 COMPOSE ?= docker compose
 COMPOSE_SKELETON := docker-compose/docker-compose.yaml
 COMPOSE_FULLSTACK := docker-compose/docker-compose.fullstack.yaml
+COMPOSE_ALL := -f $(COMPOSE_SKELETON) -f $(COMPOSE_FULLSTACK)
+DOCKER ?= docker
+IMAGE ?= cornjacket
+IMAGE_TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+# End-to-end runner (tests/e2e.rs): base URLs of the stack under test and an optional bearer token.
+# Skeleton: the platform on the host (`make run`); fullstack: everything through Traefik on port 80.
+E2E_INGEST_URL ?= http://127.0.0.1:8080
+E2E_QUERY_URL ?= http://127.0.0.1:8081
+E2E_GATEWAY_URL ?= http://localhost
+# The fullstack compose file's development JWT secret (docker-compose.fullstack.yaml); e2e-fullstack
+# mints its token with it unless CJ_E2E_TOKEN is set.
+E2E_FULLSTACK_JWT_SECRET ?= $(or $(CJ_JWT_SECRET),cornjacket-development-only-jwt-secret-not-for-production)
+E2E_SCOPES ?= ingest:write query:read actions:admin
+
+.PHONY: docker-check docker-build e2e-skeleton e2e-fullstack fmt
 
 .PHONY: help infra-up infra-down infra-status build run test lint bench migrate-all clean-test-dbs \
 	skeleton-up skeleton-down fullstack-up fullstack-down
@@ -32,6 +47,10 @@ help:
 	@echo "make clean-test-dbs drop the cjtest_* databases left by tests"
 	@echo "make infra-up | infra-down | infra-status   local PostgreSQL, Tansu, Mosquitto"
 	@echo "make skeleton-up | fullstack-up (and -down) docker compose, where Docker is available"
+	@echo "make docker-build   build the platform image ($(IMAGE):$(IMAGE_TAG))"
+	@echo "make e2e-skeleton   end-to-end tests against the platform on 127.0.0.1:8080/8081 (make run)"
+	@echo "make e2e-fullstack  end-to-end tests through Traefik on http://localhost (make fullstack-up)"
+	@echo "make fmt            cargo fmt --all"
 
 infra-up:
 	@$(INFRA) up
@@ -47,6 +66,7 @@ build:
 
 run: infra-up
 	$(CARGO) build --release --bin cornjacket
+	@scripts/dev-env.sh
 	exec ./target/release/cornjacket serve $(RUN_ARGS)
 
 test: infra-up
@@ -71,14 +91,52 @@ clean-test-dbs: infra-up
 	printf '%s\n' "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', datname) $(TEST_DB_FILTER) \gexec" \
 		| $(PSQL_CJ) >/dev/null
 
-skeleton-up:
-	$(COMPOSE) -f $(COMPOSE_SKELETON) up -d
+# The compose and image targets need a container engine; without one they stop with a clear message
+# (make run / make test never need one: SPEC §15).
+docker-check:
+	@$(COMPOSE) version >/dev/null 2>&1 || { \
+		echo "error: '$(COMPOSE)' is not available on this machine: install Docker with the compose plugin" >&2; \
+		echo "       (make run and make test need no container engine; see SPEC §15)" >&2; \
+		exit 1; }
 
-skeleton-down:
+skeleton-up: docker-check
+	$(COMPOSE) -f $(COMPOSE_SKELETON) up -d --wait
+
+skeleton-down: docker-check
 	$(COMPOSE) -f $(COMPOSE_SKELETON) down
 
-fullstack-up:
-	$(COMPOSE) -f $(COMPOSE_SKELETON) -f $(COMPOSE_FULLSTACK) up -d
+fullstack-up: docker-check
+	$(COMPOSE) $(COMPOSE_ALL) up -d --build --wait
 
-fullstack-down:
-	$(COMPOSE) -f $(COMPOSE_SKELETON) -f $(COMPOSE_FULLSTACK) down
+fullstack-down: docker-check
+	$(COMPOSE) $(COMPOSE_ALL) down
+
+docker-build:
+	@$(DOCKER) info >/dev/null 2>&1 || { \
+		echo "error: no container engine reachable with '$(DOCKER)': docker-build needs Docker" >&2; exit 1; }
+	$(DOCKER) build -t $(IMAGE):$(IMAGE_TAG) -t $(IMAGE):latest .
+
+fmt:
+	$(CARGO) fmt --all
+
+# Against any running stack: `make run`'s by default (E2E_INGEST_URL / E2E_QUERY_URL override).
+# CJ_E2E_TOKEN, when set in the environment, is passed through to the runner.
+# Against `make run`: mints a token from the development secret in .env unless CJ_E2E_TOKEN is set.
+e2e-skeleton:
+	token="$${CJ_E2E_TOKEN:-}"; \
+	if [[ -z $$token && -f .env ]]; then \
+		token=$$($(CARGO) run -q --bin cornjacket -- token --sub e2e-skeleton --scopes '$(E2E_SCOPES)' --ttl 1h); \
+	fi; \
+	CJ_E2E=1 CJ_E2E_INGEST_URL=$(E2E_INGEST_URL) CJ_E2E_QUERY_URL=$(E2E_QUERY_URL) CJ_E2E_TOKEN="$$token" \
+		$(CARGO) test --test e2e -- --ignored --nocapture
+
+# Through the gateway (ForwardAuth checks the token): mints one from the compose file's development
+# secret unless CJ_E2E_TOKEN is set.
+e2e-fullstack:
+	token="$${CJ_E2E_TOKEN:-}"; \
+	if [[ -z $$token ]]; then \
+		token=$$(CJ_JWT_SECRET='$(E2E_FULLSTACK_JWT_SECRET)' $(CARGO) run -q --bin cornjacket -- \
+			token --sub e2e-fullstack --scopes '$(E2E_SCOPES)' --ttl 1h); \
+	fi; \
+	CJ_E2E=1 CJ_E2E_INGEST_URL=$(E2E_GATEWAY_URL) CJ_E2E_QUERY_URL=$(E2E_GATEWAY_URL) CJ_E2E_TOKEN="$$token" \
+		$(CARGO) test --test e2e -- --ignored --nocapture

@@ -20,4 +20,42 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 
-exec cargo nextest run --workspace --all-targets --no-fail-fast --test-threads "${CJ_TEST_THREADS:-6}" "$@"
+status=0
+cargo nextest run --workspace --all-targets --no-fail-fast --test-threads "${CJ_TEST_THREADS:-6}" "$@" || status=$?
+
+# Static checks of the Terraform in deploy/ (SPEC §14): python-hcl2 in a venv of pinned versions,
+# created once under .infra/ and reused while the requirements are unchanged. (Runs inside `if`,
+# where `set -e` does not apply: every step returns on failure explicitly.)
+DEPLOY_VENV="$ROOT/.infra/venv-deploy"
+DEPLOY_REQ="$ROOT/tests/deploy/requirements.txt"
+deploy_venv() {
+    if [[ ! -x $DEPLOY_VENV/bin/python ]]; then
+        echo "test: creating $DEPLOY_VENV"
+        rm -rf "$DEPLOY_VENV"
+        if ! python3 -m venv "$DEPLOY_VENV"; then
+            rm -rf "$DEPLOY_VENV"
+            # Debian ships venv support separately.
+            if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+                apt-get update -q >/dev/null || return 1
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >/dev/null || return 1
+                python3 -m venv "$DEPLOY_VENV" || return 1
+            else
+                echo "test: 'python3 -m venv' failed; install python3-venv" >&2
+                return 1
+            fi
+        fi
+    fi
+    # Skip pip when the installed set already matches the pinned requirements.
+    if ! cmp -s "$DEPLOY_REQ" "$DEPLOY_VENV/.requirements.txt"; then
+        "$DEPLOY_VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$DEPLOY_REQ" || return 1
+        cp "$DEPLOY_REQ" "$DEPLOY_VENV/.requirements.txt" || return 1
+    fi
+}
+echo "test: checking deploy/ (tests/deploy/check_terraform.py)"
+if deploy_venv; then
+    "$DEPLOY_VENV/bin/python" "$ROOT/tests/deploy/check_terraform.py" "$ROOT/deploy" || status=$?
+else
+    status=1
+fi
+
+exit "$status"

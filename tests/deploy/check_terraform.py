@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""Static checks of the Terraform in deploy/ (SPEC §14, seed 004 §2.1, ADR-0006).
+
+No AWS account and no `terraform` binary are needed: the HCL is parsed with python-hcl2 and the
+ECS task definition, EFS volumes, secrets, log groups and security groups are checked against the
+task of seed 004 §2.1 with the ports of SPEC §2. Run from anywhere:
+
+    python3 tests/deploy/check_terraform.py [deploy-dir]
+
+Prints one line per check and closes with `N passed, M failed`; exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import hcl2
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Seed 004 §2.1 with the ports of SPEC §2 (the platform's own five ports are also checked against
+# the binary's configuration defaults by tests/deploy_files.rs).
+EXPECTED_PORTS = {
+    "traefik": {80, 8180},
+    "app": {8080, 8081, 8082, 8083, 8084},
+    "mqtt-broker": {1883, 18083},
+    "redpanda": {9092, 9644},
+    "postgres": {5432},
+    "ai-inference": {8090},
+}
+STATEFUL = {"postgres", "redpanda", "mqtt-broker"}
+PUBLIC_PORTS = {80, 1883}
+DASHBOARD_PORTS = {8180, 18083, 9644}
+INTERNAL_ONLY_PORTS = {5432, 9092, 8080, 8081, 8082, 8083, 8084, 8090}
+TASK_CPU, TASK_MEMORY = 1024, 2048
+# A plain environment variable whose name says it holds a secret (…_PASSWORD, …_SECRET, …).
+SECRET_LIKE = re.compile(r"(^|_)(PASSWORD|SECRET|TOKEN|PRIVATE_KEY|SECRET_KEY)$", re.IGNORECASE)
+
+
+# --- python-hcl2 output, normalised --------------------------------------------------------------
+# python-hcl2 (8.x) keeps string literals quoted ('"app"'), marks blocks with "__is_block__" and
+# renders expressions as "${...}". `norm` strips the quotes and markers so values compare plainly.
+
+
+def unquote(s: str) -> str:
+    if len(s) >= 2 and s[0] == '"' and s[-1] == '"':
+        return s[1:-1]
+    return s
+
+
+def norm(v):
+    if isinstance(v, dict):
+        return {unquote(k): norm(x) for k, x in v.items() if k != "__is_block__"}
+    if isinstance(v, list):
+        return [norm(x) for x in v]
+    if isinstance(v, str):
+        return unquote(v)
+    return v
+
+
+def load(deploy: Path) -> dict:
+    """Every top-level block of every .tf file, merged: {"resource": {type: {name: body}}, ...}."""
+    merged = {"resource": {}, "data": {}, "variable": {}, "output": {}, "locals": {}, "terraform": []}
+    files = sorted(deploy.glob("*.tf"))
+    if not files:
+        raise SystemExit(f"check_terraform: no .tf files in {deploy}")
+    for f in files:
+        with f.open() as fh:
+            doc = norm(hcl2.load(fh))
+        for block in doc.get("resource", []):
+            for rtype, by_name in block.items():
+                merged["resource"].setdefault(rtype, {}).update(by_name)
+        for block in doc.get("data", []):
+            for dtype, by_name in block.items():
+                merged["data"].setdefault(dtype, {}).update(by_name)
+        for block in doc.get("variable", []):
+            merged["variable"].update(block)
+        for block in doc.get("output", []):
+            merged["output"].update(block)
+        for block in doc.get("locals", []):
+            merged["locals"].update(block)
+        merged["terraform"].extend(doc.get("terraform", []))
+    return merged
+
+
+def as_int(v):
+    try:
+        return int(str(v))
+    except (TypeError, ValueError):
+        return None
+
+
+def local_ref(expr) -> str | None:
+    """'${jsonencode(local.x)}' or '${local.x}' -> 'x'."""
+    m = re.fullmatch(r"\$\{(?:jsonencode\()?local\.([A-Za-z0-9_]+)\)?\}", str(expr).strip())
+    return m.group(1) if m else None
+
+
+# --- the checks ----------------------------------------------------------------------------------
+
+
+class Checker:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+
+    def check(self, ok: bool, what: str, detail: str = "") -> bool:
+        if ok:
+            self.passed += 1
+            print(f"ok   {what}")
+        else:
+            self.failed += 1
+            print(f"FAIL {what}" + (f": {detail}" if detail else ""))
+        return ok
+
+
+def run(deploy: Path) -> Checker:
+    c = Checker()
+    tf = load(deploy)
+    res = tf["resource"]
+
+    for name in ("variables.tf", "outputs.tf", "versions.tf", "README.md"):
+        c.check((deploy / name).is_file(), f"deploy/{name} exists")
+    providers = {}
+    for t in tf["terraform"]:
+        for rp in t.get("required_providers", []):
+            providers.update(rp)
+    c.check(
+        providers.get("aws", {}).get("source") == "hashicorp/aws",
+        "versions.tf requires the hashicorp/aws provider",
+        str(providers),
+    )
+
+    # Task definition ------------------------------------------------------------------------------
+    tds = res.get("aws_ecs_task_definition", {})
+    if not c.check(len(tds) == 1, "exactly one aws_ecs_task_definition", f"found {sorted(tds)}"):
+        return c
+    (td_name, td), = tds.items()
+    c.check(as_int(td.get("cpu")) == TASK_CPU, f"task cpu is {TASK_CPU} (1 vCPU)", f"got {td.get('cpu')!r}")
+    c.check(as_int(td.get("memory")) == TASK_MEMORY, f"task memory is {TASK_MEMORY} (2 GB)", f"got {td.get('memory')!r}")
+    c.check(td.get("network_mode") == "awsvpc", "network_mode awsvpc", f"got {td.get('network_mode')!r}")
+    c.check("FARGATE" in (td.get("requires_compatibilities") or []), "requires FARGATE")
+
+    ref = local_ref(td.get("container_definitions", ""))
+    defs = tf["locals"].get(ref) if ref else None
+    if not c.check(
+        isinstance(defs, list) and all(isinstance(d, dict) for d in defs),
+        "container_definitions is jsonencode(local.<list of literal objects>)",
+        f"got {td.get('container_definitions')!r}",
+    ):
+        return c
+    by_name = {d.get("name"): d for d in defs}
+    c.check(
+        len(defs) == len(by_name) and set(by_name) == set(EXPECTED_PORTS),
+        "the six containers of seed 004 §2.1: " + ", ".join(sorted(EXPECTED_PORTS)),
+        f"got {[d.get('name') for d in defs]}",
+    )
+
+    for name, want in sorted(EXPECTED_PORTS.items()):
+        d = by_name.get(name)
+        if d is None:
+            continue
+        mappings = d.get("portMappings")
+        ports = {as_int(m.get("containerPort")) for m in mappings} if isinstance(mappings, list) else None
+        c.check(ports == want, f"{name} ports {sorted(want)}", f"got {mappings!r}")
+        c.check(d.get("essential") is True, f"{name} is essential")
+        hc = d.get("healthCheck")
+        c.check(
+            isinstance(hc, dict) and isinstance(hc.get("command"), list) and hc["command"][:1] in (["CMD"], ["CMD-SHELL"]),
+            f"{name} has a health check",
+            f"got {hc!r}",
+        )
+        lc = d.get("logConfiguration") or {}
+        group = str((lc.get("options") or {}).get("awslogs-group", ""))
+        c.check(
+            lc.get("logDriver") == "awslogs" and "aws_cloudwatch_log_group." in group,
+            f"{name} logs to a CloudWatch log group",
+            f"got {lc!r}",
+        )
+        env = d.get("environment", [])
+        env_names = [e.get("name") for e in env] if isinstance(env, list) else None
+        leaked = [n for n in env_names or [] if SECRET_LIKE.search(str(n))]
+        c.check(env_names is not None and not leaked, f"{name} has no secret in its plain environment", f"{leaked or env!r}")
+        for s in d.get("secrets") or []:
+            c.check(
+                "aws_secretsmanager_secret." in str(s.get("valueFrom", "")),
+                f"{name} secret {s.get('name')} comes from Secrets Manager",
+                f"got {s!r}",
+            )
+
+    # Health checks must be able to gate dependencies.
+    for name, d in by_name.items():
+        for dep in d.get("dependsOn") or []:
+            target = by_name.get(dep.get("containerName"))
+            c.check(
+                target is not None and (dep.get("condition") != "HEALTHY" or target.get("healthCheck")),
+                f"{name} depends on {dep.get('containerName')} ({dep.get('condition')})",
+                "unknown container or no health check",
+            )
+
+    # The platform's settings (SPEC §3, §11) ------------------------------------------------------
+    app = by_name.get("app", {})
+    app_env = {e.get("name"): e.get("value") for e in app.get("environment") or []}
+    for var, want in (("CJ_AUTH_MODE", "gateway"), ("CJ_BIND_ADDR", "0.0.0.0"), ("CJ_KAFKA_BROKERS", "localhost:9092")):
+        c.check(app_env.get(var) == want, f"app {var}={want}", f"got {app_env.get(var)!r}")
+    c.check(str(app_env.get("CJ_MQTT_URL", "")).startswith("mqtt://localhost:1883"), "app CJ_MQTT_URL is the task's EMQX")
+    app_secrets = {s.get("name"): str(s.get("valueFrom", "")) for s in app.get("secrets") or []}
+    for var, secret in (("CJ_DATABASE_URL", "database"), ("CJ_JWT_SECRET", "jwt"), ("CJ_MQTT_PASSWORD", "mqtt")):
+        c.check(
+            f"aws_secretsmanager_secret.{secret}." in app_secrets.get(var, ""),
+            f"app {var} from the {secret} secret",
+            f"got {app_secrets.get(var)!r}",
+        )
+    pg_secrets = {s.get("name"): str(s.get("valueFrom", "")) for s in by_name.get("postgres", {}).get("secrets") or []}
+    c.check("aws_secretsmanager_secret.database." in pg_secrets.get("POSTGRES_PASSWORD", ""), "postgres password from the database secret")
+    mq_secrets = {s.get("name"): str(s.get("valueFrom", "")) for s in by_name.get("mqtt-broker", {}).get("secrets") or []}
+    c.check("aws_secretsmanager_secret.mqtt." in mq_secrets.get("MQTT_PASSWORD", ""), "mqtt-broker user password from the mqtt secret")
+    mq_env = {e.get("name"): e.get("value") for e in by_name.get("mqtt-broker", {}).get("environment") or []}
+    c.check(
+        mq_env.get("EMQX_AUTHENTICATION__1__BACKEND") == "built_in_database"
+        and mq_env.get("EMQX_AUTHENTICATION__1__MECHANISM") == "password_based",
+        "mqtt-broker uses EMQX built-in username/password authentication",
+    )
+    # Nothing else may listen on the platform's ports inside the shared network namespace.
+    rp_args = " ".join(str(a) for a in by_name.get("redpanda", {}).get("command") or [])
+    clashes = sorted(p for p in EXPECTED_PORTS["app"] if re.search(rf":{p}\b", rp_args))
+    c.check(not clashes, "redpanda listens on none of the app's ports (pandaproxy moved off 8082)", f"clashes on {clashes}")
+    c.check("log_retention_ms=86400000" in rp_args, "redpanda retention 24 h")
+    c.check(
+        mq_env.get("EMQX_LISTENERS__WS__DEFAULT__ENABLE") == "false" and mq_env.get("EMQX_LISTENERS__WSS__DEFAULT__ENABLE") == "false",
+        "mqtt-broker WebSocket listeners (8083/8084) are off",
+    )
+
+    # Secrets exist and the execution role may read them.
+    secrets = res.get("aws_secretsmanager_secret", {})
+    c.check({"jwt", "database", "mqtt"} <= set(secrets), "Secrets Manager secrets jwt, database, mqtt", f"got {sorted(secrets)}")
+    iam_text = str(tf["data"].get("aws_iam_policy_document", {}))
+    c.check(
+        "secretsmanager:GetSecretValue" in iam_text and all(f"aws_secretsmanager_secret.{s}.arn" in iam_text for s in ("jwt", "database", "mqtt")),
+        "the execution role may read the three secrets",
+    )
+
+    # EFS volumes for the stateful three ---------------------------------------------------------
+    volumes = {v.get("name"): v for v in td.get("volume") or []}
+    efs_volumes = {n for n, v in volumes.items() if v.get("efs_volume_configuration")}
+    for name in sorted(EXPECTED_PORTS):
+        d = by_name.get(name, {})
+        mounted = {m.get("sourceVolume") for m in d.get("mountPoints") or []}
+        on_efs = mounted & efs_volumes
+        if name in STATEFUL:
+            c.check(len(on_efs) == 1, f"{name} keeps its data on an EFS volume", f"mounts {sorted(mounted)}")
+        else:
+            c.check(not mounted, f"{name} is stateless (no volume)", f"mounts {sorted(mounted)}")
+        c.check(mounted <= set(volumes), f"{name} mounts only declared volumes", f"mounts {sorted(mounted)}")
+    for vname in sorted(efs_volumes):
+        cfg = volumes[vname]["efs_volume_configuration"]
+        cfg = cfg[0] if isinstance(cfg, list) else cfg
+        auth = cfg.get("authorization_config") or [{}]
+        auth = auth[0] if isinstance(auth, list) else auth
+        c.check(
+            cfg.get("transit_encryption") == "ENABLED" and "aws_efs_access_point." in str(auth.get("access_point_id", "")),
+            f"EFS volume {vname}: encrypted in transit, through an access point",
+        )
+    fs = res.get("aws_efs_file_system", {})
+    c.check(bool(fs) and all(v.get("encrypted") is True for v in fs.values()), "EFS file system encrypted at rest")
+
+    # CloudWatch log groups -----------------------------------------------------------------------
+    groups = res.get("aws_cloudwatch_log_group", {})
+    c.check(bool(groups), "CloudWatch log groups declared")
+    names_local = tf["locals"].get("container_names")
+    if isinstance(names_local, list):
+        c.check(set(names_local) == set(EXPECTED_PORTS), "a log group per container", f"got {names_local}")
+
+    # ECR ---------------------------------------------------------------------------------------
+    ecr = res.get("aws_ecr_repository", {})
+    c.check({"app", "ai_inference"} <= set(ecr), "ECR repositories app and ai-inference", f"got {sorted(ecr)}")
+    for cname, repo in (("app", "app"), ("ai-inference", "ai_inference")):
+        image = by_name.get(cname, {}).get("image")
+        image = tf["locals"].get(local_ref(image) or "", image)
+        c.check(f"aws_ecr_repository.{repo}." in str(image), f"{cname} image from its ECR repository", f"got {image!r}")
+
+    # Security groups (ADR-0006) -------------------------------------------------------------------
+    c.check(
+        not any(sg.get("ingress") for sg in res.get("aws_security_group", {}).values()),
+        "no inline ingress blocks (every rule is a separate resource)",
+    )
+    public_ports = {as_int(v) for v in (tf["locals"].get("public_ports") or {}).values()}
+    dash_ports = {as_int(v) for v in (tf["locals"].get("dashboard_ports") or {}).values()}
+    c.check(public_ports == PUBLIC_PORTS, f"public ports {sorted(PUBLIC_PORTS)}", f"got {sorted(public_ports)}")
+    c.check(dash_ports == DASHBOARD_PORTS, f"dashboard ports {sorted(DASHBOARD_PORTS)}", f"got {sorted(dash_ports)}")
+    rules = res.get("aws_vpc_security_group_ingress_rule", {})
+    public_rule, dash_rule = rules.get("public", {}), rules.get("dashboards", {})
+    c.check(
+        "var.public_cidr_blocks" in str(tf["locals"].get("public_rules")) and "local.public_rules" in str(public_rule.get("for_each")),
+        "public rules open only the public ports",
+    )
+    c.check(
+        "var.admin_cidr_blocks" in str(tf["locals"].get("dashboard_rules")) and "local.dashboard_rules" in str(dash_rule.get("for_each")),
+        "dashboard rules are limited to var.admin_cidr_blocks",
+    )
+    admin_var = tf["variable"].get("admin_cidr_blocks", {})
+    c.check("default" not in admin_var and bool(admin_var.get("validation")), "admin_cidr_blocks has no default and is validated")
+    others = {}
+    for rname, r in rules.items():
+        if rname in ("public", "dashboards"):
+            continue
+        others[rname] = r
+        lo, hi = as_int(r.get("from_port")), as_int(r.get("to_port"))
+        if lo is None or hi is None:
+            c.check(False, f"ingress rule {rname} has literal ports", f"{r!r}")
+            continue
+        exposed = {p for p in INTERNAL_ONLY_PORTS | PUBLIC_PORTS | DASHBOARD_PORTS if lo <= p <= hi}
+        c.check(
+            not exposed and "aws_security_group.task." not in str(r.get("security_group_id")),
+            f"ingress rule {rname} ({lo}-{hi}) opens no task port",
+            f"exposes {sorted(exposed)}",
+        )
+    for p in sorted(INTERNAL_ONLY_PORTS):
+        c.check(p not in public_ports | dash_ports, f"port {p} is internal only (no ingress)")
+    return c
+
+
+def main() -> int:
+    deploy = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "deploy"
+    print(f"check_terraform: {deploy}")
+    c = run(deploy)
+    print(f"{c.passed} passed, {c.failed} failed")
+    return 1 if c.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1093 @@
+//! Static checks of the deployment files against the binary (SPEC §14): there is no container
+//! engine here, so the Dockerfile, the compose files, Traefik's configuration and the Terraform are
+//! read as data and every port, route, health check and `CJ_*` variable in them is compared with
+//! what the code itself says — the configuration parser (`Config::known_variables()`, the defaults
+//! of `Config::from_map`) and the services' route tables (`ROUTES`). Nothing is copied from SPEC.
+//! The Terraform task definition is checked in more depth by tests/deploy/check_terraform.py.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use cornjacket::config::{Config, DEFAULT_DATABASE_URL};
+use cornjacket::services::{ingestion, query};
+use regex::Regex;
+use serde_yaml::{Mapping, Value};
+
+const SKELETON: &str = "docker-compose/docker-compose.yaml";
+const FULLSTACK: &str = "docker-compose/docker-compose.fullstack.yaml";
+const TRAEFIK_STATIC: &str = "traefik/traefik.yaml";
+const TRAEFIK_DYNAMIC_DIR: &str = "traefik/dynamic";
+/// The compose service that runs the platform image.
+const APP_SERVICE: &str = "app";
+
+// --- reading files --------------------------------------------------------------------------------
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn yaml(rel: &str) -> Value {
+    serde_yaml::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} does not parse as YAML: {e}"))
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn mapping<'a>(v: &'a Value, what: &str) -> &'a Mapping {
+    v.as_mapping()
+        .unwrap_or_else(|| panic!("{what} should be a mapping, got {v:?}"))
+}
+
+fn entries<'a>(v: &'a Value, what: &str) -> Vec<(String, &'a Value)> {
+    mapping(v, what)
+        .iter()
+        .map(|(k, v)| (scalar(k).expect("string keys"), v))
+        .collect()
+}
+
+// --- what the binary says -------------------------------------------------------------------------
+
+fn defaults() -> Config {
+    Config::from_map(&HashMap::new()).expect("the configuration defaults are valid")
+}
+
+fn known_variables() -> BTreeSet<String> {
+    Config::known_variables().into_iter().collect()
+}
+
+/// A configuration's ports by service.
+fn ports_of(cfg: &Config) -> BTreeMap<&'static str, u16> {
+    let p = &cfg.ports;
+    BTreeMap::from([
+        ("ingestion", p.ingestion),
+        ("query", p.query),
+        ("actions", p.actions),
+        ("actions_health", p.actions_health),
+        ("eventhandler_health", p.eventhandler_health),
+    ])
+}
+
+/// The binary's ports by service, from the configuration defaults.
+fn app_ports() -> BTreeMap<&'static str, u16> {
+    ports_of(&defaults())
+}
+
+fn app_port_set() -> BTreeSet<u16> {
+    app_ports().into_values().collect()
+}
+
+/// A route template as a concrete path (`{type}` → `x`), for prefix matching.
+fn concrete(path: &str) -> String {
+    Regex::new(r"\{[^}]+\}")
+        .unwrap()
+        .replace_all(path, "x")
+        .into_owned()
+}
+
+/// Every route of the binary with the port that serves it.
+fn routes_with_ports() -> Vec<(&'static str, &'static str, u16)> {
+    let ports = app_ports();
+    let mut all = Vec::new();
+    for (method, path) in ingestion::ROUTES {
+        all.push((*method, *path, ports["ingestion"]));
+    }
+    for (method, path) in query::ROUTES {
+        all.push((*method, *path, ports["query"]));
+    }
+    all
+}
+
+/// Routes meant for clients (through the gateway) versus internal ones (ForwardAuth's verify).
+fn is_public(path: &str) -> bool {
+    path.starts_with("/api/")
+}
+
+// --- compose ----------------------------------------------------------------------------------
+
+fn services(file: &str) -> Vec<(String, Value)> {
+    let doc = yaml(file);
+    entries(&doc["services"], &format!("{file}: services"))
+        .into_iter()
+        .map(|(k, v)| (k, v.clone()))
+        .collect()
+}
+
+/// The services of the full stack (skeleton + overlay), as `docker compose -f ... -f ...` sees them.
+fn all_services() -> BTreeMap<String, Value> {
+    let mut all = BTreeMap::new();
+    for file in [SKELETON, FULLSTACK] {
+        for (name, svc) in services(file) {
+            all.insert(name, svc);
+        }
+    }
+    all
+}
+
+fn environment(svc: &Value) -> BTreeMap<String, String> {
+    match &svc["environment"] {
+        Value::Null => BTreeMap::new(),
+        Value::Sequence(items) => items
+            .iter()
+            .map(|i| {
+                let s = scalar(i).expect("environment entries are strings");
+                let (k, v) = s.split_once('=').unwrap_or((&s, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect(),
+        m @ Value::Mapping(_) => entries(m, "environment")
+            .into_iter()
+            .map(|(k, v)| (k, scalar(v).unwrap_or_default()))
+            .collect(),
+        other => panic!("environment should be a list or a mapping, got {other:?}"),
+    }
+}
+
+/// Compose interpolation with the defaults written in the file: `${X:-d}`/`${X-d}` → d, `${X}` → "".
+fn interpolate(s: &str) -> String {
+    let re = Regex::new(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}").unwrap();
+    re.replace_all(s, |c: &regex::Captures| {
+        if &c[0] == "$$" {
+            "$".to_string()
+        } else {
+            c.get(2).map(|d| d.as_str().to_string()).unwrap_or_default()
+        }
+    })
+    .into_owned()
+}
+
+/// The variable names a compose file interpolates (`${NAME...}`).
+fn interpolated_names(text: &str) -> BTreeSet<String> {
+    let re = Regex::new(r"\$\{([A-Za-z_][A-Za-z0-9_]*)").unwrap();
+    re.captures_iter(text).map(|c| c[1].to_string()).collect()
+}
+
+/// A compose `ports` entry: (host port if published, container port).
+fn port_entry(v: &Value) -> (Option<u16>, u16) {
+    let num = |s: &str| -> u16 {
+        s.parse()
+            .unwrap_or_else(|_| panic!("port '{s}' should be a single number (no ranges)"))
+    };
+    match v {
+        Value::Mapping(_) => (
+            scalar(&v["published"]).map(|s| num(&s)),
+            num(&scalar(&v["target"]).expect("long port syntax has a target")),
+        ),
+        _ => {
+            let s = scalar(v).expect("port entries are strings or numbers");
+            let s = s.split('/').next().unwrap();
+            let parts: Vec<&str> = s.split(':').collect();
+            let container = num(parts[parts.len() - 1]);
+            let host = (parts.len() >= 2).then(|| num(parts[parts.len() - 2]));
+            (host, container)
+        }
+    }
+}
+
+fn ports(svc: &Value) -> Vec<(Option<u16>, u16)> {
+    svc["ports"]
+        .as_sequence()
+        .map(|s| s.iter().map(port_entry).collect())
+        .unwrap_or_default()
+}
+
+fn healthcheck_text(svc: &Value) -> String {
+    match &svc["healthcheck"]["test"] {
+        Value::Sequence(parts) => parts
+            .iter()
+            .filter_map(scalar)
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => scalar(other).unwrap_or_default(),
+    }
+}
+
+fn command_args(svc: &Value) -> Vec<String> {
+    match &svc["command"] {
+        Value::Sequence(parts) => parts.iter().filter_map(scalar).collect(),
+        other => scalar(other)
+            .map(|s| s.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// The numbers after ':' in a string ("internal://0.0.0.0:9092,external://0.0.0.0:19092").
+fn ports_in(s: &str) -> Vec<u16> {
+    Regex::new(r":(\d{2,5})\b")
+        .unwrap()
+        .captures_iter(s)
+        .filter_map(|c| c[1].parse().ok())
+        .collect()
+}
+
+fn service_with_image<'a>(all: &'a BTreeMap<String, Value>, needle: &str) -> (&'a str, &'a Value) {
+    let found: Vec<_> = all
+        .iter()
+        .filter(|(_, s)| scalar(&s["image"]).is_some_and(|i| i.contains(needle)))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one compose service runs an image like '{needle}'"
+    );
+    (found[0].0.as_str(), found[0].1)
+}
+
+/// postgres://user:password@host:port/db?... → (user, password, host, port, db)
+fn parse_pg_url(url: &str) -> (String, String, String, u16, String) {
+    let re = Regex::new(r"^postgres(?:ql)?://([^:@/]+):([^@/]*)@([^:/]+):(\d+)/([^?]+)").unwrap();
+    let c = re.captures(url).unwrap_or_else(|| {
+        panic!("not a postgres URL with user, password, host, port and db: {url}")
+    });
+    (
+        c[1].to_string(),
+        c[2].to_string(),
+        c[3].to_string(),
+        c[4].parse().unwrap(),
+        c[5].to_string(),
+    )
+}
+
+#[test]
+fn compose_files_parse_and_every_service_has_a_health_check() {
+    for file in [SKELETON, FULLSTACK] {
+        let list = services(file);
+        assert!(!list.is_empty(), "{file}: no services");
+        for (name, svc) in &list {
+            let hc = healthcheck_text(svc);
+            assert!(
+                !hc.trim().is_empty(),
+                "{file}: service {name} has no healthcheck"
+            );
+            assert!(
+                scalar(&svc["image"]).is_some() || !svc["build"].is_null(),
+                "{file}: service {name} has neither image nor build"
+            );
+        }
+        // Named volumes used by services are declared at the top level.
+        let doc = yaml(file);
+        for (name, svc) in &list {
+            for v in svc["volumes"].as_sequence().into_iter().flatten() {
+                let v = scalar(v).unwrap_or_default();
+                let source = v.split(':').next().unwrap_or_default();
+                if !source.is_empty() && !source.starts_with('.') && !source.starts_with('/') {
+                    assert!(
+                        doc["volumes"].get(source).is_some(),
+                        "{file}: service {name} uses volume '{source}', not declared under volumes:"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_cj_variable_in_the_deployment_files_is_read_by_the_binary() {
+    let known = known_variables();
+    let mut unknown = Vec::new();
+
+    for file in [SKELETON, FULLSTACK] {
+        for (name, svc) in services(file) {
+            for var in environment(&svc).into_keys() {
+                if var.starts_with("CJ_") && !known.contains(&var) {
+                    unknown.push(format!("{file}: service {name} sets {var}"));
+                }
+            }
+        }
+        for var in interpolated_names(&read(file)) {
+            if var.starts_with("CJ_") && !known.contains(&var) {
+                unknown.push(format!("{file}: interpolates ${{{var}}}"));
+            }
+        }
+    }
+    for (var, _) in dockerfile_env() {
+        if var.starts_with("CJ_") && !known.contains(&var) {
+            unknown.push(format!("Dockerfile: ENV {var}"));
+        }
+    }
+    let cj = Regex::new(r"\bCJ_[A-Z0-9_]*[A-Z0-9]\b").unwrap();
+    let tf_files = terraform_files();
+    assert!(!tf_files.is_empty(), "no deploy/*.tf files");
+    for (file, text) in &tf_files {
+        for m in cj.find_iter(text) {
+            if !known.contains(m.as_str()) {
+                unknown.push(format!("{file}: {}", m.as_str()));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "variables the configuration parser never reads (typo, or not implemented yet):\n  {}\nknown: {known:?}",
+        unknown.join("\n  ")
+    );
+}
+
+#[test]
+fn the_platform_container_environment_is_valid_for_the_binary() {
+    let all = all_services();
+    let app = all
+        .get(APP_SERVICE)
+        .unwrap_or_else(|| panic!("{FULLSTACK}: no '{APP_SERVICE}' service"));
+    let env: HashMap<String, String> = environment(app)
+        .into_iter()
+        .map(|(k, v)| (k, interpolate(&v)))
+        .collect();
+
+    let cfg =
+        Config::from_map(&env).unwrap_or_else(|e| panic!("{FULLSTACK}: app environment: {e}"));
+    assert_eq!(
+        env.get("CJ_AUTH_MODE").map(String::as_str),
+        Some("gateway"),
+        "behind Traefik the platform runs with CJ_AUTH_MODE=gateway (SPEC §11)"
+    );
+    assert!(
+        cfg.bind_addr.is_unspecified(),
+        "in a container the platform must bind every interface (CJ_BIND_ADDR=0.0.0.0), got {}",
+        cfg.bind_addr
+    );
+    assert_eq!(
+        ports_of(&cfg),
+        app_ports(),
+        "the compose environment moves the platform's ports; Traefik and the health checks expect the defaults"
+    );
+
+    // Every host the platform connects to is a service of the stack, on the port it listens on.
+    let (_, _, db_host, db_port, _) = parse_pg_url(cfg.database_url("ingestion"));
+    let pg = &all[&db_host];
+    assert!(
+        scalar(&pg["image"]).is_some_and(|i| i.contains("postgres") || i.contains("timescale")),
+        "CJ_DATABASE_URL points at '{db_host}', which is not the PostgreSQL service"
+    );
+    assert_eq!(db_port, 5432, "PostgreSQL's container port");
+    for service in ["ingestion", "eventhandler", "query"] {
+        assert_eq!(
+            parse_pg_url(cfg.database_url(service)).2,
+            db_host,
+            "{service}'s database"
+        );
+    }
+    for broker in cfg.kafka.brokers.split(',') {
+        let (host, port) = broker.trim().rsplit_once(':').unwrap();
+        let rp = all
+            .get(host)
+            .unwrap_or_else(|| panic!("CJ_KAFKA_BROKERS names '{host}', not a compose service"));
+        let args = command_args(rp).join(" ");
+        assert!(
+            args.contains(&format!("{host}:{port}")),
+            "the platform uses {host}:{port} but {host} does not advertise it: {args}"
+        );
+    }
+    let mqtt = cfg
+        .mqtt
+        .as_ref()
+        .expect("MQTT ingestion is on in the full stack");
+    let broker = all
+        .get(&mqtt.host)
+        .unwrap_or_else(|| panic!("CJ_MQTT_URL names '{}', not a compose service", mqtt.host));
+    assert!(
+        ports(broker).iter().any(|(_, c)| *c == mqtt.port),
+        "{} does not listen on {}",
+        mqtt.host,
+        mqtt.port
+    );
+    // The broker's bootstrap user is the platform's MQTT user.
+    let broker_env: HashMap<String, String> = environment(broker)
+        .into_iter()
+        .map(|(k, v)| (k, interpolate(&v)))
+        .collect();
+    assert_eq!(broker_env.get("MQTT_USERNAME"), Some(&mqtt.username));
+    assert_eq!(
+        broker_env.get("MQTT_PASSWORD").map(String::as_str),
+        Some(mqtt.password_exposed().as_str())
+    );
+    assert_eq!(
+        broker_env
+            .get("EMQX_AUTHENTICATION__1__BACKEND")
+            .map(String::as_str),
+        Some("built_in_database"),
+        "EMQX authenticates with its built-in database (anonymous refused)"
+    );
+}
+
+#[test]
+fn platform_ports_and_health_checks_in_compose_are_the_binary_ports() {
+    let all = all_services();
+    let app = &all[APP_SERVICE];
+    let port_set = app_port_set();
+    let ingestion_port = app_ports()["ingestion"];
+
+    for (host, container) in ports(app) {
+        assert!(
+            port_set.contains(&container),
+            "app publishes container port {container}, not one of the binary's ports {port_set:?}"
+        );
+        if let Some(h) = host {
+            assert_eq!(h, container, "app port {container} is published as {h}");
+        }
+    }
+    let exposed: BTreeSet<u16> = app["expose"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|p| scalar(p).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(exposed, port_set, "app exposes exactly the binary's ports");
+    let hc = healthcheck_text(app);
+    assert!(
+        hc.contains(&format!(":{ingestion_port}/health")),
+        "app health check should ask :{ingestion_port}/health, got '{hc}'"
+    );
+}
+
+#[test]
+fn no_host_port_is_published_twice_or_clashes_with_the_platform_on_the_host() {
+    // In skeleton mode the binary runs on the host with its default ports.
+    let port_set = app_port_set();
+    let mut seen: BTreeMap<u16, String> = BTreeMap::new();
+    for (name, svc) in all_services() {
+        for (host, _) in ports(&svc) {
+            let Some(h) = host else { continue };
+            if let Some(other) = seen.insert(h, name.clone()) {
+                panic!("host port {h} is published by both {other} and {name}");
+            }
+            if name != APP_SERVICE {
+                assert!(
+                    !port_set.contains(&h),
+                    "{name} publishes host port {h}, one of the platform's ports {port_set:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn skeleton_infrastructure_matches_the_binary_defaults() {
+    let cfg = defaults();
+    let skeleton: BTreeMap<String, Value> = services(SKELETON).into_iter().collect();
+
+    // PostgreSQL: the default database URL works against the skeleton from the host.
+    let (user, password, _, port, db) = parse_pg_url(DEFAULT_DATABASE_URL);
+    let (name, pg) = service_with_image(&skeleton, "timescale");
+    let env = environment(pg);
+    assert_eq!(env.get("POSTGRES_USER"), Some(&user), "{name} user");
+    assert_eq!(
+        env.get("POSTGRES_PASSWORD"),
+        Some(&password),
+        "{name} password"
+    );
+    assert_eq!(env.get("POSTGRES_DB"), Some(&db), "{name} database");
+    assert!(
+        ports(pg).contains(&(Some(port), 5432)),
+        "{name} publishes {port} on the host"
+    );
+
+    // Redpanda: the default brokers reach it from the host; retention is the bus retention.
+    let (name, rp) = service_with_image(&skeleton, "redpandadata/redpanda");
+    let args = command_args(rp);
+    for broker in cfg.kafka.brokers.split(',') {
+        let (host, port) = broker.trim().rsplit_once(':').unwrap();
+        let port: u16 = port.parse().unwrap();
+        assert!(
+            ports(rp).iter().any(|(h, _)| *h == Some(port)),
+            "{name} does not publish {port} for the host binary's default {broker}"
+        );
+        assert!(
+            args.iter().any(|a| a.starts_with("--advertise-kafka-addr")
+                && a.contains(&format!("{host}:{port}"))),
+            "{name} does not advertise {host}:{port} to the host"
+        );
+    }
+    let retention_ms = cfg.kafka.retention.as_millis();
+    assert!(
+        args.iter()
+            .any(|a| a.contains(&format!("log_retention_ms={retention_ms}"))),
+        "{name} retention should be the platform's bus retention ({retention_ms} ms): {args:?}"
+    );
+    // Pandaproxy (default 8082) and the schema registry (default 8081) must leave the app's ports.
+    let port_set = app_port_set();
+    for a in args.iter().filter(|a| a.contains("-addr")) {
+        let clash: Vec<u16> = ports_in(a)
+            .into_iter()
+            .filter(|p| port_set.contains(p))
+            .collect();
+        assert!(
+            clash.is_empty(),
+            "{name}: '{a}' uses the platform's ports {clash:?}"
+        );
+    }
+    for a in ["--pandaproxy-addr", "--schema-registry-addr"] {
+        assert!(
+            args.iter().any(|x| x.starts_with(a)),
+            "{name}: set {a} explicitly (its default is one of the platform's ports)"
+        );
+    }
+}
+
+// --- Traefik ----------------------------------------------------------------------------------
+
+struct Router {
+    name: String,
+    /// (is a prefix, path)
+    matchers: Vec<(bool, String)>,
+    service: String,
+    middlewares: Vec<String>,
+}
+
+impl Router {
+    fn matches(&self, path: &str) -> bool {
+        self.matchers.iter().any(|(prefix, p)| {
+            if *prefix {
+                path.starts_with(p.as_str())
+            } else {
+                path == p
+            }
+        })
+    }
+}
+
+/// Every file of the dynamic configuration, merged under `http`.
+fn traefik_http() -> BTreeMap<String, BTreeMap<String, Value>> {
+    let mut files: Vec<_> = std::fs::read_dir(root().join(TRAEFIK_DYNAMIC_DIR))
+        .expect("traefik/dynamic")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no traefik/dynamic/*.yaml");
+    let mut http: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for f in files {
+        let rel = f
+            .strip_prefix(root())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let doc = yaml(&rel);
+        for (section, items) in entries(&doc["http"], &format!("{rel}: http")) {
+            for (name, item) in entries(items, &format!("{rel}: http.{section}")) {
+                let previous = http
+                    .entry(section.clone())
+                    .or_default()
+                    .insert(name.clone(), item.clone());
+                assert!(previous.is_none(), "http.{section}.{name} is defined twice");
+            }
+        }
+    }
+    http
+}
+
+/// The middleware name without a provider suffix (`auth@file` → `auth`).
+fn local_name(s: &str) -> String {
+    s.split('@').next().unwrap().to_string()
+}
+
+fn routers(http: &BTreeMap<String, BTreeMap<String, Value>>) -> Vec<Router> {
+    let term = Regex::new(r"^(PathPrefix|Path)\(`([^`]+)`\)$").unwrap();
+    let routers = http.get("routers").expect("http.routers");
+    assert!(!routers.is_empty(), "no routers");
+    routers
+        .iter()
+        .map(|(name, r)| {
+            let rule = scalar(&r["rule"]).unwrap_or_else(|| panic!("router {name} has no rule"));
+            // The test understands the rules it checks: Path/PathPrefix terms joined by `||`.
+            let matchers = rule
+                .split("||")
+                .map(|t| {
+                    let c = term.captures(t.trim()).unwrap_or_else(|| {
+                        panic!("router {name}: unsupported rule term '{t}' (use Path/PathPrefix joined by ||)")
+                    });
+                    (&c[1] == "PathPrefix", c[2].to_string())
+                })
+                .collect();
+            Router {
+                name: name.clone(),
+                matchers,
+                service: local_name(&scalar(&r["service"]).unwrap_or_else(|| panic!("router {name} has no service"))),
+                middlewares: r["middlewares"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .map(|m| local_name(&scalar(m).unwrap()))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// (host, port, path) of an http URL.
+fn parse_http_url(url: &str) -> (String, u16, String) {
+    let re = Regex::new(r"^http://([^:/]+)(?::(\d+))?(/[^?]*)?").unwrap();
+    let c = re
+        .captures(url)
+        .unwrap_or_else(|| panic!("not an http URL: {url}"));
+    (
+        c[1].to_string(),
+        c.get(2).map_or(80, |p| p.as_str().parse().unwrap()),
+        c.get(3).map_or("/".to_string(), |p| p.as_str().to_string()),
+    )
+}
+
+/// The (host, port) of every server of a load-balancer service.
+fn service_servers(
+    http: &BTreeMap<String, BTreeMap<String, Value>>,
+    service: &str,
+) -> Vec<(String, u16)> {
+    let svc = http
+        .get("services")
+        .and_then(|s| s.get(service))
+        .unwrap_or_else(|| panic!("service {service} is not defined"));
+    let servers = svc["loadBalancer"]["servers"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("service {service}: no loadBalancer.servers"));
+    assert!(!servers.is_empty(), "service {service} has no servers");
+    servers
+        .iter()
+        .map(|s| {
+            let (host, port, _) = parse_http_url(&scalar(&s["url"]).expect("server url"));
+            (host, port)
+        })
+        .collect()
+}
+
+fn middleware<'a>(http: &'a BTreeMap<String, BTreeMap<String, Value>>, name: &str) -> &'a Value {
+    http.get("middlewares")
+        .and_then(|m| m.get(name))
+        .unwrap_or_else(|| panic!("middleware {name} is not defined"))
+}
+
+#[test]
+fn traefik_static_configuration() {
+    let st = yaml(TRAEFIK_STATIC);
+    assert_eq!(
+        scalar(&st["entryPoints"]["web"]["address"]).as_deref(),
+        Some(":80")
+    );
+    let dashboard_ep = scalar(&st["ping"]["entryPoint"]).unwrap_or_else(|| "traefik".into());
+    let dashboard = scalar(&st["entryPoints"][dashboard_ep.as_str()]["address"])
+        .expect("the dashboard entrypoint has an address");
+    assert_eq!(dashboard, ":8180", "dashboard entrypoint");
+    assert_eq!(st["api"]["dashboard"], Value::Bool(true));
+    assert!(!st["accessLog"].is_null(), "access log enabled");
+    let dir = scalar(&st["providers"]["file"]["directory"]).expect("file provider directory");
+
+    // The fullstack compose mounts traefik/ where the static config and the provider expect it.
+    let all = all_services();
+    let (name, traefik) = service_with_image(&all, "traefik");
+    let mounts: Vec<String> = traefik["volumes"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(scalar)
+        .collect();
+    let target = mounts
+        .iter()
+        .find_map(|m| {
+            let mut parts = m.split(':');
+            (parts.next() == Some("../traefik"))
+                .then(|| parts.next().unwrap_or_default().to_string())
+        })
+        .unwrap_or_else(|| panic!("{name} does not mount ../traefik: {mounts:?}"));
+    assert_eq!(
+        format!("{target}/dynamic"),
+        dir,
+        "file provider directory inside {name}"
+    );
+    let cmd = command_args(traefik).join(" ");
+    assert!(
+        cmd.contains(&format!("{target}/traefik.yaml")),
+        "{name} should start with --configFile={target}/traefik.yaml: {cmd}"
+    );
+    let published: BTreeSet<u16> = ports(traefik).iter().filter_map(|(h, _)| *h).collect();
+    assert!(
+        published.contains(&80) && published.contains(&8180),
+        "{name} publishes 80 and 8180: {published:?}"
+    );
+}
+
+#[test]
+fn every_public_route_reaches_its_service_port_through_traefik() {
+    let http = traefik_http();
+    let routers = routers(&http);
+    let ports = app_ports();
+    let compose = all_services();
+
+    let mut expected: Vec<(String, u16)> = routes_with_ports()
+        .into_iter()
+        .filter(|(_, path, _)| is_public(path))
+        .map(|(_, path, port)| (concrete(path), port))
+        .collect();
+    // The actions service has no route table yet; its API prefix is served on the actions port.
+    expected.push(("/api/v1/actions/x".to_string(), ports["actions"]));
+
+    for (path, port) in expected {
+        let matching: Vec<&Router> = routers.iter().filter(|r| r.matches(&path)).collect();
+        assert!(!matching.is_empty(), "no Traefik router matches {path}");
+        for r in matching {
+            for (host, p) in service_servers(&http, &r.service) {
+                assert_eq!(
+                    p, port,
+                    "router {} sends {path} to {host}:{p}, the binary serves it on {port}",
+                    r.name
+                );
+                assert!(
+                    compose.contains_key(&host),
+                    "router {}: server host '{host}' is not a compose service",
+                    r.name
+                );
+            }
+        }
+    }
+    // Every server of every service is one of the binary's ports.
+    let port_set = app_port_set();
+    for r in &routers {
+        for (_, p) in service_servers(&http, &r.service) {
+            assert!(
+                port_set.contains(&p),
+                "router {} targets port {p}, not one of {port_set:?}",
+                r.name
+            );
+        }
+    }
+}
+
+#[test]
+fn internal_health_and_metrics_paths_are_not_routed() {
+    let routers = routers(&traefik_http());
+    let mut private: Vec<String> = routes_with_ports()
+        .into_iter()
+        .filter(|(_, path, _)| !is_public(path))
+        .map(|(_, path, _)| concrete(path))
+        .collect();
+    assert!(
+        private.iter().any(|p| p.starts_with("/internal/")),
+        "the ForwardAuth verify route should be among the ingestion routes"
+    );
+    private.extend(["/internal", "/internal/", "/health", "/metrics"].map(String::from));
+    for path in private {
+        for r in &routers {
+            assert!(
+                !r.matches(&path),
+                "router {} routes {path}, which must stay internal",
+                r.name
+            );
+        }
+    }
+}
+
+#[test]
+fn forward_auth_rate_limit_and_body_limit_guard_every_router() {
+    let http = traefik_http();
+    let routers = routers(&http);
+    let ingestion_port = app_ports()["ingestion"];
+
+    // ForwardAuth: the verify route of the ingestion service, on the ingestion port.
+    let auth: Vec<(&String, &Value)> = http
+        .get("middlewares")
+        .expect("http.middlewares")
+        .iter()
+        .filter(|(_, m)| !m["forwardAuth"].is_null())
+        .collect();
+    assert_eq!(auth.len(), 1, "one forwardAuth middleware");
+    let (auth_name, auth_mw) = auth[0];
+    let (host, port, path) =
+        parse_http_url(&scalar(&auth_mw["forwardAuth"]["address"]).expect("address"));
+    assert!(
+        ingestion::ROUTES
+            .iter()
+            .any(|(m, p)| *m == "get" && *p == path && !is_public(p)),
+        "ForwardAuth calls {path}, which is not an internal GET route of the ingestion service: {:?}",
+        ingestion::ROUTES
+    );
+    assert_eq!(port, ingestion_port, "ForwardAuth port");
+    let ingestion_router = routers
+        .iter()
+        .find(|r| r.matches("/api/v1/ingest"))
+        .expect("an ingestion router");
+    assert!(
+        service_servers(&http, &ingestion_router.service)
+            .iter()
+            .all(|(h, _)| *h == host),
+        "ForwardAuth host {host} is not the ingestion service's host"
+    );
+    let response_headers: BTreeSet<String> = auth_mw["forwardAuth"]["authResponseHeaders"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(scalar)
+        .collect();
+    for h in ["X-Auth-Subject", "X-Auth-Scopes"] {
+        assert!(
+            response_headers.contains(h),
+            "authResponseHeaders should copy {h}"
+        );
+    }
+    assert_ne!(
+        auth_mw["forwardAuth"]["trustForwardHeader"],
+        Value::Bool(true),
+        "clients must not choose the X-Forwarded-Uri the verify endpoint checks"
+    );
+
+    let batch_limit = defaults().ingestion.max_batch_body_bytes as u64;
+    for r in &routers {
+        let mws: Vec<&Value> = r.middlewares.iter().map(|m| middleware(&http, m)).collect();
+        assert!(
+            r.middlewares.contains(auth_name),
+            "router {} skips ForwardAuth",
+            r.name
+        );
+        let rate = mws
+            .iter()
+            .find(|m| !m["rateLimit"].is_null())
+            .unwrap_or_else(|| panic!("router {} has no rateLimit", r.name));
+        let rl = &rate["rateLimit"];
+        assert!(
+            rl["average"].as_u64().unwrap_or(0) > 0 && rl["burst"].as_u64().unwrap_or(0) > 0,
+            "router {}: average/burst",
+            r.name
+        );
+        assert!(
+            !rl["sourceCriterion"]["ipStrategy"].is_null(),
+            "router {}: rate limit per client IP",
+            r.name
+        );
+        let buffering = mws
+            .iter()
+            .find(|m| !m["buffering"].is_null())
+            .unwrap_or_else(|| panic!("router {} has no body-size limit (buffering)", r.name));
+        let max = buffering["buffering"]["maxRequestBodyBytes"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(max > 0, "router {}: maxRequestBodyBytes", r.name);
+        if r.matches("/api/v1/ingest/batch") {
+            assert!(
+                max >= batch_limit,
+                "router {}: gateway body limit {max} is below the app's batch limit {batch_limit}",
+                r.name
+            );
+        }
+        // Auth runs before the body is buffered.
+        let auth_at = r.middlewares.iter().position(|m| m == auth_name).unwrap();
+        let buf_at = r
+            .middlewares
+            .iter()
+            .position(|m| !middleware(&http, m)["buffering"].is_null())
+            .unwrap();
+        assert!(
+            auth_at < buf_at,
+            "router {}: authenticate before buffering the body",
+            r.name
+        );
+    }
+}
+
+#[test]
+fn traefik_health_checks_use_health_on_the_binary_ports() {
+    let http = traefik_http();
+    let port_set = app_port_set();
+    let services = http.get("services").expect("http.services");
+    for (name, svc) in services {
+        let hc = &svc["loadBalancer"]["healthCheck"];
+        assert_eq!(
+            scalar(&hc["path"]).as_deref(),
+            Some("/health"),
+            "service {name} health check path"
+        );
+        if let Some(p) = hc["port"].as_u64() {
+            assert!(
+                port_set.contains(&(p as u16)),
+                "service {name} health check port {p}"
+            );
+        }
+    }
+}
+
+// --- Dockerfile -------------------------------------------------------------------------------
+
+/// The instructions of the Dockerfile's last stage, continuation lines joined: (KEYWORD, rest).
+fn dockerfile_final_stage() -> Vec<(String, String)> {
+    let text = read("Dockerfile");
+    let mut joined = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('#') && current.is_empty() {
+            continue;
+        }
+        if let Some(head) = t.strip_suffix('\\') {
+            current.push_str(head);
+            current.push(' ');
+            continue;
+        }
+        current.push_str(t);
+        if !current.trim().is_empty() {
+            joined.push(std::mem::take(&mut current));
+        }
+        current.clear();
+    }
+    let last_from = joined
+        .iter()
+        .rposition(|l| l.to_ascii_uppercase().starts_with("FROM "))
+        .expect("a FROM");
+    joined[last_from..]
+        .iter()
+        .map(|l| {
+            let (k, rest) = l.split_once(char::is_whitespace).unwrap_or((l, ""));
+            (k.to_ascii_uppercase(), rest.trim().to_string())
+        })
+        .collect()
+}
+
+fn dockerfile_env() -> Vec<(String, String)> {
+    let re = Regex::new(r#"([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|\S*)"#).unwrap();
+    dockerfile_final_stage()
+        .into_iter()
+        .filter(|(k, _)| k == "ENV")
+        .flat_map(|(_, rest)| {
+            re.captures_iter(&rest)
+                .map(|c| (c[1].to_string(), c[2].trim_matches('"').to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn dockerfile_exposes_the_binary_ports_and_checks_health() {
+    let stage = dockerfile_final_stage();
+    let find = |k: &str| -> Vec<&String> {
+        stage
+            .iter()
+            .filter(|(kk, _)| kk == k)
+            .map(|(_, r)| r)
+            .collect()
+    };
+
+    let exposed: BTreeSet<u16> = find("EXPOSE")
+        .iter()
+        .flat_map(|r| r.split_whitespace())
+        .map(|p| p.split('/').next().unwrap().parse().expect("EXPOSE port"))
+        .collect();
+    assert_eq!(
+        exposed,
+        app_port_set(),
+        "EXPOSE should list exactly the binary's ports"
+    );
+
+    let hc = find("HEALTHCHECK");
+    assert_eq!(hc.len(), 1, "one HEALTHCHECK in the runtime stage");
+    let ingestion_port = app_ports()["ingestion"];
+    assert!(
+        hc[0].contains(&format!(":{ingestion_port}/health")),
+        "HEALTHCHECK should ask :{ingestion_port}/health: {}",
+        hc[0]
+    );
+    assert!(
+        find("ENTRYPOINT").iter().any(|e| e.contains("cornjacket")),
+        "ENTRYPOINT runs cornjacket"
+    );
+    assert!(
+        find("CMD").iter().any(|c| c.contains("serve")),
+        "CMD is serve"
+    );
+    let user = find("USER")
+        .last()
+        .map(|u| u.to_string())
+        .expect("a USER in the runtime stage");
+    let uid = user.split(':').next().unwrap();
+    assert!(
+        uid != "root" && uid != "0",
+        "the runtime image must not run as root ({user})"
+    );
+
+    // The image's environment is valid for the binary and binds every interface.
+    let env: HashMap<String, String> = dockerfile_env().into_iter().collect();
+    let cfg = Config::from_map(&env).unwrap_or_else(|e| panic!("Dockerfile ENV: {e}"));
+    assert!(
+        cfg.bind_addr.is_unspecified(),
+        "Dockerfile should set CJ_BIND_ADDR=0.0.0.0"
+    );
+
+    let ignore: BTreeSet<String> = read(".dockerignore")
+        .lines()
+        .map(|l| l.trim().trim_end_matches('/').to_string())
+        .collect();
+    for entry in ["target", ".git", ".env", ".infra"] {
+        assert!(
+            ignore.contains(entry),
+            ".dockerignore should exclude {entry}"
+        );
+    }
+}
+
+// --- Terraform and CI (structure; tests/deploy/check_terraform.py parses the HCL) ---------------
+
+fn terraform_files() -> Vec<(String, String)> {
+    let mut files: Vec<_> = std::fs::read_dir(root().join("deploy"))
+        .expect("deploy/")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tf"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let rel = p
+                .strip_prefix(root())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let text = read(&rel);
+            (rel, text)
+        })
+        .collect()
+}
+
+#[test]
+fn terraform_task_declares_the_binary_ports_and_health_check() {
+    let text: String = terraform_files().into_iter().map(|(_, t)| t).collect();
+    let declared: BTreeSet<u16> = Regex::new(r"containerPort\s*=\s*(\d+)")
+        .unwrap()
+        .captures_iter(&text)
+        .map(|c| c[1].parse().unwrap())
+        .collect();
+    for port in app_port_set() {
+        assert!(
+            declared.contains(&port),
+            "the task definition does not declare port {port}"
+        );
+    }
+    let ingestion_port = app_ports()["ingestion"];
+    assert!(
+        text.contains(&format!("localhost:{ingestion_port}/health")),
+        "the app container's health check should ask localhost:{ingestion_port}/health"
+    );
+}
+
+#[test]
+fn ci_workflow_parses_and_runs_the_make_targets() {
+    let wf = yaml(".github/workflows/ci.yaml");
+    let jobs = entries(&wf["jobs"], "jobs");
+    let runs: String = jobs
+        .iter()
+        .flat_map(|(_, j)| j["steps"].as_sequence().cloned().unwrap_or_default())
+        .filter_map(|s| scalar(&s["run"]))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for cmd in [
+        "make lint",
+        "make test",
+        "terraform fmt",
+        "terraform validate",
+        "terraform plan",
+        "terraform apply",
+    ] {
+        assert!(runs.contains(cmd), "the CI workflow never runs '{cmd}'");
+    }
+}
