@@ -161,7 +161,7 @@ async fn an_invalid_message_is_reported_to_the_device_and_not_redelivered() {
     let root = unique("m");
     let client_id = unique("cj-");
     let db = TestDb::new().await;
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let mut env = test_env(&db.url, &prefix);
     mqtt_env(&mut env, mqtt_port(), &root, &client_id);
     let same_db = || TestDb {
@@ -253,7 +253,7 @@ async fn an_invalid_message_is_reported_to_the_device_and_not_redelivered() {
 #[tokio::test]
 async fn two_instances_share_the_subscription_and_ingest_each_message_once() {
     let root = unique("m");
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let (db_a, db_b) = (TestDb::new().await, TestDb::new().await);
     let mut env_a = test_env(&db_a.url, &prefix);
     let mut env_b = test_env(&db_b.url, &prefix);
@@ -452,7 +452,7 @@ async fn a_crash_before_the_ack_means_redelivery_and_no_loss() {
     // gets the message again.
     let db = TestDb::new().await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let root = unique("m");
     let client_id = unique("cj-");
     let port = free_port();

@@ -16,6 +16,14 @@ struct Proc {
     ports: HashMap<&'static str, u16>,
 }
 
+/// A failed assertion must not leave a platform running.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn(db_url: &str, prefix: &str, services: &str, extra: &[(&str, String)]) -> Proc {
     let ports: HashMap<&'static str, u16> = [
         ("CJ_INGESTION_PORT", free_port()),
@@ -105,7 +113,7 @@ async fn a_taken_port_fails_startup_naming_the_port() {
 #[tokio::test]
 async fn sigterm_drains_and_exits_zero_and_every_port_reports_health() {
     let db = TestDb::new().await;
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let mut p = spawn(&db.url, &prefix, "", &[]);
     for (var, port) in p.ports.clone() {
         let (s, v) = eventually(Duration::from_secs(30), || async {
@@ -128,7 +136,7 @@ async fn health_is_503_when_a_service_database_is_unreachable() {
         "postgres://cornjacket:cornjacket@127.0.0.1:{}/x?sslmode=disable",
         free_port()
     );
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let mut p = spawn(
         &db.url,
         &prefix,
@@ -155,7 +163,7 @@ async fn health_is_503_when_a_service_database_is_unreachable() {
 #[tokio::test]
 async fn sigkill_under_load_loses_no_accepted_event() {
     let db = TestDb::new().await;
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let mut p = spawn(&db.url, &prefix, "ingestion", &[]);
     let port = p.ports["CJ_INGESTION_PORT"];
     eventually(Duration::from_secs(30), || async {

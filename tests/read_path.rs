@@ -295,7 +295,7 @@ async fn poison_goes_to_the_dlq_after_retries_and_replay_applies_it_once_fixed()
 async fn a_database_outage_blocks_without_dead_letters_then_catches_up() {
     let db = TestDb::new().await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let mut env = test_env(&db.url, &prefix);
     env.insert(
         "CJ_EVENTHANDLER_DATABASE_URL".into(),
@@ -356,7 +356,7 @@ async fn a_database_outage_blocks_without_dead_letters_then_catches_up() {
 #[tokio::test]
 async fn restarting_the_handler_mid_stream_loses_nothing() {
     let db = TestDb::new().await;
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let env = test_env(&db.url, &prefix);
     let same_db = || TestDb {
         name: db.name.clone(),

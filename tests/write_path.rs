@@ -345,16 +345,28 @@ async fn idempotency_key_header_returns_the_first_event_id() {
 }
 
 #[tokio::test]
-async fn notify_wakes_the_processor_long_before_the_watchdog() {
-    let app = TestApp::spawn_with(&[Service::Ingestion], |e| {
-        e.insert("CJ_OUTBOX_POLL_INTERVAL".into(), "60s".into());
-    })
-    .await;
-    app.wait_ready().await;
-    // Let the workers reach their idle wait.
+async fn notify_wakes_another_processes_processor_long_before_the_watchdog() {
+    // The writer wakes its own process's processor directly; a processor in another process can
+    // only hear of new rows through NOTIFY. So: write through an instance without a processor,
+    // publish from another one, both with a 60 s watchdog.
+    let db = TestDb::new().await;
+    let prefix = topic_prefix();
+    let mut env = test_env(&db.url, &prefix);
+    env.insert("CJ_OUTBOX_POLL_INTERVAL".into(), "60s".into());
+    let mut writer_env = env.clone();
+    writer_env.insert("CJ_OUTBOX_ENABLED".into(), "false".into());
+    let same_db = || TestDb {
+        name: db.name.clone(),
+        url: db.url.clone(),
+    };
+    let writer = TestApp::start(same_db(), prefix.clone(), writer_env, &[Service::Ingestion]).await;
+    let processor = TestApp::start(same_db(), prefix.clone(), env, &[Service::Ingestion]).await;
+    writer.wait_ready().await;
+    processor.wait_ready().await;
+    // Let the processor's workers reach their idle wait.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let pool = app.pool().await;
-    assert_eq!(app.ingest(reading("n1", 1.0)).await.0, 202);
+    let pool = writer.pool().await;
+    assert_eq!(writer.ingest(reading("n1", 1.0)).await.0, 202);
     eventually(Duration::from_secs(5), || async {
         (store_count(&pool).await == 1).then_some(())
     })
@@ -370,7 +382,8 @@ async fn notify_wakes_the_processor_long_before_the_watchdog() {
     .unwrap();
     assert!(killed >= 1, "a LISTEN connection existed");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(app.ingest(reading("n2", 2.0)).await.0, 202);
+    // NOTIFYs are paced (one per 5 ms at most); a later write still wakes the processor.
+    assert_eq!(writer.ingest(reading("n2", 2.0)).await.0, 202);
     eventually(Duration::from_secs(8), || async {
         (store_count(&pool).await == 2).then_some(())
     })
@@ -381,7 +394,7 @@ async fn notify_wakes_the_processor_long_before_the_watchdog() {
 async fn database_outage_answers_503_then_recovers_without_restart() {
     let db = TestDb::new().await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let mut env = test_env(&with_host(&db.url, &proxy.addr.to_string()), &prefix);
     env.insert("CJ_DB_ACQUIRE_TIMEOUT".into(), "1s".into());
     env.insert("CJ_INGESTION_REQUEST_TIMEOUT".into(), "3s".into());
@@ -495,7 +508,7 @@ async fn broker_outage_keeps_accepting_and_publishes_everything_after_recovery()
 #[tokio::test]
 async fn two_processors_on_one_database_publish_each_event_once_in_aggregate_order() {
     let db = TestDb::new().await;
-    let prefix = unique("t").to_lowercase() + ".";
+    let prefix = topic_prefix();
     let env = test_env(&db.url, &prefix);
     let db2 = TestDb {
         name: db.name.clone(),

@@ -38,6 +38,65 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", &id[id.len() - 12..])
 }
 
+/// A unique topic prefix that carries its creation time, so later runs can delete what earlier
+/// runs left on the shared broker (Tansu keeps topics in memory).
+pub fn topic_prefix() -> String {
+    format!(
+        "t{}_{}.",
+        chrono::Utc::now().timestamp(),
+        unique("").to_lowercase()
+    )
+}
+
+/// Deletes test topics older than an hour from the shared broker; once per test process.
+pub async fn delete_stale_topics() {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let stale: Vec<String> = tokio::task::spawn_blocking(|| {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .ok()?;
+        let md = c.fetch_metadata(None, Duration::from_secs(5)).ok()?;
+        let cutoff = chrono::Utc::now().timestamp() - 3600;
+        Some(
+            md.topics()
+                .iter()
+                .map(|t| t.name().to_string())
+                .filter(|n| {
+                    n.strip_prefix('t')
+                        .and_then(|r| r.split('_').next())
+                        .and_then(|ts| ts.parse::<i64>().ok())
+                        .is_some_and(|ts| ts < cutoff)
+                })
+                .collect(),
+        )
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    if stale.is_empty() {
+        return;
+    }
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        match ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+        {
+            Ok(a) => a,
+            Err(_) => return,
+        };
+    let names: Vec<&str> = stale.iter().map(String::as_str).collect();
+    for chunk in names.chunks(100) {
+        let _ = admin
+            .delete_topics(chunk, &rdkafka::admin::AdminOptions::new())
+            .await;
+    }
+}
+
 /// A fresh database for one test. Old ones from earlier runs are dropped when older than a day.
 pub struct TestDb {
     pub name: String,
@@ -151,7 +210,7 @@ impl TestApp {
         tweak: impl FnOnce(&mut HashMap<String, String>),
     ) -> Self {
         let db = TestDb::new().await;
-        let prefix = unique("t").to_lowercase() + ".";
+        let prefix = topic_prefix();
         let mut env = test_env(&db.url, &prefix);
         tweak(&mut env);
         Self::start(db, prefix, env, services).await
@@ -163,6 +222,7 @@ impl TestApp {
         env: HashMap<String, String>,
         services: &[Service],
     ) -> Self {
+        delete_stale_topics().await;
         let config = Config::from_map(&env).expect("test config is valid");
         cornjacket::infra::telemetry::init_logging(&config);
         let platform = supervisor::start(config.clone(), services, Arc::new(SystemClock))

@@ -19,7 +19,6 @@ use axum::response::Response;
 use axum::routing::get;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
 pub use api::ROUTES;
@@ -42,6 +41,7 @@ pub struct AppState {
     producer: Arc<tokio::sync::OnceCell<Arc<bus::SharedProducer>>>,
     mqtt: Option<Arc<mqtt::MqttState>>,
     auth: Arc<Auth>,
+    wakers: writer::Wakers,
 }
 
 impl AppState {
@@ -66,13 +66,16 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             Quota::per_second(rate).allow_burst(burst),
         ))
     });
+    let wakers = writer::Wakers::new(config.outbox.worker_count);
     let state = AppState {
         writer: writer::Writer::spawn(
             pool.clone(),
             config.ingestion.commit_max_rows,
             config.ingestion.commit_concurrency,
+            wakers.clone(),
             &tracker,
         ),
+        wakers,
         config: config.clone(),
         pool: pool.clone(),
         clock,
@@ -179,18 +182,18 @@ async fn start_processor(
         cfg: state.config.outbox.clone(),
     };
     let workers = state.config.outbox.worker_count;
-    let wakers: Vec<Arc<Notify>> = (0..workers).map(|_| Arc::new(Notify::new())).collect();
     tracker.spawn(processor::listen(
         state.pool.clone(),
-        wakers.clone(),
+        state.wakers.clone(),
         shutdown.clone(),
     ));
-    for (i, wake) in wakers.into_iter().enumerate() {
-        tracker.spawn(
-            processor
-                .clone()
-                .run_worker(i, workers, wake, shutdown.clone()),
-        );
+    for i in 0..workers {
+        tracker.spawn(processor.clone().run_worker(
+            i,
+            workers,
+            state.wakers.get(i),
+            shutdown.clone(),
+        ));
     }
     tracing::info!(workers, "Outbox processor started.");
     Ok(())

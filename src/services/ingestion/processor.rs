@@ -60,17 +60,23 @@ impl Processor {
     /// 0 when there was nothing to do (or every shard was held by another worker).
     pub async fn process_batch(&self, shards: &[i16]) -> Result<usize, ProcessError> {
         let mut tx = self.pool.begin().await?;
+        // One shard per batch: the first of `shards` (the caller rotates them) that has rows and
+        // that no other worker holds. A single shard is an index range scan on
+        // (shard, outbox_id); several at once would sort the whole backlog on every claim.
         let rows: Vec<Row_> = sqlx::query(
-            "WITH locked AS MATERIALIZED (
-                 SELECT s FROM unnest($1::int2[]) AS s
-                 WHERE pg_try_advisory_xact_lock($2::int4, s::int4))
+            "WITH chosen AS MATERIALIZED (
+                 SELECT s FROM unnest($1::int2[]) WITH ORDINALITY AS t(s, n)
+                 WHERE EXISTS (SELECT 1 FROM ingestion.outbox o WHERE o.shard = t.s)
+                   AND pg_try_advisory_xact_lock($2::int4, t.s::int4)
+                 ORDER BY n
+                 LIMIT 1)
              SELECT outbox_id, event_payload::text AS body,
                     event_payload->>'aggregate_id' AS aggregate_id,
                     event_payload->>'event_type' AS event_type,
                     event_payload->>'event_id' AS event_id,
                     event_payload->'metadata'->>'traceparent' AS traceparent
              FROM ingestion.outbox
-             WHERE shard IN (SELECT s FROM locked)
+             WHERE shard = (SELECT s FROM chosen)
              ORDER BY outbox_id
              LIMIT $3
              FOR UPDATE SKIP LOCKED",
@@ -217,12 +223,18 @@ impl Processor {
             .collect();
         let all: Vec<i16> = (0..SHARDS).collect();
         let mut failures: u32 = 0;
+        let mut turn = 0usize;
         while !shutdown.is_cancelled() {
             let mut moved = 0;
             let mut failed = false;
             for shards in [&home, &all] {
                 loop {
-                    match self.process_batch(shards).await {
+                    // Rotate the starting shard so a busy shard cannot starve the others.
+                    turn = turn.wrapping_add(1);
+                    let mut order = shards.to_vec();
+                    let by = turn % order.len();
+                    order.rotate_left(by);
+                    match self.process_batch(&order).await {
                         Ok(0) => break,
                         Ok(n) => {
                             moved += n;
@@ -298,7 +310,7 @@ fn backoff(failures: u32) -> Duration {
 /// Keeps a LISTEN connection open and wakes every worker on each notification; reconnects with
 /// backoff when the connection drops, and wakes everyone after a reconnect to cover what was
 /// missed meanwhile.
-pub async fn listen(pool: PgPool, wakers: Vec<Arc<Notify>>, shutdown: CancellationToken) {
+pub async fn listen(pool: PgPool, wakers: super::writer::Wakers, shutdown: CancellationToken) {
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
         let mut listener = match PgListener::connect_with(&pool).await {
@@ -320,12 +332,12 @@ pub async fn listen(pool: PgPool, wakers: Vec<Arc<Notify>>, shutdown: Cancellati
             continue;
         }
         failures = 0;
-        wakers.iter().for_each(|w| w.notify_one());
+        wakers.wake_all();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 n = listener.try_recv() => match n {
-                    Ok(Some(_)) => wakers.iter().for_each(|w| w.notify_one()),
+                    Ok(Some(_)) => wakers.wake_all(),
                     Ok(None) | Err(_) => {
                         tracing::info!("LISTEN connection lost; reconnecting.");
                         metrics::counter!("cj_outbox_listen_reconnects_total").increment(1);

@@ -6,10 +6,11 @@
 //! added, and `synchronous_commit` stays on: a client is answered only after its row is durable.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
@@ -28,6 +29,39 @@ pub fn shard_of(aggregate_id: &str) -> i16 {
         h = h.wrapping_mul(0x0100_0193);
     }
     (h % SHARDS as u32) as i16
+}
+
+/// Wakes the outbox processor workers of this process; each keeps a permit until it next waits.
+#[derive(Clone, Default)]
+pub struct Wakers(Arc<Vec<Arc<Notify>>>);
+
+impl Wakers {
+    pub fn new(n: usize) -> Self {
+        Self(Arc::new((0..n).map(|_| Arc::new(Notify::new())).collect()))
+    }
+    pub fn get(&self, i: usize) -> Arc<Notify> {
+        self.0[i].clone()
+    }
+    pub fn wake_all(&self) {
+        self.0.iter().for_each(|w| w.notify_one());
+    }
+}
+
+/// Decides which commits carry a NOTIFY (see [`NOTIFY_EVERY`]).
+struct NotifyPacer(Mutex<Option<Instant>>);
+
+impl NotifyPacer {
+    fn due(&self) -> bool {
+        let mut last = self.0.lock().expect("pacer lock");
+        let now = Instant::now();
+        match *last {
+            Some(t) if now.duration_since(t) < NOTIFY_EVERY => false,
+            _ => {
+                *last = Some(now);
+                true
+            }
+        }
+    }
 }
 
 /// An event ready for the outbox.
@@ -70,10 +104,20 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn spawn(pool: PgPool, max_rows: usize, concurrency: usize, tracker: &TaskTracker) -> Self {
+    pub fn spawn(
+        pool: PgPool,
+        max_rows: usize,
+        concurrency: usize,
+        wakers: Wakers,
+        tracker: &TaskTracker,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(16_384);
-        let inner = tracker.clone();
-        tracker.spawn(collect(pool, rx, max_rows, concurrency, inner));
+        let ctx = Arc::new(CommitCtx {
+            pool,
+            wakers,
+            pacer: NotifyPacer(Mutex::new(None)),
+        });
+        tracker.spawn(collect(ctx, rx, max_rows, concurrency, tracker.clone()));
         Self { tx }
     }
 
@@ -89,8 +133,14 @@ impl Writer {
     }
 }
 
-async fn collect(
+struct CommitCtx {
     pool: PgPool,
+    wakers: Wakers,
+    pacer: NotifyPacer,
+}
+
+async fn collect(
+    ctx: Arc<CommitCtx>,
     mut rx: mpsc::Receiver<Job>,
     max_rows: usize,
     concurrency: usize,
@@ -117,15 +167,15 @@ async fn collect(
             }
         }
         metrics::histogram!("cj_outbox_group_commit_rows").record(rows as f64);
-        let pool = pool.clone();
+        let ctx = ctx.clone();
         tracker.spawn(async move {
-            commit_jobs(&pool, jobs).await;
+            commit_jobs(&ctx, jobs).await;
             drop(permit);
         });
     }
 }
 
-async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>) {
+async fn commit_jobs(ctx: &CommitCtx, jobs: Vec<Job>) {
     let (events, shape): (Vec<Pending>, Vec<(usize, oneshot::Sender<_>)>) = {
         let mut events = Vec::new();
         let mut shape = Vec::with_capacity(jobs.len());
@@ -135,9 +185,10 @@ async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>) {
         }
         (events, shape)
     };
-    let result = write(pool, &events).await;
+    let result = write(&ctx.pool, &events, ctx.pacer.due()).await;
     match result {
         Ok(ids) => {
+            ctx.wakers.wake_all();
             let mut ids = ids.into_iter();
             for (n, reply) in shape {
                 let _ = reply.send(Ok(ids.by_ref().take(n).collect()));
@@ -160,7 +211,8 @@ async fn commit_jobs(pool: &PgPool, jobs: Vec<Job>) {
 }
 
 /// One statement: client-chosen ids claim their row in `client_event_ids` first, and only rows
-/// that are new there (or whose id the platform chose) reach the outbox.
+/// that are new there (or whose id the platform chose) reach the outbox. The `notify` variant also
+/// NOTIFYs other processes' processors, inside the same transaction.
 const INSERT_OUTBOX: &str = "
     WITH u AS (
         SELECT * FROM UNNEST($1::uuid[], $2::int2[], $3::uuid[], $4::text[], $5::bool[])
@@ -171,19 +223,28 @@ const INSERT_OUTBOX: &str = "
         ON CONFLICT (event_id) DO NOTHING
         RETURNING event_id
     )
-    INSERT INTO ingestion.outbox (outbox_id, shard, event_id, event_payload)
-    SELECT u.outbox_id, u.shard, u.event_id, u.payload::jsonb
-    FROM u
-    WHERE NOT u.client_id OR u.event_id IN (SELECT event_id FROM claimed)
-    ON CONFLICT (event_id) DO NOTHING";
+    , ins AS (
+        INSERT INTO ingestion.outbox (outbox_id, shard, event_id, event_payload)
+        SELECT u.outbox_id, u.shard, u.event_id, u.payload::jsonb
+        FROM u
+        WHERE NOT u.client_id OR u.event_id IN (SELECT event_id FROM claimed)
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT CASE WHEN $6 THEN pg_notify('cj_outbox', '') END";
 
-async fn write(pool: &PgPool, events: &[Pending]) -> Result<Vec<Uuid>, WriteError> {
+/// How often a commit may carry a NOTIFY. PostgreSQL serialises committing transactions that
+/// NOTIFY (one global queue lock, held through the WAL flush), so notifying on every group commit
+/// would serialise the commits themselves; in-process processors are woken directly instead.
+const NOTIFY_EVERY: Duration = Duration::from_millis(5);
+
+async fn write(pool: &PgPool, events: &[Pending], notify: bool) -> Result<Vec<Uuid>, WriteError> {
     let mut answer: Vec<Uuid> = events.iter().map(|p| p.envelope.event_id).collect();
     let keyed = events.iter().any(|p| p.idempotency_key.is_some());
     if !keyed {
-        // The common case is one statement: its implicit transaction commits the rows and the
-        // trigger's NOTIFY together.
-        insert_rows(pool, events.iter().collect()).await?;
+        // The common case is one statement: its implicit transaction commits the rows (and the
+        // NOTIFY, when due) together.
+        insert_rows(pool, events.iter().collect(), notify).await?;
         return Ok(answer);
     }
 
@@ -240,7 +301,7 @@ async fn write(pool: &PgPool, events: &[Pending]) -> Result<Vec<Uuid>, WriteErro
             }
         }
     }
-    insert_rows(&mut *tx, rows).await?;
+    insert_rows(&mut *tx, rows, notify).await?;
     tx.commit().await?;
     Ok(answer)
 }
@@ -248,6 +309,7 @@ async fn write(pool: &PgPool, events: &[Pending]) -> Result<Vec<Uuid>, WriteErro
 async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     rows: Vec<&Pending>,
+    notify: bool,
 ) -> Result<(), WriteError> {
     if rows.is_empty() {
         return Ok(());
@@ -271,6 +333,7 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
         .bind(&event_ids)
         .bind(&payloads)
         .bind(&checks)
+        .bind(notify)
         .execute(exec)
         .await?;
     Ok(())
