@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# `make bench`: the platform's performance table, measured against baselines in the same run.
+#
+#   scripts/bench.sh [cornjacket-bench arguments...]     e.g. --quick, --rows ingest-max,query
+#
+# Builds the release binaries, creates a fresh database (cjbench_<epoch>) and a unique topic prefix
+# (bench<epoch>.), starts `cornjacket serve` on it in the background, runs `cornjacket-bench`
+# against it (the table goes to stdout and bench/results/<date>.json), then stops the platform
+# with SIGTERM, deletes the run's topics and drops the database — also when interrupted.
+#
+# Needs the local infrastructure running (`make infra-up`): PostgreSQL on 127.0.0.1:5432 (role
+# cornjacket, CREATEDB) and the Kafka-API broker on 127.0.0.1:9092.
+#
+# Environment:
+#   BENCH_AUTH_MODE   app (default: every request carries a JWT minted for the run) or off
+#   BENCH_KEEP_DB=1   keep the database (and the platform log) for inspection
+#   CJ_*              exported platform settings are passed through and recorded with the results
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PG_HOST=127.0.0.1
+PG_PORT=5432
+PG_USER=cornjacket
+PG_PASSWORD=cornjacket # development only (scripts/infra.sh)
+BROKERS=127.0.0.1:9092
+PORTS=(8080 8081 8084)
+
+log() { printf '[bench.sh] %s\n' "$*" >&2; }
+die() { printf '[bench.sh] error: %s\n' "$*" >&2; exit 1; }
+
+# shellcheck disable=SC2016 # $1 and $2 are the inner bash's arguments
+port_open() { timeout 1 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null; }
+
+psql_admin() {
+    PGPASSWORD=$PG_PASSWORD psql -X -q -At -v ON_ERROR_STOP=1 \
+        -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d cornjacket "$@"
+}
+
+command -v psql >/dev/null || die "psql not found (make infra-up installs PostgreSQL)"
+port_open "$PG_HOST" "$PG_PORT" || die "PostgreSQL is not listening on $PG_HOST:$PG_PORT (run make infra-up)"
+port_open "${BROKERS%:*}" "${BROKERS##*:}" || die "the broker is not listening on $BROKERS (run make infra-up)"
+
+log "building release binaries"
+cargo build --release --bins
+
+for p in "${PORTS[@]}"; do
+    if port_open 127.0.0.1 "$p"; then
+        die "port $p is in use (is 'make run' or another bench running?); the bench starts its own platform there"
+    fi
+done
+
+EPOCH=$(date +%s)
+DB="cjbench_${EPOCH}"
+PREFIX="bench${EPOCH}."
+DB_URL="postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/$DB?sslmode=disable"
+LOG_DIR="$ROOT/target/bench"
+PLATFORM_LOG="$LOG_DIR/platform-$EPOCH.log"
+mkdir -p "$LOG_DIR" bench/results
+
+PID=""
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [[ -n $PID ]] && kill -0 "$PID" 2>/dev/null; then
+        log "stopping the platform (pid $PID, SIGTERM)"
+        kill -TERM "$PID" 2>/dev/null || true
+        for _ in $(seq 1 150); do
+            kill -0 "$PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$PID" 2>/dev/null; then
+            log "the platform did not stop within 15 s; SIGKILL"
+            kill -KILL "$PID" 2>/dev/null || true
+        fi
+        wait "$PID" 2>/dev/null || true
+    fi
+    if [[ -x target/release/cornjacket-bench ]]; then
+        target/release/cornjacket-bench --drop-topics --kafka-brokers "$BROKERS" \
+            --topic-prefix "$PREFIX" 2>/dev/null || log "could not delete the topics $PREFIX*"
+    fi
+    if [[ ${BENCH_KEEP_DB:-0} == 1 ]]; then
+        log "keeping database $DB and $PLATFORM_LOG (BENCH_KEEP_DB=1)"
+    else
+        psql_admin -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null 2>&1 ||
+            log "could not drop database $DB"
+        if [[ $rc -eq 0 ]]; then rm -f "$PLATFORM_LOG"; fi
+    fi
+    if [[ -n ${RUN_DIR:-} ]]; then rm -rf "$RUN_DIR"; fi
+    if [[ $rc -ne 0 && -s $PLATFORM_LOG ]]; then
+        log "last lines of the platform log ($PLATFORM_LOG):"
+        tail -n 20 "$PLATFORM_LOG" >&2 || true
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+log "creating database $DB"
+psql_admin -c "CREATE DATABASE \"$DB\""
+
+# The platform's settings for the run: FORCED always apply (they isolate the run); DEFAULTS apply
+# unless the variable is already exported, so `CJ_OUTBOX_WORKER_COUNT=8 make bench` tries a variation.
+declare -A FORCED=(
+    [CJ_DATABASE_URL]="$DB_URL"
+    [CJ_INGESTION_DATABASE_URL]="$DB_URL"
+    [CJ_EVENTHANDLER_DATABASE_URL]="$DB_URL"
+    [CJ_QUERY_DATABASE_URL]="$DB_URL"
+    [CJ_KAFKA_BROKERS]="$BROKERS"
+    [CJ_KAFKA_TOPIC_PREFIX]="$PREFIX"
+    [CJ_EVENTHANDLER_CONSUMER_GROUP]="${PREFIX}event-handler"
+)
+declare -A DEFAULTS=(
+    [CJ_LOG_LEVEL]=warn
+    [CJ_INGESTION_RATE_LIMIT]=0
+    [CJ_DB_MAX_CONNECTIONS]=32
+    [CJ_SHUTDOWN_TIMEOUT]=10s
+)
+# MQTT ingestion only when the mqtt row is asked for, so the run never takes other clients' messages.
+if [[ " $* " != *" --mqtt-url"* ]]; then
+    FORCED[CJ_MQTT_URL]=off
+fi
+
+AUTH_MODE=${BENCH_AUTH_MODE:-app}
+TOKEN=""
+case $AUTH_MODE in
+    app)
+        # A secret for this run only; the bench sends a token minted with it on every request.
+        FORCED[CJ_AUTH_MODE]=app
+        FORCED[CJ_JWT_SECRET]=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+        ;;
+    off) FORCED[CJ_AUTH_MODE]=off ;;
+    *) die "BENCH_AUTH_MODE must be app or off, not '$AUTH_MODE'" ;;
+esac
+
+ENV_ARGS=()
+for k in "${!FORCED[@]}"; do ENV_ARGS+=("$k=${FORCED[$k]}"); done
+for k in "${!DEFAULTS[@]}"; do
+    if [[ -z ${!k+x} ]]; then ENV_ARGS+=("$k=${DEFAULTS[$k]}"); fi
+done
+
+# The platform runs outside the repository so that a developer's .env is not read.
+RUN_DIR=$(mktemp -d)
+platform() { (cd "$RUN_DIR" && exec env "${ENV_ARGS[@]}" "$ROOT/target/release/cornjacket" "$@"); }
+
+AUTH_NOTE="CJ_AUTH_MODE=off"
+if [[ $AUTH_MODE == app ]]; then
+    if TOKEN=$(platform token --sub cornjacket-bench --scopes "ingest:write query:read" --ttl 4h 2>/dev/null); then
+        AUTH_NOTE="CJ_AUTH_MODE=app (an HS256 JWT checked on every request)"
+    else
+        TOKEN=""
+        AUTH_NOTE="no authentication in this build"
+    fi
+fi
+
+# What the run used (URLs, prefixes and secrets left out), for the results.
+RECORDED=()
+while IFS='=' read -r k v; do
+    case $k in
+        *DATABASE_URL | CJ_KAFKA_TOPIC_PREFIX | CJ_EVENTHANDLER_CONSUMER_GROUP | CJ_JWT_* | *PASSWORD* | CJ_AUTH_MODE) ;;
+        CJ_*) RECORDED+=("$k=$v") ;;
+    esac
+done < <(env "${ENV_ARGS[@]}" | sort)
+PLATFORM_CONFIG="cornjacket serve (all services; fresh database, topics ${PREFIX}*), ${RECORDED[*]}, $AUTH_NOTE; everything else default"
+log "platform: $PLATFORM_CONFIG"
+
+START_NS=$(date +%s%N)
+# A subshell that execs: $! is the platform's own pid (for its RSS and CPU).
+(cd "$RUN_DIR" && exec env "${ENV_ARGS[@]}" "$ROOT/target/release/cornjacket" serve) >"$PLATFORM_LOG" 2>&1 &
+PID=$!
+log "platform started (pid $PID, log $PLATFORM_LOG)"
+
+BROKER_ARGS=()
+if [[ -f .infra/tansu.pid ]]; then
+    BROKER_ARGS=(--broker-pid "$(cat .infra/tansu.pid)")
+fi
+
+BENCH_TOKEN="$TOKEN" target/release/cornjacket-bench \
+    --database-url "$DB_URL" \
+    --kafka-brokers "$BROKERS" \
+    --topic-prefix "$PREFIX" \
+    --platform-pid "$PID" \
+    --platform-started-ns "$START_NS" \
+    --platform-config "$PLATFORM_CONFIG" \
+    --out bench/results \
+    "${BROKER_ARGS[@]}" \
+    "$@"
+
+if ! kill -0 "$PID" 2>/dev/null; then
+    die "the platform exited during the run (see $PLATFORM_LOG)"
+fi
