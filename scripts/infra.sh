@@ -243,6 +243,13 @@ postgres_status() {
     fi
 }
 
+# The pid of the process named NAME listening on PORT (another checkout's broker, say), if any.
+listener_named() {
+    local port=$1 name=$2 line
+    line=$(ss -ltnpH "sport = :$port" 2>/dev/null | grep -o "\"$name\",pid=[0-9]*" | head -n 1) || true
+    [[ -n $line ]] && echo "${line##*pid=}"
+}
+
 # --- Tansu (Kafka API) ---------------------------------------------------------------------------
 
 TANSU_PID="$INFRA_DIR/tansu.pid"
@@ -264,6 +271,11 @@ tansu_up() {
         die "tansu: pid $pid is alive but does not listen on $TANSU_HOST:$TANSU_PORT (see $TANSU_LOG; run 'scripts/infra.sh down tansu')"
     fi
     if port_open "$TANSU_HOST" "$TANSU_PORT"; then
+        # Another checkout's broker is just as good: tests isolate themselves by topic prefix.
+        if pid=$(listener_named "$TANSU_PORT" tansu); then
+            log "tansu: running on $TANSU_HOST:$TANSU_PORT (pid $pid, started outside this checkout; reusing it)"
+            return 0
+        fi
         die "tansu: port $TANSU_HOST:$TANSU_PORT is in use by another process (not started from $INFRA_DIR)"
     fi
     if ! tansu_installed; then
@@ -294,6 +306,8 @@ tansu_status() {
     local pid
     if pid=$(pid_alive "$TANSU_PID" tansu) && port_open "$TANSU_HOST" "$TANSU_PORT"; then
         log "tansu: running on $TANSU_HOST:$TANSU_PORT (pid $pid)"
+    elif pid=$(listener_named "$TANSU_PORT" tansu); then
+        log "tansu: running on $TANSU_HOST:$TANSU_PORT (pid $pid, started outside this checkout)"
     elif port_open "$TANSU_HOST" "$TANSU_PORT"; then
         log "tansu: not running from this checkout, but port $TANSU_HOST:$TANSU_PORT is in use by another process"
         return 1
@@ -372,8 +386,19 @@ mosquitto_up() {
             local i
             for ((i = 0; i < 50; i++)); do port_open "$MQTT_HOST" "$MQTT_PORT" || break; sleep 0.1; done
         fi
-        port_open "$MQTT_HOST" "$MQTT_PORT" &&
+        if port_open "$MQTT_HOST" "$MQTT_PORT"; then
+            # Another checkout's development broker will do if it has the same users and refuses
+            # anonymous clients; tests isolate themselves by topic.
+            local other_pid rc=0
+            if other_pid=$(listener_named "$MQTT_PORT" mosquitto); then
+                mqtt_check_auth || rc=$?
+                if [[ $rc == 0 ]]; then
+                    log "mosquitto: running on $MQTT_HOST:$MQTT_PORT (pid $other_pid, started outside this checkout; reusing it)"
+                    return 0
+                fi
+            fi
             die "mosquitto: port $MQTT_HOST:$MQTT_PORT is in use by another process (not started from $INFRA_DIR)"
+        fi
     fi
 
     pid=$(spawn "$MQTT_PID" "$MQTT_LOG" "$MQTT_DIR" mosquitto -c "$MQTT_CONF")
@@ -398,6 +423,10 @@ mosquitto_status() {
     if pid=$(pid_alive "$MQTT_PID" mosquitto) && port_open "$MQTT_HOST" "$MQTT_PORT"; then
         log "mosquitto: running on $MQTT_HOST:$MQTT_PORT (pid $pid)"
     elif port_open "$MQTT_HOST" "$MQTT_PORT"; then
+        if pid=$(listener_named "$MQTT_PORT" mosquitto); then
+            log "mosquitto: running on $MQTT_HOST:$MQTT_PORT (pid $pid, started outside this checkout)"
+            return 0
+        fi
         log "mosquitto: not running from this checkout, but port $MQTT_HOST:$MQTT_PORT is in use by another process"
         return 1
     else
