@@ -70,3 +70,19 @@ pub async fn http_metrics(req: Request, next: Next) -> Response {
         .record(start.elapsed().as_secs_f64());
     resp
 }
+
+/// A progress bar with rate and ETA for the maintenance commands (replay, rebuild); hidden when
+/// the output is not a terminal.
+pub fn progress_bar(total: u64, visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} events  {per_sec}  eta {eta}",
+        )
+        .expect("static template"),
+    );
+    b
+}

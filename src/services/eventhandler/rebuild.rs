@@ -3,13 +3,13 @@
 //! consumer uses — so the result equals what consumption produced, and a rebuild interrupted and
 //! run again converges to the same state.
 
-use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::handlers::{self, newest_per_row};
 use super::store;
 use crate::envelope::Envelope;
+use crate::infra::telemetry;
 
 const PAGE: i64 = 2000;
 
@@ -41,16 +41,7 @@ pub async fn rebuild(
 ) -> anyhow::Result<(u64, u64)> {
     let types = event_types(projection);
     let total = count(events, projection).await?;
-    let bar = if progress {
-        let b = ProgressBar::new(total as u64);
-        b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} events  {per_sec}  eta {eta}")
-                .expect("static template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = telemetry::progress_bar(total as u64, progress);
     let registry = handlers::registry();
     let mut after: Option<Uuid> = None;
     let (mut read, mut refused) = (0u64, 0u64);

@@ -6,14 +6,13 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::config::KafkaConfig;
-use crate::infra::bus;
+use crate::infra::{bus, telemetry};
 
 #[derive(Debug, Clone, Default)]
 pub struct ReplayFilter {
@@ -48,16 +47,7 @@ pub async fn replay(
     progress: bool,
 ) -> anyhow::Result<u64> {
     let total = count(pool, f).await?;
-    let bar = if progress {
-        let b = ProgressBar::new(total as u64);
-        b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} events  {per_sec}  eta {eta}")
-                .expect("static template"),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = telemetry::progress_bar(total as u64, progress);
     bus::ensure_topics(kafka, &kafka.topics.all()).await?;
     let producer: FutureProducer = bus::producer(kafka).await?;
     let mut after: Option<(DateTime<Utc>, Uuid)> = None;
