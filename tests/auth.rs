@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -223,16 +223,7 @@ async fn app_mode_matrix_and_subject_in_metadata() {
     }
     // The subject lands in metadata.subject.
     let pool = app.pool().await;
-    let subject: Value = eventually(Duration::from_secs(20), || async {
-        sqlx::query_scalar::<_, Value>(
-            "SELECT metadata->'subject' FROM ingestion.event_store LIMIT 1",
-        )
-        .fetch_optional(&pool)
-        .await
-        .ok()
-        .flatten()
-    })
-    .await;
+    let subject = stored_subject(&pool).await;
     assert_eq!(subject, json!("device-42"));
 }
 
@@ -359,22 +350,13 @@ async fn gateway_mode_takes_the_subject_from_the_gateway() {
         .unwrap();
     assert_eq!(r.status(), 202);
     let pool = app.pool().await;
-    let subject: Value = eventually(Duration::from_secs(20), || async {
-        sqlx::query_scalar::<_, Value>(
-            "SELECT metadata->'subject' FROM ingestion.event_store LIMIT 1",
-        )
-        .fetch_optional(&pool)
-        .await
-        .ok()
-        .flatten()
-    })
-    .await;
+    let subject = stored_subject(&pool).await;
     assert_eq!(subject, json!("gw-user"));
 }
 
 #[tokio::test]
 async fn app_mode_without_a_key_refuses_to_start_and_names_the_variable() {
-    let out = Command::new(binary())
+    let out = cornjacket()
         .args(["serve", "--services", "query"])
         .env_clear()
         .env("CJ_QUERY_PORT", free_port().to_string())
@@ -388,7 +370,7 @@ async fn app_mode_without_a_key_refuses_to_start_and_names_the_variable() {
 
 #[tokio::test]
 async fn the_token_command_mints_a_token_the_platform_accepts() {
-    let out = Command::new(binary())
+    let out = cornjacket()
         .args([
             "token",
             "--sub",
@@ -422,7 +404,7 @@ async fn the_token_command_mints_a_token_the_platform_accepts() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-auth-subject"], "cli-user");
-    let bad = Command::new(binary())
+    let bad = cornjacket()
         .args(["token", "--sub", "x", "--scopes", "root"])
         .env_clear()
         .env("CJ_JWT_SECRET", SECRET)

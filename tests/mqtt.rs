@@ -461,7 +461,7 @@ async fn a_crash_before_the_ack_means_redelivery_and_no_loss() {
     env.insert("CJ_INGESTION_PORT".into(), port.to_string());
     env.insert("CJ_DB_ACQUIRE_TIMEOUT".into(), "1s".into());
     let spawn = |env: &HashMap<String, String>| {
-        Command::new(binary())
+        cornjacket()
             .args(["serve", "--services", "ingestion"])
             .env_clear()
             .envs(env)

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -22,7 +21,7 @@ async fn snapshot(pool: &sqlx::PgPool) -> Snapshot {
 }
 
 fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
-    let out = Command::new(binary())
+    let out = cornjacket()
         .args(args)
         .env_clear()
         .env("CJ_DATABASE_URL", &app.db.url)
@@ -135,9 +134,6 @@ async fn rebuild_restores_identical_states_and_replay_changes_nothing() {
         .filter(|r| r.1 != "sentinel")
         .collect();
     assert_eq!(after, before, "replay changed no projection");
-    let dlq: i64 = sqlx::query_scalar("SELECT count(*) FROM eventhandler.dlq")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let dlq: i64 = count_rows(&pool, "eventhandler.dlq").await;
     assert_eq!(dlq, 0);
 }

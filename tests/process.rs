@@ -39,7 +39,7 @@ fn spawn(db_url: &str, prefix: &str, services: &str, extra: &[(&str, String)]) -
     for (k, v) in extra {
         env.insert(k.to_string(), v.clone());
     }
-    let mut cmd = Command::new(binary());
+    let mut cmd = cornjacket();
     cmd.arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -323,7 +323,7 @@ async fn migrations_are_idempotent_separate_and_safe_to_race() {
         "its own history"
     );
     // The CLI does the same and exits 0.
-    let out = Command::new(binary())
+    let out = cornjacket()
         .args(["migrate"])
         .env("CJ_DATABASE_URL", &db.url)
         .output()
@@ -337,7 +337,7 @@ async fn migrations_are_idempotent_separate_and_safe_to_race() {
 
 #[tokio::test]
 async fn a_bad_configuration_value_stops_startup_with_its_name() {
-    let out = Command::new(binary())
+    let out = cornjacket()
         .args(["serve"])
         .env("CJ_OUTBOX_WORKER_COUNT", "lots")
         .output()

@@ -3,7 +3,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -189,15 +188,9 @@ async fn unknown_event_types_are_skipped_sentinel() {
     wait_value(&app, "s1", 7.0).await;
     // The unknown type made no projection, no dead letter, and did not block the partition.
     let pool = app.pool().await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM eventhandler.projections")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let n: i64 = count_rows(&pool, "eventhandler.projections").await;
     assert_eq!(n, 1);
-    let d: i64 = sqlx::query_scalar("SELECT count(*) FROM eventhandler.dlq")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let d: i64 = count_rows(&pool, "eventhandler.dlq").await;
     assert_eq!(d, 0);
 }
 
@@ -251,7 +244,7 @@ async fn poison_goes_to_the_dlq_after_retries_and_replay_applies_it_once_fixed()
     // Replay before the fix: still pending, error recorded.
     let id = handler_err["dlq_id"].as_str().unwrap();
     let run = |args: &[&str]| {
-        Command::new(binary())
+        cornjacket()
             .args(args)
             .env("CJ_DATABASE_URL", &app.db.url)
             .env("CJ_LOG_LEVEL", "warn")
@@ -341,10 +334,7 @@ async fn a_database_outage_blocks_without_dead_letters_then_catches_up() {
     wait_value(&app, "o1", 17.0).await;
     wait_value(&app, "o2", 18.0).await;
     let pool = app.pool().await;
-    let d: i64 = sqlx::query_scalar("SELECT count(*) FROM eventhandler.dlq")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let d: i64 = count_rows(&pool, "eventhandler.dlq").await;
     assert_eq!(d, 0, "an outage never fills the DLQ");
     eventually(Duration::from_secs(20), || async {
         let r = app.http.get(&health_url).send().await.ok()?;
@@ -399,10 +389,7 @@ async fn restarting_the_handler_mid_stream_loses_nothing() {
         wait_value(&front, &format!("m{d}"), (190 + d) as f64).await;
     }
     let pool = front.pool().await;
-    let d: i64 = sqlx::query_scalar("SELECT count(*) FROM eventhandler.dlq")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let d: i64 = count_rows(&pool, "eventhandler.dlq").await;
     assert_eq!(d, 0);
 }
 

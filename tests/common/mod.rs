@@ -294,6 +294,28 @@ impl Drop for TestApp {
     }
 }
 
+/// `SELECT count(*)` of a table.
+pub async fn count_rows(pool: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("count {table}: {e}"))
+}
+
+/// The `metadata.subject` of the first stored event, once one is stored.
+pub async fn stored_subject(pool: &PgPool) -> serde_json::Value {
+    eventually(Duration::from_secs(20), || async {
+        sqlx::query_scalar::<_, serde_json::Value>(
+            "SELECT metadata->'subject' FROM ingestion.event_store LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await
+        .ok()
+        .flatten()
+    })
+    .await
+}
+
 /// Polls `f` until it yields Some, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> T
 where
@@ -559,4 +581,12 @@ pub fn free_port() -> u16 {
 /// The `cornjacket` binary built for this test run.
 pub fn binary() -> String {
     env!("CARGO_BIN_EXE_cornjacket").to_string()
+}
+
+/// A command for the binary, run outside the checkout so a developer's `.env` (which `make run`
+/// writes) cannot change what the test configures.
+pub fn cornjacket() -> Command {
+    let mut c = Command::new(binary());
+    c.current_dir(std::env::temp_dir());
+    c
 }
