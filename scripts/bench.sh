@@ -13,6 +13,9 @@
 #
 # Environment:
 #   BENCH_AUTH_MODE   app (default: every request carries a JWT minted for the run) or off
+#   BENCH_BROKER      shared (default: the Kafka-API broker on 127.0.0.1:9092) or private (a Tansu
+#                     of the run's own on a free port, memory storage, stopped at the end: the shared
+#                     Tansu keeps every message it was ever sent in memory and slows down as it grows)
 #   BENCH_KEEP_DB=1   keep the database (and the platform log) for inspection
 #   CJ_*              exported platform settings are passed through and recorded with the results
 set -euo pipefail
@@ -58,8 +61,23 @@ DB_URL="postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/$DB?sslmode=disable"
 LOG_DIR="$ROOT/target/bench"
 PLATFORM_LOG="$LOG_DIR/platform-$EPOCH.log"
 mkdir -p "$LOG_DIR" bench/results
+# The platform (and a private broker) run outside the repository, so a developer's .env is not read.
+RUN_DIR=""
+
+# WITH (FORCE) cannot end an autovacuum worker (it runs as another role), a plain DROP waits for
+# it; try both for a while.
+drop_database() {
+    local _
+    for _ in $(seq 1 20); do
+        psql_admin -c "DROP DATABASE IF EXISTS \"$DB\"" >/dev/null 2>&1 && return 0
+        psql_admin -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    return 1
+}
 
 PID=""
+BROKER_PID=""
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -76,16 +94,18 @@ cleanup() {
         fi
         wait "$PID" 2>/dev/null || true
     fi
-    if [[ -x target/release/cornjacket-bench ]]; then
+    if [[ -n $BROKER_PID ]]; then
+        kill -TERM "$BROKER_PID" 2>/dev/null || true
+        wait "$BROKER_PID" 2>/dev/null || true
+    elif [[ -x target/release/cornjacket-bench ]]; then
         target/release/cornjacket-bench --drop-topics --kafka-brokers "$BROKERS" \
             --topic-prefix "$PREFIX" 2>/dev/null || log "could not delete the topics $PREFIX*"
     fi
     if [[ ${BENCH_KEEP_DB:-0} == 1 ]]; then
         log "keeping database $DB and $PLATFORM_LOG (BENCH_KEEP_DB=1)"
     else
-        psql_admin -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null 2>&1 ||
-            log "could not drop database $DB"
-        if [[ $rc -eq 0 ]]; then rm -f "$PLATFORM_LOG"; fi
+        drop_database || log "could not drop database $DB (drop it with: DROP DATABASE \"$DB\")"
+        if [[ $rc -eq 0 ]]; then rm -f "$PLATFORM_LOG" "$LOG_DIR/tansu-$EPOCH.log"; fi
     fi
     if [[ -n ${RUN_DIR:-} ]]; then rm -rf "$RUN_DIR"; fi
     if [[ $rc -ne 0 && -s $PLATFORM_LOG ]]; then
@@ -97,6 +117,32 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+RUN_DIR=$(mktemp -d)
+
+case ${BENCH_BROKER:-shared} in
+    shared) ;;
+    private)
+        command -v tansu >/dev/null || die "BENCH_BROKER=private needs tansu on PATH (make infra-up installs it)"
+        BPORT=""
+        for p in $(seq 19092 19192); do
+            if ! port_open 127.0.0.1 "$p"; then BPORT=$p; break; fi
+        done
+        [[ -n $BPORT ]] || die "no free port for a private broker in 19092-19192"
+        BROKERS="127.0.0.1:$BPORT"
+        (cd "$RUN_DIR" && RUST_LOG=warn exec tansu broker --cluster-id "cjbench$EPOCH" \
+            --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
+            --storage-engine "memory://tansu/") >"$LOG_DIR/tansu-$EPOCH.log" 2>&1 &
+        BROKER_PID=$!
+        for _ in $(seq 1 150); do
+            port_open 127.0.0.1 "$BPORT" && break
+            kill -0 "$BROKER_PID" 2>/dev/null || die "the private broker did not start (see $LOG_DIR/tansu-$EPOCH.log)"
+            sleep 0.1
+        done
+        port_open 127.0.0.1 "$BPORT" || die "the private broker does not listen on $BROKERS"
+        log "private broker: tansu on $BROKERS (pid $BROKER_PID)"
+        ;;
+    *) die "BENCH_BROKER must be shared or private, not '${BENCH_BROKER}'" ;;
+esac
 
 log "creating database $DB"
 psql_admin -c "CREATE DATABASE \"$DB\""
@@ -118,9 +164,15 @@ declare -A DEFAULTS=(
     [CJ_DB_MAX_CONNECTIONS]=32
     [CJ_SHUTDOWN_TIMEOUT]=10s
 )
-# MQTT ingestion only when the mqtt row is asked for, so the run never takes other clients' messages.
+# MQTT ingestion only when the mqtt row is asked for (--mqtt-url), and then on a topic and with a
+# client id of the run's own, so it never takes other clients' messages or sessions.
+MQTT_ARGS=()
 if [[ " $* " != *" --mqtt-url"* ]]; then
     FORCED[CJ_MQTT_URL]=off
+else
+    FORCED[CJ_MQTT_TOPIC]="\$share/bench$EPOCH/bench$EPOCH/devices/+/events"
+    FORCED[CJ_MQTT_CLIENT_ID]="cjbench-$EPOCH"
+    MQTT_ARGS=(--mqtt-topic-prefix "bench$EPOCH/")
 fi
 
 AUTH_MODE=${BENCH_AUTH_MODE:-app}
@@ -141,8 +193,6 @@ for k in "${!DEFAULTS[@]}"; do
     if [[ -z ${!k+x} ]]; then ENV_ARGS+=("$k=${DEFAULTS[$k]}"); fi
 done
 
-# The platform runs outside the repository so that a developer's .env is not read.
-RUN_DIR=$(mktemp -d)
 platform() { (cd "$RUN_DIR" && exec env "${ENV_ARGS[@]}" "$ROOT/target/release/cornjacket" "$@"); }
 
 AUTH_NOTE="CJ_AUTH_MODE=off"
@@ -163,7 +213,9 @@ while IFS='=' read -r k v; do
         CJ_*) RECORDED+=("$k=$v") ;;
     esac
 done < <(env "${ENV_ARGS[@]}" | sort)
-PLATFORM_CONFIG="cornjacket serve (all services; fresh database, topics ${PREFIX}*), ${RECORDED[*]}, $AUTH_NOTE; everything else default"
+BROKER_NOTE="the shared broker"
+if [[ -n $BROKER_PID ]]; then BROKER_NOTE="a private tansu started for the run"; fi
+PLATFORM_CONFIG="cornjacket serve (all services; fresh database, topics ${PREFIX}* on $BROKER_NOTE), ${RECORDED[*]}, $AUTH_NOTE; everything else default"
 log "platform: $PLATFORM_CONFIG"
 
 START_NS=$(date +%s%N)
@@ -173,7 +225,9 @@ PID=$!
 log "platform started (pid $PID, log $PLATFORM_LOG)"
 
 BROKER_ARGS=()
-if [[ -f .infra/tansu.pid ]]; then
+if [[ -n $BROKER_PID ]]; then
+    BROKER_ARGS=(--broker-pid "$BROKER_PID")
+elif [[ -f .infra/tansu.pid ]]; then
     BROKER_ARGS=(--broker-pid "$(cat .infra/tansu.pid)")
 fi
 
@@ -186,6 +240,7 @@ BENCH_TOKEN="$TOKEN" target/release/cornjacket-bench \
     --platform-config "$PLATFORM_CONFIG" \
     --out bench/results \
     "${BROKER_ARGS[@]}" \
+    "${MQTT_ARGS[@]}" \
     "$@"
 
 if ! kill -0 "$PID" 2>/dev/null; then
