@@ -93,6 +93,7 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 pub enum MigratableService {
     Ingestion,
     Eventhandler,
+    Tsdb,
 }
 
 #[derive(Subcommand, Debug)]
@@ -139,15 +140,14 @@ pub async fn main() -> i32 {
             crate::supervisor::serve(config, &services).await
         }
         Command::Migrate { service } => {
-            let targets: Vec<(&str, &db::Migrations)> = match service {
-                Some(MigratableService::Ingestion) => vec![("ingestion", &db::INGESTION)],
-                Some(MigratableService::Eventhandler) => vec![("eventhandler", &db::EVENTHANDLER)],
-                None => vec![
-                    ("ingestion", &db::INGESTION),
-                    ("eventhandler", &db::EVENTHANDLER),
-                ],
+            let targets: Vec<&db::Migrations> = match service {
+                Some(MigratableService::Ingestion) => vec![&db::INGESTION],
+                Some(MigratableService::Eventhandler) => vec![&db::EVENTHANDLER],
+                Some(MigratableService::Tsdb) => vec![&db::TSDB],
+                None => db::ALL.to_vec(),
             };
-            for (name, m) in targets {
+            for m in targets {
+                let name = m.schema;
                 match db::migrate(config.database_url(name), m).await {
                     Ok(r) => println!(
                         "{name}: {} migration(s) applied",

@@ -66,6 +66,8 @@ pub struct DatabaseUrls {
     pub ingestion: SecretString,
     pub eventhandler: SecretString,
     pub query: SecretString,
+    pub tsdb: SecretString,
+    pub actions: SecretString,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +142,71 @@ pub struct EventHandlerConfig {
     pub retry_delays: Vec<Duration>,
     /// `CJ_EVENTHANDLER_MAX_BATCH`: messages applied per database transaction.
     pub max_batch: usize,
+}
+
+/// The time-series writer (SPEC §9): a consumer of `sensor-events` into `tsdb.sensor_readings`.
+#[derive(Debug, Clone)]
+pub struct TsdbConfig {
+    /// `CJ_TSDB_CONSUMER_GROUP` (default `tsdb-writer`).
+    pub consumer_group: String,
+    /// `CJ_TSDB_TOPICS`: comma-separated; default the prefixed `sensor-events`.
+    pub topics: Vec<String>,
+    /// `CJ_TSDB_RETRY_DELAYS`: delays before each retry of a poison message (`0s,1s,2s`).
+    pub retry_delays: Vec<Duration>,
+    /// `CJ_TSDB_MAX_BATCH`: readings inserted per database transaction.
+    pub max_batch: usize,
+}
+
+/// The action orchestrator (SPEC §10): rules, the consumer that records deliveries, and the
+/// delivery worker with its retry schedule, rate limit, dedup window and circuit breaker.
+#[derive(Debug, Clone)]
+pub struct ActionsConfig {
+    /// `CJ_ACTIONS_CONSUMER_GROUP` (default `action-orchestrator`).
+    pub consumer_group: String,
+    /// `CJ_ACTIONS_TOPICS`: comma-separated; default the three platform topics.
+    pub topics: Vec<String>,
+    /// `CJ_ACTIONS_CONSUMER_RETRY_DELAYS`: retries of a message that cannot be recorded (`0s,1s,2s`).
+    pub consumer_retry_delays: Vec<Duration>,
+    /// `CJ_ACTIONS_RETRY_DELAYS`: the wait before each webhook retry (`1s,2s,4s,8s,16s`); one
+    /// attempt plus one per delay, then `failed`.
+    pub retry_delays: Vec<Duration>,
+    /// `CJ_ACTIONS_WEBHOOK_TIMEOUT`: per-request timeout when a rule sets none (30s).
+    pub webhook_timeout: Duration,
+    /// `CJ_ACTIONS_RATE_LIMIT`: deliveries per period across all endpoints, `N/period`
+    /// (`10/1m`); `0` disables the limit.
+    pub rate_limit: Option<(u32, Duration)>,
+    /// `CJ_ACTIONS_DEDUP_WINDOW`: a rule's dedup window when it sets none (5m; 0s disables).
+    pub dedup_window: Duration,
+    /// `CJ_ACTIONS_BREAKER_THRESHOLD`: consecutive failures that open an endpoint's breaker (5).
+    pub breaker_threshold: u32,
+    /// `CJ_ACTIONS_BREAKER_COOLDOWN`: how long an open breaker short-circuits calls (5m).
+    pub breaker_cooldown: Duration,
+    /// `CJ_ACTIONS_WORKERS`: deliveries in flight at once in this process (1–256).
+    pub workers: usize,
+    /// `CJ_ACTIONS_POLL_INTERVAL`: how often the delivery worker looks for due deliveries when
+    /// nothing woke it (1s).
+    pub poll_interval: Duration,
+    /// `CJ_ACTIONS_CLAIM_TIMEOUT`: a claimed delivery whose worker vanished is retried after this
+    /// (must exceed the longest webhook timeout; 2m).
+    pub claim_timeout: Duration,
+}
+
+/// Retention (SPEC §13, seed §8.3): how long data is kept, enforced by an hourly job per owning
+/// service.
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    /// `CJ_RETENTION_EVENTS`: the event store (and idempotency records), by ingest day (7d).
+    pub events: Duration,
+    /// `CJ_RETENTION_PROJECTIONS`: projections not updated for this long are removed (7d).
+    pub projections: Duration,
+    /// `CJ_RETENTION_TIMESERIES`: sensor readings and inference results (7d).
+    pub timeseries: Duration,
+    /// `CJ_RETENTION_DELIVERIES`: finished webhook deliveries (7d).
+    pub deliveries: Duration,
+    /// `CJ_RETENTION_INTERVAL`: how often each service runs its retention job (1h).
+    pub interval: Duration,
+    /// `CJ_RETENTION_ENABLED`: run the jobs at all (default true).
+    pub enabled: bool,
 }
 
 /// Where requests are authenticated (SPEC §11).
@@ -219,6 +286,9 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub ingestion: IngestionConfig,
     pub eventhandler: EventHandlerConfig,
+    pub tsdb: TsdbConfig,
+    pub actions: ActionsConfig,
+    pub retention: RetentionConfig,
     /// `None` when `CJ_MQTT_URL=off`.
     pub mqtt: Option<MqttConfig>,
     pub auth: AuthConfig,
@@ -302,6 +372,48 @@ impl Vars<'_> {
             None => Ok(default),
             Some((var, v)) => parse_duration(&v)
                 .ok_or_else(|| Self::err(&var, &v, "a duration such as 500ms, 5s, 24h")),
+        }
+    }
+
+    fn positive_duration(&self, name: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let d = self.duration(name, default)?;
+        if d.is_zero() {
+            return Err(Self::err(name, "0", "a positive duration such as 5s"));
+        }
+        Ok(d)
+    }
+
+    fn list(&self, name: &str, default: &[String]) -> Result<Vec<String>, ConfigError> {
+        match self.raw(&[name]) {
+            None => Ok(default.to_vec()),
+            Some((var, t)) => {
+                let list: Vec<String> = t
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if list.is_empty() {
+                    return Err(Self::err(&var, &t, "a comma-separated list of topic names"));
+                }
+                Ok(list)
+            }
+        }
+    }
+
+    fn durations(&self, name: &str, default: &[Duration]) -> Result<Vec<Duration>, ConfigError> {
+        match self.raw(&[name]) {
+            None => Ok(default.to_vec()),
+            Some((var, t)) => t
+                .split(',')
+                .map(|s| parse_duration(s.trim()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    Self::err(
+                        &var,
+                        &t,
+                        "a comma-separated list of durations such as 0s,1s,2s",
+                    )
+                }),
         }
     }
 
@@ -411,6 +523,11 @@ impl Config {
                 &common,
             )?,
             query: v.database_url(&["CJ_QUERY_DATABASE_URL", "QUERY_DATABASE_URL"], &common)?,
+            tsdb: v.database_url(&["CJ_TSDB_DATABASE_URL", "TSDB_DATABASE_URL"], &common)?,
+            actions: v.database_url(
+                &["CJ_ACTIONS_DATABASE_URL", "ACTIONS_DATABASE_URL"],
+                &common,
+            )?,
         };
 
         let brokers = v
@@ -488,43 +605,64 @@ impl Config {
             request_timeout: v.duration("CJ_INGESTION_REQUEST_TIMEOUT", Duration::from_secs(10))?,
         };
 
-        let eh_topics = match v.raw(&["CJ_EVENTHANDLER_TOPICS"]) {
-            None => topics.all().iter().map(|t| t.to_string()).collect(),
-            Some((var, t)) => {
-                let list: Vec<String> = t
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                if list.is_empty() {
-                    return Err(Vars::err(&var, &t, "a comma-separated list of topic names"));
-                }
-                list
-            }
-        };
-        let retry_delays = match v.raw(&["CJ_EVENTHANDLER_RETRY_DELAYS"]) {
-            None => vec![
-                Duration::ZERO,
-                Duration::from_secs(1),
-                Duration::from_secs(2),
-            ],
-            Some((var, t)) => t
-                .split(',')
-                .map(|s| parse_duration(s.trim()))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    Vars::err(
-                        &var,
-                        &t,
-                        "a comma-separated list of durations such as 0s,1s,2s",
-                    )
-                })?,
-        };
+        let all_topics: Vec<String> = topics.all().iter().map(|t| t.to_string()).collect();
+        let poison_delays = [0, 1, 2].map(Duration::from_secs);
         let eventhandler = EventHandlerConfig {
             consumer_group: v.string("CJ_EVENTHANDLER_CONSUMER_GROUP", "event-handler"),
-            topics: eh_topics,
-            retry_delays,
+            topics: v.list("CJ_EVENTHANDLER_TOPICS", &all_topics)?,
+            retry_delays: v.durations("CJ_EVENTHANDLER_RETRY_DELAYS", &poison_delays)?,
             max_batch: v.ranged("CJ_EVENTHANDLER_MAX_BATCH", 500, 1, 100_000)?,
+        };
+        let tsdb = TsdbConfig {
+            consumer_group: v.string("CJ_TSDB_CONSUMER_GROUP", "tsdb-writer"),
+            topics: v.list("CJ_TSDB_TOPICS", std::slice::from_ref(&topics.sensor))?,
+            retry_delays: v.durations("CJ_TSDB_RETRY_DELAYS", &poison_delays)?,
+            max_batch: v.ranged("CJ_TSDB_MAX_BATCH", 1000, 1, 100_000)?,
+        };
+        let rate_limit = match v.raw(&["CJ_ACTIONS_RATE_LIMIT"]) {
+            None => Some((10, Duration::from_secs(60))),
+            Some((_, r)) if r == "0" => None,
+            Some((var, r)) => {
+                let parsed = r.split_once('/').and_then(|(n, p)| {
+                    let n = n.trim().parse::<u32>().ok().filter(|n| *n > 0)?;
+                    let p = parse_duration(p.trim()).filter(|p| !p.is_zero())?;
+                    Some((n, p))
+                });
+                Some(parsed.ok_or_else(|| {
+                    Vars::err(&var, &r, "N/period such as 10/1m (or 0 for no limit)")
+                })?)
+            }
+        };
+        let actions = ActionsConfig {
+            consumer_group: v.string("CJ_ACTIONS_CONSUMER_GROUP", "action-orchestrator"),
+            topics: v.list("CJ_ACTIONS_TOPICS", &all_topics)?,
+            consumer_retry_delays: v
+                .durations("CJ_ACTIONS_CONSUMER_RETRY_DELAYS", &poison_delays)?,
+            retry_delays: v.durations(
+                "CJ_ACTIONS_RETRY_DELAYS",
+                &[1, 2, 4, 8, 16].map(Duration::from_secs),
+            )?,
+            webhook_timeout: v
+                .positive_duration("CJ_ACTIONS_WEBHOOK_TIMEOUT", Duration::from_secs(30))?,
+            rate_limit,
+            dedup_window: v.duration("CJ_ACTIONS_DEDUP_WINDOW", Duration::from_secs(300))?,
+            breaker_threshold: v.ranged("CJ_ACTIONS_BREAKER_THRESHOLD", 5, 1, 1_000_000)?,
+            breaker_cooldown: v
+                .duration("CJ_ACTIONS_BREAKER_COOLDOWN", Duration::from_secs(300))?,
+            workers: v.ranged("CJ_ACTIONS_WORKERS", 8, 1, 256)?,
+            poll_interval: v
+                .positive_duration("CJ_ACTIONS_POLL_INTERVAL", Duration::from_secs(1))?,
+            claim_timeout: v
+                .positive_duration("CJ_ACTIONS_CLAIM_TIMEOUT", Duration::from_secs(120))?,
+        };
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let retention = RetentionConfig {
+            events: v.positive_duration("CJ_RETENTION_EVENTS", week)?,
+            projections: v.positive_duration("CJ_RETENTION_PROJECTIONS", week)?,
+            timeseries: v.positive_duration("CJ_RETENTION_TIMESERIES", week)?,
+            deliveries: v.positive_duration("CJ_RETENTION_DELIVERIES", week)?,
+            interval: v.positive_duration("CJ_RETENTION_INTERVAL", Duration::from_secs(3600))?,
+            enabled: v.bool("CJ_RETENTION_ENABLED", true)?,
         };
 
         let ingestion_port = v.port("CJ_INGESTION_PORT", 8080)?;
@@ -627,6 +765,9 @@ impl Config {
             outbox,
             ingestion,
             eventhandler,
+            tsdb,
+            actions,
+            retention,
             mqtt,
             auth,
             shutdown_timeout: v.duration("CJ_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
@@ -638,6 +779,8 @@ impl Config {
         match service {
             "ingestion" => self.databases.ingestion.expose_secret(),
             "eventhandler" => self.databases.eventhandler.expose_secret(),
+            "tsdb" => self.databases.tsdb.expose_secret(),
+            "actions" => self.databases.actions.expose_secret(),
             _ => self.databases.query.expose_secret(),
         }
     }
@@ -673,6 +816,28 @@ mod tests {
         assert_eq!(m.topic, "$share/cornjacket/devices/+/events");
         assert_eq!(m.username, "cornjacket");
         assert!(with(&[("CJ_MQTT_URL", "off")]).unwrap().mqtt.is_none());
+        let a = &c.actions;
+        assert_eq!(a.consumer_group, "action-orchestrator");
+        assert_eq!(a.rate_limit, Some((10, Duration::from_secs(60))));
+        assert_eq!(
+            a.retry_delays,
+            [1, 2, 4, 8, 16].map(Duration::from_secs).to_vec()
+        );
+        assert_eq!(a.webhook_timeout, Duration::from_secs(30));
+        assert_eq!(a.dedup_window, Duration::from_secs(300));
+        assert_eq!(a.breaker_threshold, 5);
+        assert_eq!(a.breaker_cooldown, Duration::from_secs(300));
+        assert_eq!(c.tsdb.consumer_group, "tsdb-writer");
+        assert_eq!(c.tsdb.topics, ["sensor-events"]);
+        assert_eq!(c.retention.events, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.retention.interval, Duration::from_secs(3600));
+        let limited = with(&[("CJ_ACTIONS_RATE_LIMIT", "3/2s")]).unwrap();
+        assert_eq!(
+            limited.actions.rate_limit,
+            Some((3, Duration::from_secs(2)))
+        );
+        let unlimited = with(&[("CJ_ACTIONS_RATE_LIMIT", "0")]).unwrap();
+        assert_eq!(unlimited.actions.rate_limit, None);
     }
 
     #[test]
@@ -715,6 +880,19 @@ mod tests {
             ("CJ_MQTT_INFLIGHT", "0", "integer from 1"),
             ("CJ_AUTH_MODE", "maybe", "gateway, app or off"),
             ("CJ_JWT_SECRET", "short", "at least 32 characters"),
+            ("CJ_TSDB_DATABASE_URL", "mysql://x", "postgres://"),
+            ("ACTIONS_DATABASE_URL", "nope", "postgres://"),
+            ("CJ_TSDB_RETRY_DELAYS", "x", "durations"),
+            ("CJ_ACTIONS_RETRY_DELAYS", "1s,,", "durations"),
+            ("CJ_ACTIONS_RATE_LIMIT", "10", "N/period"),
+            ("CJ_ACTIONS_RATE_LIMIT", "10/0s", "N/period"),
+            ("CJ_ACTIONS_WEBHOOK_TIMEOUT", "0s", "positive duration"),
+            ("CJ_ACTIONS_BREAKER_THRESHOLD", "0", "integer from 1"),
+            ("CJ_ACTIONS_BREAKER_COOLDOWN", "later", "duration"),
+            ("CJ_ACTIONS_WORKERS", "0", "integer from 1"),
+            ("CJ_RETENTION_EVENTS", "0s", "positive duration"),
+            ("CJ_RETENTION_INTERVAL", "hourly", "duration"),
+            ("CJ_RETENTION_ENABLED", "perhaps", "true or false"),
         ];
         for (var, value, expected) in cases {
             let err = with(&[(var, value)]).expect_err(var);

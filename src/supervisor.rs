@@ -20,7 +20,10 @@ use crate::services::{self, Service, ServiceContext};
 
 /// A running platform: where it listens and how to stop it.
 pub struct Platform {
+    /// Each service's main port (absent for a service sharing another's port).
     pub addrs: HashMap<Service, SocketAddr>,
+    /// Separate health ports (the action orchestrator's).
+    pub health_addrs: HashMap<Service, SocketAddr>,
     pub shutdown: CancellationToken,
     tasks: JoinSet<(Service, anyhow::Result<()>)>,
     config: Arc<Config>,
@@ -37,24 +40,42 @@ pub async fn start(
     let auth =
         crate::infra::auth::Auth::from_config(&config.auth).map_err(|e| anyhow::anyhow!(e))?;
     let mut bound = Vec::new();
+    let mut taken = std::collections::HashSet::new();
     for &svc in enabled {
-        let addr = SocketAddr::new(config.bind_addr, svc.port(&config));
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("{} could not bind port {addr}", svc.name()))?;
-        bound.push((svc, listener));
+        // Services that share a configured port (tsdb beside the event handler) share one
+        // listener: the first serves it, the others report on its /health through the board.
+        let port = svc.port(&config);
+        let listener = if port != 0 && !taken.insert(port) {
+            None
+        } else {
+            Some(bind(&config, svc, port).await?)
+        };
+        let health = match svc.health_port(&config) {
+            Some(p) => Some(bind(&config, svc, p).await?),
+            None => None,
+        };
+        bound.push((svc, listener, health));
     }
 
     let shutdown = CancellationToken::new();
     let mut addrs = HashMap::new();
+    let mut health_addrs = HashMap::new();
     let mut tasks = JoinSet::new();
-    for (svc, listener) in bound {
-        addrs.insert(svc, listener.local_addr()?);
+    let board = crate::infra::http::HealthBoard::default();
+    for (svc, listener, health_listener) in bound {
+        if let Some(l) = &listener {
+            addrs.insert(svc, l.local_addr()?);
+        }
+        if let Some(l) = &health_listener {
+            health_addrs.insert(svc, l.local_addr()?);
+        }
         let max = config.db_max_connections;
         let ctx = ServiceContext {
             db: db::lazy_pool(svc.database_url(&config), &config, max)?,
             config: config.clone(),
             listener,
+            health_listener,
+            board: board.clone(),
             shutdown: shutdown.child_token(),
             clock: clock.clone(),
             auth: auth.clone(),
@@ -64,6 +85,7 @@ pub async fn start(
             let r = match svc {
                 Service::Ingestion => services::ingestion::run(ctx).await,
                 Service::Eventhandler => services::eventhandler::run(ctx).await,
+                Service::Tsdb => services::tsdb::run(ctx).await,
                 Service::Query => services::query::run(ctx).await,
             };
             // Whatever ended a service — error or unexpected return — ends the process.
@@ -73,10 +95,18 @@ pub async fn start(
     }
     Ok(Platform {
         addrs,
+        health_addrs,
         shutdown,
         tasks,
         config,
     })
+}
+
+async fn bind(config: &Config, svc: Service, port: u16) -> anyhow::Result<TcpListener> {
+    let addr = SocketAddr::new(config.bind_addr, port);
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{} could not bind port {addr}", svc.name()))
 }
 
 impl Platform {
@@ -137,7 +167,11 @@ pub async fn serve(config: Config, enabled: &[Service]) -> i32 {
             return 1;
         }
     };
-    let mut ports: Vec<_> = platform.addrs.iter().collect();
+    let mut ports: Vec<_> = platform
+        .addrs
+        .iter()
+        .chain(platform.health_addrs.iter())
+        .collect();
     ports.sort_by_key(|(_, a)| a.port());
     for (svc, addr) in ports {
         tracing::info!(service = svc.name(), %addr, "Service port.");

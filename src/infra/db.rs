@@ -21,6 +21,9 @@ mod embedded {
     pub mod eventhandler {
         refinery::embed_migrations!("migrations/eventhandler");
     }
+    pub mod tsdb {
+        refinery::embed_migrations!("migrations/tsdb");
+    }
 }
 
 pub const INGESTION: Migrations = Migrations {
@@ -32,8 +35,14 @@ pub const EVENTHANDLER: Migrations = Migrations {
     runner: embedded::eventhandler::migrations::runner,
 };
 
-/// Every service that owns a schema, in dependency-free order.
-pub const ALL: &[&Migrations] = &[&INGESTION, &EVENTHANDLER];
+pub const TSDB: Migrations = Migrations {
+    schema: "tsdb",
+    runner: embedded::tsdb::migrations::runner,
+};
+
+/// Every service that owns a schema (the schema is also the service's name), in dependency-free
+/// order.
+pub const ALL: &[&Migrations] = &[&INGESTION, &EVENTHANDLER, &TSDB];
 
 pub fn by_schema(name: &str) -> Option<&'static Migrations> {
     ALL.iter().copied().find(|m| m.schema == name)

@@ -38,11 +38,68 @@ impl Check {
     pub fn healthy(detail: Value) -> Self {
         Self::new(Status::Healthy, detail)
     }
+    /// Several checks as one line: the worst status, each check's detail under its name.
+    pub fn combine(checks: Vec<(&str, Check)>) -> Self {
+        let status = checks
+            .iter()
+            .map(|(_, c)| c.status)
+            .max()
+            .unwrap_or(Status::Healthy);
+        let detail: serde_json::Map<String, Value> = checks
+            .into_iter()
+            .map(|(k, c)| {
+                (
+                    k.to_string(),
+                    serde_json::to_value(c).unwrap_or(Value::Null),
+                )
+            })
+            .collect();
+        Self::new(status, Value::Object(detail))
+    }
+
     pub fn from_ping(r: Result<(), String>) -> Self {
         match r {
             Ok(()) => Self::healthy(json!({})),
             Err(e) => Self::new(Status::Unhealthy, json!({ "error": e })),
         }
+    }
+}
+
+type CheckFuture = futures::future::BoxFuture<'static, Check>;
+type CheckFn = std::sync::Arc<dyn Fn() -> CheckFuture + Send + Sync>;
+type Published = Vec<(u16, &'static str, CheckFn)>;
+
+/// Checks published by services that run without a port of their own (because another service
+/// of the process serves the same port, SPEC §2: the tsdb-writer beside the event handler on
+/// 8084). The service serving that port adds them to its `/health`.
+#[derive(Clone, Default)]
+pub struct HealthBoard(std::sync::Arc<std::sync::Mutex<Published>>);
+
+impl HealthBoard {
+    pub fn register<F, Fut>(&self, port: u16, name: &'static str, check: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Check> + Send + 'static,
+    {
+        let f: CheckFn = std::sync::Arc::new(move || Box::pin(check()));
+        self.0.lock().expect("board lock").push((port, name, f));
+    }
+
+    /// The published checks for a port, evaluated now.
+    pub async fn checks(&self, port: u16) -> Vec<(&'static str, Check)> {
+        let fs: Vec<_> = self
+            .0
+            .lock()
+            .expect("board lock")
+            .iter()
+            .filter(|(p, _, _)| *p == port)
+            .map(|(_, n, f)| (*n, f.clone()))
+            .collect();
+        let mut out = Vec::with_capacity(fs.len());
+        for (name, f) in fs {
+            out.push((name, f().await));
+        }
+        out
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod consume;
 pub mod db;
 pub mod http;
 pub mod telemetry;

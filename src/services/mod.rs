@@ -13,14 +13,20 @@ use crate::envelope::Clock;
 pub mod eventhandler;
 pub mod ingestion;
 pub mod query;
+pub mod tsdb;
 
 /// What a service is given by the supervisor (STYLE §1).
 pub struct ServiceContext {
     pub config: Arc<Config>,
     /// The service's own pool (its own `CJ_<SERVICE>_DATABASE_URL`), connecting lazily.
     pub db: PgPool,
-    /// Its listener, bound before anything started.
-    pub listener: TcpListener,
+    /// Its listener, bound before anything started; `None` when another service of this process
+    /// already serves the same port (the tsdb-writer beside the event handler on 8084, SPEC §2):
+    /// the service then publishes its checks on `board` for that port's `/health`.
+    pub listener: Option<TcpListener>,
+    /// The second port of a service that has one (the action orchestrator's health port 8083).
+    pub health_listener: Option<TcpListener>,
+    pub board: crate::infra::http::HealthBoard,
     /// Cancelled on SIGTERM/SIGINT or when any service fails.
     pub shutdown: CancellationToken,
     pub clock: Arc<dyn Clock>,
@@ -32,26 +38,39 @@ pub struct ServiceContext {
 pub enum Service {
     Ingestion,
     Eventhandler,
+    Tsdb,
     Query,
 }
 
 impl Service {
-    pub const ALL: [Service; 3] = [Service::Ingestion, Service::Eventhandler, Service::Query];
+    pub const ALL: [Service; 4] = [
+        Service::Ingestion,
+        Service::Eventhandler,
+        Service::Tsdb,
+        Service::Query,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Service::Ingestion => "ingestion",
             Service::Eventhandler => "eventhandler",
+            Service::Tsdb => "tsdb",
             Service::Query => "query",
         }
     }
 
+    /// The service's main port (API, or health for consumers).
     pub fn port(self, config: &Config) -> u16 {
         match self {
             Service::Ingestion => config.ports.ingestion,
-            Service::Eventhandler => config.ports.eventhandler_health,
+            Service::Eventhandler | Service::Tsdb => config.ports.eventhandler_health,
             Service::Query => config.ports.query,
         }
+    }
+
+    /// A separate health/metrics port, for services whose API port is public.
+    pub fn health_port(self, _config: &Config) -> Option<u16> {
+        None
     }
 
     pub fn database_url(self, config: &Config) -> &str {

@@ -12,14 +12,12 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
-use serde_json::json;
 
 use super::{Ready, ServiceContext, migrate_when_reachable};
 use crate::infra::bus::{self, ConsumerState};
+use crate::infra::consume::{self, Blocked};
 use crate::infra::db;
-use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
-
-pub use consumer::Blocked;
+use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
 
 #[derive(Clone)]
 struct HealthState {
@@ -28,6 +26,8 @@ struct HealthState {
     group: String,
     consumer: Arc<tokio::sync::OnceCell<Arc<ConsumerState>>>,
     blocked: Arc<Blocked>,
+    board: HealthBoard,
+    port: u16,
 }
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
@@ -36,6 +36,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         db: pool,
         listener,
         shutdown,
+        board,
         ..
     } = ctx;
     let cfg = config.eventhandler.clone();
@@ -45,19 +46,34 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         group: cfg.consumer_group.clone(),
         consumer: Arc::new(tokio::sync::OnceCell::new()),
         blocked: Arc::new(Blocked::default()),
+        board: board.clone(),
+        port: config.ports.eventhandler_health,
     };
-    let router = Router::new()
-        .route("/health", get(health))
-        .merge(metrics_router())
-        .fallback(not_found)
-        .with_state(state.clone());
-    let http = tokio::spawn(serve(
-        "eventhandler",
-        listener,
-        router,
-        shutdown.clone(),
-        config.shutdown_timeout,
-    ));
+    let http = match listener {
+        Some(listener) => {
+            let router = Router::new()
+                .route("/health", get(health))
+                .merge(metrics_router())
+                .fallback(not_found)
+                .with_state(state.clone());
+            tokio::spawn(serve(
+                "eventhandler",
+                listener,
+                router,
+                shutdown.clone(),
+                config.shutdown_timeout,
+            ))
+        }
+        None => {
+            // The tsdb-writer of this process serves the shared port: report there.
+            let s = state.clone();
+            board.register(state.port, "eventhandler", move || {
+                let s = s.clone();
+                async move { Check::combine(checks(&s).await) }
+            });
+            tokio::spawn(async { anyhow::Ok(()) })
+        }
+    };
 
     let url = config.database_url("eventhandler").to_string();
     // Setup waits on the database and the broker; a shutdown must be able to interrupt it.
@@ -84,14 +100,14 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             return Ok(());
         };
         tracing::info!(group = %cfg.consumer_group, topics = ?cfg.topics, "Event handler consuming.");
-        consumer::Worker::new(
-            pool.clone(),
+        consume::Worker {
+            sink: consumer::Projections::new(pool.clone()),
             consumer,
-            cfg.consumer_group.clone(),
-            cfg.retry_delays.clone(),
-            cfg.max_batch,
-            state.blocked.clone(),
-        )
+            group: cfg.consumer_group.clone(),
+            retry_delays: cfg.retry_delays.clone(),
+            max_batch: cfg.max_batch,
+            blocked: state.blocked.clone(),
+        }
         .run(shutdown.clone())
         .await;
         anyhow::Ok(())
@@ -104,41 +120,19 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     result.and(served)
 }
 
-async fn health(State(s): State<HealthState>) -> Response {
+async fn checks(s: &HealthState) -> Vec<(&'static str, Check)> {
     let mut checks = vec![("database", Check::from_ping(db::ping(&s.pool).await))];
-    if let Some(reason) = s.blocked.0.lock().expect("blocked lock").clone() {
-        checks.push((
-            "processing",
-            Check::new(Status::Unhealthy, json!({ "blocked": reason })),
-        ));
-    }
-    let consumer = match (s.ready.get(), s.consumer.get()) {
-        (false, _) => Check::new(
-            Status::Unhealthy,
-            json!({ "error": "migrations not applied yet: waiting for the database" }),
-        ),
-        (true, None) => Check::new(
-            Status::Degraded,
-            json!({ "group": s.group, "state": "starting" }),
-        ),
-        (true, Some(c)) => {
-            let assigned = c.assigned_count();
-            let status = if assigned == 0 {
-                Status::Degraded
-            } else {
-                Status::Healthy
-            };
-            Check::new(
-                status,
-                json!({
-                    "group": s.group,
-                    "assigned_partitions": assigned,
-                    "lag": c.total_lag(),
-                    "last_error": c.last_error.lock().expect("error lock").clone(),
-                }),
-            )
-        }
-    };
-    checks.push(("consumer", consumer));
-    health_response(checks)
+    checks.extend(consume::consumer_check(
+        &s.group,
+        s.ready.get(),
+        s.consumer.get(),
+        &s.blocked,
+    ));
+    checks
+}
+
+async fn health(State(s): State<HealthState>) -> Response {
+    let mut all = checks(&s).await;
+    all.extend(s.board.checks(s.port).await);
+    health_response(all)
 }

@@ -61,66 +61,6 @@ pub async fn upsert(
     Ok(r.rows_affected())
 }
 
-/// A message that could not be handled, on its way to the DLQ.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub consumer: String,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub payload: Option<Vec<u8>>,
-    pub error: String,
-    pub retries: i32,
-}
-
-/// Records dead letters; a redelivered message that is already recorded is not recorded twice.
-pub async fn insert_dead_letters(
-    tx: &mut Transaction<'_, Postgres>,
-    letters: &[DeadLetter],
-) -> Result<(), sqlx::Error> {
-    for d in letters {
-        let raw = d.payload.as_deref().unwrap_or_default();
-        // PostgreSQL refuses NUL in text and jsonb: such a payload is kept as escaped text, so
-        // recording a dead letter can never fail on its content.
-        let text = String::from_utf8_lossy(raw);
-        let json: Option<Value> = if text.contains("\\u0000") || text.contains('\0') {
-            None
-        } else {
-            serde_json::from_slice(raw).ok()
-        };
-        let text = json.is_none().then(|| text.replace('\0', "\\0"));
-        let field = |k: &str| {
-            json.as_ref()
-                .and_then(|j| j.get(k))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        let event_id = field("event_id").and_then(|s| Uuid::parse_str(&s).ok());
-        sqlx::query(
-            "INSERT INTO eventhandler.dlq
-                (dlq_id, consumer, event_id, event_type, aggregate_id, event_payload, raw_payload,
-                 error_message, retry_count, topic, \"partition\", \"offset\")
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-             ON CONFLICT (consumer, topic, \"partition\", \"offset\") DO NOTHING",
-        )
-        .bind(Uuid::now_v7())
-        .bind(&d.consumer)
-        .bind(event_id)
-        .bind(field("event_type"))
-        .bind(field("aggregate_id"))
-        .bind(&json)
-        .bind(text)
-        .bind(&d.error)
-        .bind(d.retries)
-        .bind(&d.topic)
-        .bind(d.partition)
-        .bind(d.offset)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
-}
-
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct DlqEntry {
     pub dlq_id: Uuid,

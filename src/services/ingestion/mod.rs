@@ -11,6 +11,8 @@ pub mod writer;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+
+use anyhow::Context;
 use std::time::Duration;
 
 use axum::Router;
@@ -58,7 +60,9 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         shutdown,
         clock,
         auth,
+        ..
     } = ctx;
+    let listener = listener.context("ingestion needs its own port")?;
     let tracker = TaskTracker::new();
     let limiter = NonZeroU32::new(config.ingestion.rate_limit_per_sec).map(|rate| {
         let burst = NonZeroU32::new(config.ingestion.rate_limit_burst).unwrap_or(rate);

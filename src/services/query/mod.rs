@@ -31,9 +31,12 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             ctx.auth.clone(),
             crate::infra::auth::middleware,
         ));
+    let listener = ctx
+        .listener
+        .ok_or_else(|| anyhow::anyhow!("query needs its own port"))?;
     serve(
         "query",
-        ctx.listener,
+        listener,
         router,
         ctx.shutdown,
         ctx.config.shutdown_timeout,

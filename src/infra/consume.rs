@@ -1,0 +1,364 @@
+//! The consume loop every bus consumer of the platform shares (SPEC §7, ADR-0004): gather what
+//! the broker has ready, apply it in one transaction, and only then store and commit offsets.
+//!
+//! Failures are sorted in two: a poison message (undecodable, invalid, or refused by the
+//! database) is retried after the configured delays and then dead-lettered into the consuming
+//! service's own `dlq` table, and its offset is committed; an infrastructure failure (the
+//! database is unreachable) blocks — nothing is committed, nothing is dead-lettered — and the
+//! same batch is retried with capped backoff until it lands.
+//!
+//! What a consumer does with a message is its [`Sink`]; the services keep their tables and
+//! logic, this module only the delivery guarantees.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::OwnedMessage;
+use serde_json::{Value, json};
+use sqlx::{Postgres, Transaction};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::bus::{ConsumerState, ObservedConsumer};
+use super::db;
+use super::http::{Check, Status};
+
+/// What a consumer does with messages.
+pub trait Sink: Send + Sync + 'static {
+    type Item: Send + Sync;
+
+    /// A message's meaning: `Ok(None)` when it is not for this consumer (skipped and committed),
+    /// `Err(reason)` when it is poison. Must be deterministic: retries call it again.
+    fn decode(&self, m: &OwnedMessage) -> Result<Option<Self::Item>, String>;
+
+    /// Applies items and dead letters atomically (one transaction).
+    fn apply(
+        &self,
+        items: &[Self::Item],
+        letters: &[DeadLetter],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+/// Why a consumer is not making progress, for `/health`.
+#[derive(Default)]
+pub struct Blocked(pub Mutex<Option<String>>);
+
+impl Blocked {
+    fn set(&self, reason: Option<String>) {
+        *self.0.lock().expect("blocked lock") = reason;
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        self.0.lock().expect("blocked lock").clone()
+    }
+}
+
+/// A message that could not be handled, on its way to a DLQ.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub consumer: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub payload: Option<Vec<u8>>,
+    pub error: String,
+    pub retries: i32,
+}
+
+impl DeadLetter {
+    pub fn of(group: &str, m: &OwnedMessage, error: String, retries: i32) -> Self {
+        Self {
+            consumer: group.to_string(),
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            payload: m.payload().map(<[u8]>::to_vec),
+            error,
+            retries,
+        }
+    }
+}
+
+/// Records dead letters in `table` (a service's `<schema>.dlq`, with the columns of
+/// `migrations/eventhandler/V1`); a redelivered message already recorded is not recorded twice.
+pub async fn insert_dead_letters(
+    tx: &mut Transaction<'_, Postgres>,
+    table: &'static str,
+    letters: &[DeadLetter],
+) -> Result<(), sqlx::Error> {
+    let sql = format!(
+        "INSERT INTO {table}
+            (dlq_id, consumer, event_id, event_type, aggregate_id, event_payload, raw_payload,
+             error_message, retry_count, topic, \"partition\", \"offset\")
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+         ON CONFLICT (consumer, topic, \"partition\", \"offset\") DO NOTHING"
+    );
+    for d in letters {
+        let raw = d.payload.as_deref().unwrap_or_default();
+        // PostgreSQL refuses NUL in text and jsonb: such a payload is kept as escaped text, so
+        // recording a dead letter can never fail on its content.
+        let text = String::from_utf8_lossy(raw);
+        let json: Option<Value> = if text.contains("\\u0000") || text.contains('\0') {
+            None
+        } else {
+            serde_json::from_slice(raw).ok()
+        };
+        let text = json.is_none().then(|| text.replace('\0', "\\0"));
+        let field = |k: &str| {
+            json.as_ref()
+                .and_then(|j| j.get(k))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let event_id = field("event_id").and_then(|s| Uuid::parse_str(&s).ok());
+        sqlx::query(&sql)
+            .bind(Uuid::now_v7())
+            .bind(&d.consumer)
+            .bind(event_id)
+            .bind(field("event_type"))
+            .bind(field("aggregate_id"))
+            .bind(&json)
+            .bind(text)
+            .bind(&d.error)
+            .bind(d.retries)
+            .bind(&d.topic)
+            .bind(d.partition)
+            .bind(d.offset)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The `consumer` line of a consuming service's `/health`.
+pub fn consumer_check(
+    group: &str,
+    ready: bool,
+    state: Option<&Arc<ConsumerState>>,
+    blocked: &Blocked,
+) -> Vec<(&'static str, Check)> {
+    let mut checks = Vec::new();
+    if let Some(reason) = blocked.reason() {
+        checks.push((
+            "processing",
+            Check::new(Status::Unhealthy, json!({ "blocked": reason })),
+        ));
+    }
+    let consumer = match (ready, state) {
+        (false, _) => Check::new(
+            Status::Unhealthy,
+            json!({ "error": "migrations not applied yet: waiting for the database" }),
+        ),
+        (true, None) => Check::new(
+            Status::Degraded,
+            json!({ "group": group, "state": "starting" }),
+        ),
+        (true, Some(c)) => {
+            let assigned = c.assigned_count();
+            let status = if assigned == 0 {
+                Status::Degraded
+            } else {
+                Status::Healthy
+            };
+            Check::new(
+                status,
+                json!({
+                    "group": group,
+                    "assigned_partitions": assigned,
+                    "lag": c.total_lag(),
+                    "last_error": c.last_error.lock().expect("error lock").clone(),
+                }),
+            )
+        }
+    };
+    checks.push(("consumer", consumer));
+    checks
+}
+
+pub struct Worker<S: Sink> {
+    pub sink: S,
+    pub consumer: Arc<ObservedConsumer>,
+    pub group: String,
+    pub retry_delays: Vec<Duration>,
+    pub max_batch: usize,
+    pub blocked: Arc<Blocked>,
+}
+
+impl<S: Sink> Worker<S> {
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = self.consumer.recv() => m,
+            };
+            let mut batch = match first {
+                Ok(m) => vec![m.detach()],
+                Err(e) => {
+                    tracing::warn!(group = %self.group, error = %e, "Consumer error.");
+                    let _ = shutdown
+                        .run_until_cancelled(tokio::time::sleep(Duration::from_millis(200)))
+                        .await;
+                    continue;
+                }
+            };
+            // Take whatever else is already fetched, without waiting for more.
+            while batch.len() < self.max_batch {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => batch.push(m.detach()),
+                    _ => break,
+                }
+            }
+            if !self.handle(&batch, &shutdown).await {
+                break; // shut down mid-batch: nothing stored, the next owner re-reads it
+            }
+            for m in &batch {
+                if let Err(e) = self
+                    .consumer
+                    .store_offset(m.topic(), m.partition(), m.offset())
+                {
+                    // A revoked partition: its new owner re-reads from the last commit.
+                    tracing::debug!(error = %e, "Could not store an offset.");
+                }
+            }
+            if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Async) {
+                tracing::debug!(error = %e, "Offset commit was not sent.");
+            }
+        }
+        let consumer = self.consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || super::bus::commit_now(&consumer)).await;
+    }
+
+    /// Handles a batch until it is durably applied; false only when shut down first.
+    async fn handle(&self, batch: &[OwnedMessage], shutdown: &CancellationToken) -> bool {
+        // Items with the index of the message they came from.
+        let mut items: Vec<(usize, S::Item)> = Vec::new();
+        let mut poison: Vec<(usize, String)> = Vec::new();
+        let mut skipped = 0u64;
+        for (i, m) in batch.iter().enumerate() {
+            match self.sink.decode(m) {
+                Ok(Some(item)) => items.push((i, item)),
+                Ok(None) => skipped += 1,
+                Err(e) => poison.push((i, e)),
+            }
+        }
+        if skipped > 0 {
+            metrics::counter!("cj_events_skipped_total", "consumer" => self.group.clone())
+                .increment(skipped);
+        }
+        // ADR-0004: retry poison messages after each configured delay before dead-lettering.
+        let mut retries = 0;
+        for delay in &self.retry_delays {
+            if poison.is_empty() {
+                break;
+            }
+            if shutdown
+                .run_until_cancelled(tokio::time::sleep(*delay))
+                .await
+                .is_none()
+            {
+                return false;
+            }
+            retries += 1;
+            poison.retain_mut(|(i, err)| match self.sink.decode(&batch[*i]) {
+                Ok(Some(item)) => {
+                    items.push((*i, item));
+                    false
+                }
+                Ok(None) => false,
+                Err(e) => {
+                    *err = e;
+                    true
+                }
+            });
+        }
+        // Poison retried into items joined at the end: restore message order.
+        items.sort_by_key(|(i, _)| *i);
+        let mut letters: Vec<DeadLetter> = poison
+            .into_iter()
+            .map(|(i, error)| DeadLetter::of(&self.group, &batch[i], error, retries))
+            .collect();
+        let (sources, items): (Vec<usize>, Vec<S::Item>) = items.into_iter().unzip();
+
+        let mut backoff = Duration::from_millis(100);
+        let applied = loop {
+            let result = match self.sink.apply(&items, &letters).await {
+                Err(e) if !db::is_unavailable(&e) => {
+                    // The batch holds a write the database refuses: isolate it, one by one.
+                    tracing::warn!(group = %self.group, error = %e, "Batch refused; applying one by one.");
+                    self.apply_one_by_one(batch, &sources, &items, &mut letters)
+                        .await
+                }
+                other => other.map(|()| items.len()),
+            };
+            match result {
+                Ok(n) => break n,
+                Err(e) => {
+                    let unavailable = db::is_unavailable(&e);
+                    if unavailable {
+                        self.blocked.set(Some(format!("database unavailable: {e}")));
+                        metrics::counter!("cj_consumer_blocked_total", "consumer" => self.group.clone())
+                            .increment(1);
+                        tracing::warn!(group = %self.group, error = %e, retry_in = ?backoff,
+                            "Database unavailable; holding the batch (no commit) until it returns.");
+                    } else {
+                        tracing::error!(group = %self.group, error = %e, "Could not apply or dead-letter a batch; retrying.");
+                    }
+                    if shutdown
+                        .run_until_cancelled(tokio::time::sleep(backoff))
+                        .await
+                        .is_none()
+                    {
+                        return false;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        self.blocked.set(None);
+        metrics::counter!("cj_consumer_applied_total", "consumer" => self.group.clone())
+            .increment(applied as u64);
+        if !letters.is_empty() {
+            metrics::counter!("cj_dlq_written_total", "consumer" => self.group.clone())
+                .increment(letters.len() as u64);
+            for l in &letters {
+                tracing::warn!(group = %self.group, topic = %l.topic, partition = l.partition,
+                    offset = l.offset, error = %l.error, "Message dead-lettered.");
+            }
+        }
+        true
+    }
+
+    /// Applies items one transaction each; a refused one is dead-lettered. Returns how many
+    /// were applied.
+    async fn apply_one_by_one(
+        &self,
+        batch: &[OwnedMessage],
+        sources: &[usize],
+        items: &[S::Item],
+        letters: &mut Vec<DeadLetter>,
+    ) -> Result<usize, sqlx::Error> {
+        let mut refused = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match self.sink.apply(std::slice::from_ref(item), &[]).await {
+                Ok(()) => {}
+                Err(e) if db::is_unavailable(&e) => return Err(e),
+                Err(e) => refused.push(DeadLetter::of(
+                    &self.group,
+                    &batch[sources[i]],
+                    format!("write refused: {e}"),
+                    0,
+                )),
+            }
+        }
+        let applied = items.len() - refused.len();
+        let mut all = letters.clone();
+        all.extend(refused);
+        self.sink.apply(&[], &all).await?;
+        *letters = all;
+        Ok(applied)
+    }
+}
