@@ -94,6 +94,7 @@ pub enum MigratableService {
     Ingestion,
     Eventhandler,
     Tsdb,
+    Actions,
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,6 +145,7 @@ pub async fn main() -> i32 {
                 Some(MigratableService::Ingestion) => vec![&db::INGESTION],
                 Some(MigratableService::Eventhandler) => vec![&db::EVENTHANDLER],
                 Some(MigratableService::Tsdb) => vec![&db::TSDB],
+                Some(MigratableService::Actions) => vec![&db::ACTIONS],
                 None => db::ALL.to_vec(),
             };
             for m in targets {

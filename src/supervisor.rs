@@ -87,6 +87,7 @@ pub async fn start(
                 Service::Eventhandler => services::eventhandler::run(ctx).await,
                 Service::Tsdb => services::tsdb::run(ctx).await,
                 Service::Query => services::query::run(ctx).await,
+                Service::Actions => services::actions::run(ctx).await,
             };
             // Whatever ended a service — error or unexpected return — ends the process.
             root.cancel();

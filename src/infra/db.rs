@@ -24,6 +24,9 @@ mod embedded {
     pub mod tsdb {
         refinery::embed_migrations!("migrations/tsdb");
     }
+    pub mod actions {
+        refinery::embed_migrations!("migrations/actions");
+    }
 }
 
 pub const INGESTION: Migrations = Migrations {
@@ -39,10 +42,14 @@ pub const TSDB: Migrations = Migrations {
     schema: "tsdb",
     runner: embedded::tsdb::migrations::runner,
 };
+pub const ACTIONS: Migrations = Migrations {
+    schema: "actions",
+    runner: embedded::actions::migrations::runner,
+};
 
 /// Every service that owns a schema (the schema is also the service's name), in dependency-free
 /// order.
-pub const ALL: &[&Migrations] = &[&INGESTION, &EVENTHANDLER, &TSDB];
+pub const ALL: &[&Migrations] = &[&INGESTION, &EVENTHANDLER, &TSDB, &ACTIONS];
 
 pub fn by_schema(name: &str) -> Option<&'static Migrations> {
     ALL.iter().copied().find(|m| m.schema == name)

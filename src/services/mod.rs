@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::envelope::Clock;
 
+pub mod actions;
 pub mod eventhandler;
 pub mod ingestion;
 pub mod query;
@@ -40,14 +41,16 @@ pub enum Service {
     Eventhandler,
     Tsdb,
     Query,
+    Actions,
 }
 
 impl Service {
-    pub const ALL: [Service; 4] = [
+    pub const ALL: [Service; 5] = [
         Service::Ingestion,
         Service::Eventhandler,
         Service::Tsdb,
         Service::Query,
+        Service::Actions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Service {
             Service::Eventhandler => "eventhandler",
             Service::Tsdb => "tsdb",
             Service::Query => "query",
+            Service::Actions => "actions",
         }
     }
 
@@ -65,12 +69,16 @@ impl Service {
             Service::Ingestion => config.ports.ingestion,
             Service::Eventhandler | Service::Tsdb => config.ports.eventhandler_health,
             Service::Query => config.ports.query,
+            Service::Actions => config.ports.actions,
         }
     }
 
     /// A separate health/metrics port, for services whose API port is public.
-    pub fn health_port(self, _config: &Config) -> Option<u16> {
-        None
+    pub fn health_port(self, config: &Config) -> Option<u16> {
+        match self {
+            Service::Actions => Some(config.ports.actions_health),
+            _ => None,
+        }
     }
 
     pub fn database_url(self, config: &Config) -> &str {

@@ -2,6 +2,8 @@
 //! port 0, a fresh database and unique topic and group names per test.
 #![allow(dead_code)]
 
+pub mod webhook;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -175,7 +177,17 @@ pub fn test_env(db_url: &str, topic_prefix: &str) -> HashMap<String, String> {
             "CJ_EVENTHANDLER_CONSUMER_GROUP",
             format!("{topic_prefix}event-handler"),
         ),
+        (
+            "CJ_TSDB_CONSUMER_GROUP",
+            format!("{topic_prefix}tsdb-writer"),
+        ),
+        (
+            "CJ_ACTIONS_CONSUMER_GROUP",
+            format!("{topic_prefix}action-orchestrator"),
+        ),
         ("CJ_OUTBOX_POLL_INTERVAL", "1s".into()),
+        // Webhook tests that exercise the limit set it; elsewhere 10/min would only slow them.
+        ("CJ_ACTIONS_RATE_LIMIT", "0".into()),
         ("CJ_DB_MAX_CONNECTIONS", "8".into()),
         ("CJ_SHUTDOWN_TIMEOUT", "15s".into()),
         ("CJ_LOG_LEVEL", "warn".into()),
@@ -196,6 +208,8 @@ pub struct TestApp {
     pub config: Config,
     pub platform: Option<Platform>,
     pub addrs: HashMap<Service, SocketAddr>,
+    /// Separate health ports (the action orchestrator's 8083).
+    pub health_addrs: HashMap<Service, SocketAddr>,
     pub http: reqwest::Client,
 }
 
@@ -229,12 +243,14 @@ impl TestApp {
             .await
             .expect("platform starts");
         let addrs = platform.addrs.clone();
+        let health_addrs = platform.health_addrs.clone();
         Self {
             db,
             prefix,
             config,
             platform: Some(platform),
             addrs,
+            health_addrs,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -244,6 +260,11 @@ impl TestApp {
 
     pub fn url(&self, svc: Service, path: &str) -> String {
         format!("http://{}{path}", self.addrs[&svc])
+    }
+
+    /// A URL on a service's separate health port.
+    pub fn health_url(&self, svc: Service, path: &str) -> String {
+        format!("http://{}{path}", self.health_addrs[&svc])
     }
 
     /// POSTs one event to /api/v1/ingest and returns (status, body).

@@ -1,0 +1,381 @@
+//! The action API on :8082 (SPEC §10): rules CRUD and the read side of deliveries and
+//! endpoints.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::ApiState;
+use super::error::ActionsError;
+use super::rules;
+use crate::envelope::format_time;
+
+/// Every route this module serves, for the OpenAPI agreement test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/api/v1/actions/rules"),
+    ("get", "/api/v1/actions/rules"),
+    ("get", "/api/v1/actions/rules/{rule_id}"),
+    ("put", "/api/v1/actions/rules/{rule_id}"),
+    ("patch", "/api/v1/actions/rules/{rule_id}"),
+    ("delete", "/api/v1/actions/rules/{rule_id}"),
+    ("get", "/api/v1/actions/deliveries"),
+    ("get", "/api/v1/actions/deliveries/{delivery_id}"),
+    ("post", "/api/v1/actions/deliveries/{delivery_id}/retry"),
+    ("get", "/api/v1/actions/endpoints"),
+];
+
+const STATUSES: &[&str] = &[
+    "pending",
+    "delivering",
+    "delivered",
+    "failed",
+    "deduplicated",
+    "circuit_open",
+    "cancelled",
+];
+
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/api/v1/actions/rules", post(create_rule).get(list_rules))
+        .route(
+            "/api/v1/actions/rules/{rule_id}",
+            get(get_rule)
+                .put(replace_rule)
+                .patch(patch_rule)
+                .delete(delete_rule),
+        )
+        .route("/api/v1/actions/deliveries", get(list_deliveries))
+        .route(
+            "/api/v1/actions/deliveries/{delivery_id}",
+            get(get_delivery),
+        )
+        .route(
+            "/api/v1/actions/deliveries/{delivery_id}/retry",
+            post(retry_delivery),
+        )
+        .route("/api/v1/actions/endpoints", get(list_endpoints))
+}
+
+fn json_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ActionsError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            let m = m.trim().to_ascii_lowercase();
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        });
+    if !is_json {
+        return Err(ActionsError::UnsupportedMediaType);
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ActionsError::BadRequest(format!("the body is not valid JSON: {e}")))
+}
+
+fn uuid_param(name: &str, v: &str) -> Result<Uuid, ActionsError> {
+    Uuid::parse_str(v).map_err(|_| ActionsError::BadRequest(format!("{name} must be a UUID")))
+}
+
+fn rule_not_found(id: Uuid) -> ActionsError {
+    ActionsError::NotFound(format!("no rule with id {id}"))
+}
+
+async fn create_rule(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ActionsError> {
+    let input = rules::validate(&json_body(&headers, &body)?).map_err(ActionsError::Invalid)?;
+    let rule = rules::insert(&s.pool, input).await?;
+    tracing::info!(rule_id = %rule.rule_id, name = %rule.name, "Rule created.");
+    let location = format!("/api/v1/actions/rules/{}", rule.rule_id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(rule.to_json(true)),
+    )
+        .into_response())
+}
+
+async fn list_rules(
+    State(s): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ActionsError> {
+    let limit = int_param(&q, "limit", 50, 1, 500)?;
+    let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
+    let (rules, total) = rules::list(&s.pool, limit, offset).await?;
+    Ok(Json(json!({
+        "rules": rules.iter().map(|r| r.to_json(false)).collect::<Vec<_>>(),
+        "total": total, "limit": limit, "offset": offset,
+    })))
+}
+
+async fn get_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ActionsError> {
+    let id = uuid_param("rule_id", &id)?;
+    let rule = rules::get(&s.pool, id)
+        .await?
+        .ok_or_else(|| rule_not_found(id))?;
+    Ok(Json(rule.to_json(false)))
+}
+
+async fn replace_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ActionsError> {
+    let id = uuid_param("rule_id", &id)?;
+    let input = rules::validate(&json_body(&headers, &body)?).map_err(ActionsError::Invalid)?;
+    let rule = rules::update(&s.pool, id, input)
+        .await?
+        .ok_or_else(|| rule_not_found(id))?;
+    Ok(Json(rule.to_json(false)))
+}
+
+/// JSON merge patch (RFC 7396) on the rule's document; the result is validated as a whole.
+async fn patch_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ActionsError> {
+    let id = uuid_param("rule_id", &id)?;
+    let patch = json_body(&headers, &body)?;
+    if !patch.is_object() {
+        return Err(ActionsError::BadRequest(
+            "a patch must be a JSON object".into(),
+        ));
+    }
+    let current = rules::get(&s.pool, id)
+        .await?
+        .ok_or_else(|| rule_not_found(id))?;
+    let mut doc = current.to_json(false);
+    merge(&mut doc, &patch);
+    let input = rules::validate(&doc).map_err(ActionsError::Invalid)?;
+    let rule = rules::update(&s.pool, id, input)
+        .await?
+        .ok_or_else(|| rule_not_found(id))?;
+    Ok(Json(rule.to_json(false)))
+}
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+async fn delete_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ActionsError> {
+    let id = uuid_param("rule_id", &id)?;
+    if rules::delete(&s.pool, id).await? {
+        tracing::info!(rule_id = %id, "Rule deleted.");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(rule_not_found(id))
+    }
+}
+
+fn int_param(
+    q: &HashMap<String, String>,
+    name: &str,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ActionsError> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| {
+                ActionsError::BadRequest(format!("{name} must be an integer from {min} to {max}"))
+            }),
+    }
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct Delivery {
+    delivery_id: Uuid,
+    rule_id: Uuid,
+    event_id: Uuid,
+    event_type: String,
+    aggregate_id: String,
+    endpoint: String,
+    status: String,
+    attempts: i32,
+    #[serde(serialize_with = "ser_time")]
+    next_attempt_at: DateTime<Utc>,
+    last_status_code: Option<i32>,
+    last_error: Option<String>,
+    #[serde(serialize_with = "ser_time")]
+    created_at: DateTime<Utc>,
+    #[serde(serialize_with = "ser_time")]
+    updated_at: DateTime<Utc>,
+    #[serde(serialize_with = "ser_opt_time")]
+    delivered_at: Option<DateTime<Utc>>,
+}
+
+fn ser_time<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(t))
+}
+
+fn ser_opt_time<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&format_time(t)),
+        None => s.serialize_none(),
+    }
+}
+
+const DELIVERY_COLUMNS: &str = "delivery_id, rule_id, event_id, event_type, aggregate_id, endpoint,
+    status, attempts, next_attempt_at, last_status_code, last_error, created_at, updated_at,
+    delivered_at";
+
+async fn list_deliveries(
+    State(s): State<ApiState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ActionsError> {
+    for k in q.keys() {
+        if !matches!(k.as_str(), "rule_id" | "status" | "event_id" | "limit") {
+            return Err(ActionsError::BadRequest(format!(
+                "unknown parameter '{k}'; use rule_id, status, event_id, limit"
+            )));
+        }
+    }
+    let rule_id = q
+        .get("rule_id")
+        .map(|v| uuid_param("rule_id", v))
+        .transpose()?;
+    let event_id = q
+        .get("event_id")
+        .map(|v| uuid_param("event_id", v))
+        .transpose()?;
+    let status = match q.get("status") {
+        Some(st) if !STATUSES.contains(&st.as_str()) => {
+            return Err(ActionsError::BadRequest(format!(
+                "status must be one of {}",
+                STATUSES.join(", ")
+            )));
+        }
+        other => other,
+    };
+    let limit = int_param(&q, "limit", 50, 1, 500)?;
+    let rows: Vec<Delivery> = sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM actions.deliveries
+         WHERE ($1::uuid IS NULL OR rule_id = $1) AND ($2::text IS NULL OR status = $2)
+           AND ($3::uuid IS NULL OR event_id = $3)
+         ORDER BY created_at DESC, delivery_id DESC LIMIT $4"
+    ))
+    .bind(rule_id)
+    .bind(status)
+    .bind(event_id)
+    .bind(limit)
+    .fetch_all(&s.pool)
+    .await?;
+    Ok(Json(json!({ "deliveries": rows, "limit": limit })))
+}
+
+async fn get_delivery(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Delivery>, ActionsError> {
+    let id = uuid_param("delivery_id", &id)?;
+    let row: Option<Delivery> = sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM actions.deliveries WHERE delivery_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&s.pool)
+    .await?;
+    row.map(Json)
+        .ok_or_else(|| ActionsError::NotFound(format!("no delivery with id {id}")))
+}
+
+/// Sends a finished, unsuccessful delivery again from its first attempt (an operator's
+/// "resend" after fixing the receiver).
+async fn retry_delivery(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ActionsError> {
+    let id = uuid_param("delivery_id", &id)?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM actions.deliveries WHERE delivery_id = $1")
+            .bind(id)
+            .fetch_optional(&s.pool)
+            .await?;
+    let Some(status) = status else {
+        return Err(ActionsError::NotFound(format!("no delivery with id {id}")));
+    };
+    let r = sqlx::query(
+        "UPDATE actions.deliveries
+         SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+         WHERE delivery_id = $1 AND status IN ('failed', 'circuit_open', 'cancelled')",
+    )
+    .bind(id)
+    .execute(&s.pool)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Err(ActionsError::Conflict(format!(
+            "delivery {id} is {status}; only failed, circuit_open or cancelled deliveries can be retried"
+        )));
+    }
+    s.wake.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "delivery_id": id, "status": "pending" })),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct Endpoint {
+    endpoint: String,
+    state: String,
+    consecutive_failures: i32,
+    #[serde(serialize_with = "ser_opt_time")]
+    opened_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "ser_opt_time")]
+    open_until: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "ser_opt_time")]
+    last_failure_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "ser_opt_time")]
+    last_success_at: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+}
+
+async fn list_endpoints(State(s): State<ApiState>) -> Result<Json<Value>, ActionsError> {
+    // An open breaker whose cool-down has passed admits the next call as its trial: shown as
+    // half_open, which is what the next delivery will find.
+    let rows: Vec<Endpoint> = sqlx::query_as(
+        "SELECT endpoint,
+                CASE WHEN state = 'open' AND open_until <= now() THEN 'half_open' ELSE state END AS state,
+                consecutive_failures, opened_at, open_until, last_failure_at, last_success_at,
+                last_error
+         FROM actions.endpoint_health ORDER BY endpoint",
+    )
+    .fetch_all(&s.pool)
+    .await?;
+    Ok(Json(json!({ "endpoints": rows })))
+}

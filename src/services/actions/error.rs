@@ -1,0 +1,81 @@
+//! Action API errors and their HTTP answers, in one place.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::infra::db;
+use crate::infra::http::error_body;
+
+/// One problem in a request, by field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActionsError {
+    #[error("the rule is invalid")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("the database is unavailable; retry later")]
+    Unavailable,
+    #[error("the action orchestrator has not migrated its schema yet; retry later")]
+    NotReady,
+    #[error(transparent)]
+    Internal(anyhow::Error),
+}
+
+impl From<sqlx::Error> for ActionsError {
+    fn from(e: sqlx::Error) -> Self {
+        if db::is_unavailable(&e) {
+            return ActionsError::Unavailable;
+        }
+        if let sqlx::Error::Database(d) = &e
+            && matches!(d.code().as_deref(), Some("42P01" | "3F000"))
+        {
+            return ActionsError::NotReady;
+        }
+        ActionsError::Internal(e.into())
+    }
+}
+
+impl IntoResponse for ActionsError {
+    fn into_response(self) -> Response {
+        let msg = self.to_string();
+        match self {
+            ActionsError::Invalid(details) => {
+                error_body(StatusCode::BAD_REQUEST, msg, json!(details))
+            }
+            ActionsError::BadRequest(_) => error_body(StatusCode::BAD_REQUEST, msg, json!([])),
+            ActionsError::NotFound(_) => error_body(StatusCode::NOT_FOUND, msg, json!([])),
+            ActionsError::Conflict(_) => error_body(StatusCode::CONFLICT, msg, json!([])),
+            ActionsError::UnsupportedMediaType => {
+                error_body(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg, json!([]))
+            }
+            ActionsError::Unavailable | ActionsError::NotReady => {
+                let mut r = error_body(StatusCode::SERVICE_UNAVAILABLE, msg, json!([]));
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            ActionsError::Internal(e) => {
+                tracing::error!(error = ?e, "Action API request failed.");
+                error_body(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error",
+                    json!([]),
+                )
+            }
+        }
+    }
+}

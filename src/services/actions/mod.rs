@@ -1,0 +1,250 @@
+//! Action orchestrator (API on 8082, health and metrics on 8083; SPEC §10): rules, the consumer
+//! group that records a delivery per matching (event, rule), and the worker that sends them as
+//! signed webhooks. Owns the `actions` schema.
+
+mod api;
+pub mod condition;
+pub mod deliver;
+mod error;
+mod record;
+pub mod rules;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use api::ROUTES;
+
+use super::{Ready, ServiceContext, migrate_when_reachable};
+use crate::infra::bus::{self, ConsumerState};
+use crate::infra::consume::{self, Blocked};
+use crate::infra::db;
+use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
+
+#[derive(Clone)]
+struct ApiState {
+    pool: PgPool,
+    wake: Arc<Notify>,
+}
+
+#[derive(Clone)]
+struct HealthState {
+    pool: PgPool,
+    ready: Ready,
+    group: String,
+    consumer: Arc<tokio::sync::OnceCell<Arc<ConsumerState>>>,
+    blocked: Arc<Blocked>,
+}
+
+pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
+    let ServiceContext {
+        config,
+        db: pool,
+        listener,
+        health_listener,
+        shutdown,
+        auth,
+        ..
+    } = ctx;
+    let listener = listener.context("the action API needs its own port")?;
+    let health_listener = health_listener.context("the action orchestrator needs a health port")?;
+    let cfg = config.actions.clone();
+    let wake = Arc::new(Notify::new());
+    let api_state = ApiState {
+        pool: pool.clone(),
+        wake: wake.clone(),
+    };
+    let health_state = HealthState {
+        pool: pool.clone(),
+        ready: Ready::default(),
+        group: cfg.consumer_group.clone(),
+        consumer: Arc::new(tokio::sync::OnceCell::new()),
+        blocked: Arc::new(Blocked::default()),
+    };
+    let api_router = Router::new()
+        .merge(api::router())
+        .fallback(not_found)
+        .with_state(api_state)
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::infra::auth::middleware,
+        ));
+    let health_router = Router::new()
+        .route("/health", get(health))
+        .merge(metrics_router())
+        .fallback(not_found)
+        .with_state(health_state.clone());
+    let tracker = TaskTracker::new();
+    let drain = config.shutdown_timeout;
+    let api_http = tokio::spawn(serve(
+        "actions",
+        listener,
+        api_router,
+        shutdown.clone(),
+        drain,
+    ));
+    let health_http = tokio::spawn(serve(
+        "actions-health",
+        health_listener,
+        health_router,
+        shutdown.clone(),
+        drain,
+    ));
+
+    let url = config.database_url("actions").to_string();
+    let setup = async {
+        if !migrate_when_reachable(&url, &db::ACTIONS, &shutdown).await? {
+            return Ok(None);
+        }
+        health_state.ready.set();
+        let deliverer = Arc::new(deliver::Deliverer::new(
+            pool.clone(),
+            cfg.clone(),
+            wake.clone(),
+        )?);
+        // Deliveries recorded before a restart are sent whether or not the bus is up.
+        tracker.spawn(deliverer.run(shutdown.clone()));
+        if config.retention.enabled {
+            tracker.spawn(retention(
+                pool.clone(),
+                config.retention.deliveries,
+                config.retention.interval,
+                shutdown.clone(),
+            ));
+        }
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        if let Err(e) = bus::ensure_topics(&config.kafka, &topics).await {
+            tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
+        }
+        let (consumer, observed) =
+            bus::consumer(&config.kafka, &cfg.consumer_group, &cfg.topics).await?;
+        let _ = health_state.consumer.set(observed);
+        anyhow::Ok(Some(consumer))
+    };
+    let work = async {
+        let consumer = tokio::select! {
+            c = setup => c?,
+            _ = shutdown.cancelled() => None,
+        };
+        let Some(consumer) = consumer else {
+            return Ok(());
+        };
+        tracing::info!(group = %cfg.consumer_group, topics = ?cfg.topics, "Action orchestrator consuming.");
+        consume::Worker {
+            sink: record::Recorder {
+                pool: pool.clone(),
+                default_dedup: cfg.dedup_window,
+                wake: wake.clone(),
+            },
+            consumer,
+            group: cfg.consumer_group.clone(),
+            retry_delays: cfg.consumer_retry_delays.clone(),
+            max_batch: 500,
+            blocked: health_state.blocked.clone(),
+        }
+        .run(shutdown.clone())
+        .await;
+        anyhow::Ok(())
+    };
+    let result = work.await;
+    if result.is_err() {
+        shutdown.cancel();
+    }
+    tracker.close();
+    tracker.wait().await;
+    let api_served = api_http.await?;
+    let health_served = health_http.await?;
+    result.and(api_served).and(health_served)
+}
+
+async fn health(State(s): State<HealthState>) -> Response {
+    let mut checks = vec![("database", Check::from_ping(db::ping(&s.pool).await))];
+    checks.extend(consume::consumer_check(
+        &s.group,
+        s.ready.get(),
+        s.consumer.get(),
+        &s.blocked,
+    ));
+    if s.ready.get() {
+        let backlog: Result<(i64, Option<f64>), sqlx::Error> = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM now() - min(next_attempt_at))::float8
+             FROM actions.deliveries
+             WHERE status IN ('pending', 'delivering') AND next_attempt_at <= now()",
+        )
+        .fetch_one(&s.pool)
+        .await;
+        if let Ok((due, oldest)) = backlog {
+            metrics::gauge!("cj_webhook_deliveries_due").set(due as f64);
+            checks.push((
+                "deliveries",
+                Check::new(
+                    Status::Healthy,
+                    json!({ "due": due, "oldest_due_s": oldest }),
+                ),
+            ));
+        }
+        let open: Result<i64, sqlx::Error> = sqlx::query_scalar(
+            "SELECT count(*) FROM actions.endpoint_health WHERE state <> 'closed'",
+        )
+        .fetch_one(&s.pool)
+        .await;
+        if let Ok(open) = open {
+            metrics::gauge!("cj_webhook_endpoints_not_closed").set(open as f64);
+        }
+    }
+    health_response(checks)
+}
+
+/// Finished deliveries older than the retention window go (SPEC §13), in slices.
+async fn retention(pool: PgPool, keep: Duration, every: Duration, shutdown: CancellationToken) {
+    loop {
+        let mut removed = 0u64;
+        loop {
+            let r = sqlx::query(
+                "DELETE FROM actions.deliveries WHERE delivery_id = ANY (ARRAY(
+                     SELECT delivery_id FROM actions.deliveries
+                     WHERE status NOT IN ('pending', 'delivering')
+                       AND updated_at < now() - make_interval(secs => $1)
+                     LIMIT 10000))",
+            )
+            .bind(keep.as_secs_f64())
+            .execute(&pool)
+            .await;
+            match r {
+                Ok(r) => {
+                    removed += r.rows_affected();
+                    if r.rows_affected() < 10_000 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Delivery retention failed; next run retries.");
+                    break;
+                }
+            }
+        }
+        if removed > 0 {
+            metrics::counter!("cj_retention_removed_total", "table" => "actions.deliveries")
+                .increment(removed);
+            tracing::info!(removed, "Delivery retention: old deliveries removed.");
+        }
+        if shutdown
+            .run_until_cancelled(tokio::time::sleep(every))
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
+}

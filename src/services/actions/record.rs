@@ -1,0 +1,150 @@
+//! The consumer's sink: each event is matched against the enabled rules and a delivery is
+//! recorded per match — `pending`, or `deduplicated` when the rule already fired for the same
+//! (event type, aggregate) within its window — in the same transaction that makes the batch
+//! durable. Only then does the shared consume loop commit the offsets, so a crash between the
+//! two re-records (idempotently, on (event_id, rule_id)) instead of losing a webhook.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::Message;
+use rdkafka::message::{Headers, OwnedMessage};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::condition::Condition;
+use super::rules::{self, Rule};
+use crate::envelope::Envelope;
+use crate::infra::consume::{DeadLetter, Sink, insert_dead_letters};
+
+pub struct Event {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub aggregate_id: String,
+    pub ingested_at: DateTime<Utc>,
+    /// The envelope exactly as it came off the bus: the webhook body.
+    pub body: String,
+    pub json: Value,
+    pub traceparent: Option<String>,
+}
+
+pub struct Recorder {
+    pub pool: PgPool,
+    pub default_dedup: Duration,
+    /// Wakes the delivery worker of this process when something new is pending.
+    pub wake: Arc<Notify>,
+}
+
+fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_string)
+}
+
+impl Sink for Recorder {
+    type Item = Event;
+
+    fn decode(&self, m: &OwnedMessage) -> Result<Option<Event>, String> {
+        let bytes = m.payload().ok_or("empty message")?;
+        let env = Envelope::decode(bytes)?;
+        let body = String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())?;
+        let json: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        let traceparent = header(m, "traceparent").or_else(|| {
+            json.pointer("/metadata/traceparent")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
+        Ok(Some(Event {
+            event_id: env.event_id,
+            event_type: env.event_type,
+            aggregate_id: env.aggregate_id,
+            ingested_at: env.ingested_at,
+            body,
+            json,
+            traceparent,
+        }))
+    }
+
+    async fn apply(&self, events: &[Event], letters: &[DeadLetter]) -> Result<(), sqlx::Error> {
+        let rules: Vec<(Rule, Option<Condition>)> = if events.is_empty() {
+            Vec::new()
+        } else {
+            rules::enabled(&self.pool)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    // Stored conditions were validated on the way in.
+                    let c = r.condition.as_ref().and_then(|c| Condition::parse(c).ok());
+                    (r, c)
+                })
+                .collect()
+        };
+        let matches: Vec<(&Event, &Rule)> = events
+            .iter()
+            .flat_map(|e| {
+                rules
+                    .iter()
+                    .filter(|(r, c)| r.matches(&e.event_type, &e.json, c.as_ref()))
+                    .map(move |(r, _)| (e, r))
+            })
+            .collect();
+        if matches.is_empty() && letters.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let (mut pending, mut deduplicated) = (0u64, 0u64);
+        for (e, r) in matches {
+            let window_ms = r
+                .dedup_window_ms
+                .unwrap_or(self.default_dedup.as_millis() as i64);
+            let status: Option<String> = sqlx::query_scalar(
+                "INSERT INTO actions.deliveries
+                    (delivery_id, rule_id, event_id, event_type, aggregate_id, event_at, endpoint,
+                     body, traceparent, status)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9,
+                     CASE WHEN $10::bigint > 0 AND EXISTS (
+                         SELECT 1 FROM actions.deliveries d
+                         WHERE d.rule_id = $2 AND d.event_type = $4 AND d.aggregate_id = $5
+                           AND d.status <> 'deduplicated' AND d.event_id <> $3
+                           AND d.event_at <= $6
+                           AND d.event_at > $6 - make_interval(secs => $10::bigint / 1000.0))
+                     THEN 'deduplicated' ELSE 'pending' END
+                 ON CONFLICT (event_id, rule_id) DO NOTHING
+                 RETURNING status",
+            )
+            .bind(Uuid::now_v7())
+            .bind(r.rule_id)
+            .bind(e.event_id)
+            .bind(&e.event_type)
+            .bind(&e.aggregate_id)
+            .bind(e.ingested_at)
+            .bind(&r.webhook_url)
+            .bind(&e.body)
+            .bind(&e.traceparent)
+            .bind(window_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match status.as_deref() {
+                Some("pending") => pending += 1,
+                Some(_) => deduplicated += 1,
+                None => {} // already recorded: a redelivery or a replay
+            }
+        }
+        insert_dead_letters(&mut tx, "actions.dlq", letters).await?;
+        tx.commit().await?;
+        metrics::counter!("cj_webhook_deliveries_recorded_total", "status" => "pending")
+            .increment(pending);
+        metrics::counter!("cj_webhook_deliveries_recorded_total", "status" => "deduplicated")
+            .increment(deduplicated);
+        if pending > 0 {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
