@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use cornjacket::config::{Config, DEFAULT_DATABASE_URL};
-use cornjacket::services::{ingestion, query};
+use cornjacket::services::{actions, ingestion, query};
 use regex::Regex;
 use serde_yaml::{Mapping, Value};
 
@@ -101,8 +101,11 @@ fn routes_with_ports() -> Vec<(&'static str, &'static str, u16)> {
     for (method, path) in ingestion::ROUTES {
         all.push((*method, *path, ports["ingestion"]));
     }
-    for (method, path) in query::ROUTES {
-        all.push((*method, *path, ports["query"]));
+    for (method, path) in query::routes() {
+        all.push((method, path, ports["query"]));
+    }
+    for (method, path) in actions::ROUTES {
+        all.push((*method, *path, ports["actions"]));
     }
     all
 }

@@ -106,9 +106,9 @@ async fn get_projection(
     }
 }
 
-type Params = Query<HashMap<String, String>>;
+pub(super) type Params = Query<HashMap<String, String>>;
 
-fn int_param(
+pub(super) fn int_param(
     q: &HashMap<String, String>,
     k: &str,
     default: i64,
@@ -129,7 +129,10 @@ fn int_param(
     }
 }
 
-fn time_param(q: &HashMap<String, String>, k: &str) -> Result<Option<DateTime<Utc>>, QueryError> {
+pub(super) fn time_param(
+    q: &HashMap<String, String>,
+    k: &str,
+) -> Result<Option<DateTime<Utc>>, QueryError> {
     q.get(k)
         .map(|v| {
             DateTime::parse_from_rfc3339(v)
@@ -141,7 +144,7 @@ fn time_param(q: &HashMap<String, String>, k: &str) -> Result<Option<DateTime<Ut
         .transpose()
 }
 
-fn only_known(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), QueryError> {
+pub(super) fn only_known(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), QueryError> {
     match q.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(QueryError::BadRequest(format!(
             "unknown query parameter '{k}'; allowed: {}",
@@ -265,7 +268,12 @@ async fn list_events(
 }
 
 /// Dead-letter tables by consumer; a consumer whose service has not migrated has none yet.
-const DLQ_TABLES: &[(&str, &str)] = &[("event-handler", "eventhandler.dlq")];
+const DLQ_TABLES: &[(&str, &str)] = &[
+    ("event-handler", "eventhandler.dlq"),
+    ("tsdb-writer", "tsdb.dlq"),
+    ("action-orchestrator", "actions.dlq"),
+    ("ai-inference", "ai.dlq"),
+];
 
 #[tracing::instrument(skip_all)]
 async fn list_dlq(

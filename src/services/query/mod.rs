@@ -2,13 +2,21 @@
 
 mod api;
 mod error;
+mod timeseries;
 
 use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 
-pub use api::ROUTES;
+/// Every route the query service serves, for the OpenAPI agreement test.
+pub fn routes() -> Vec<(&'static str, &'static str)> {
+    api::ROUTES
+        .iter()
+        .chain(timeseries::ROUTES)
+        .copied()
+        .collect()
+}
 
 use super::ServiceContext;
 use crate::infra::db;
@@ -17,12 +25,18 @@ use crate::infra::http::{Check, health_response, metrics_router, not_found, serv
 #[derive(Clone)]
 pub struct QueryState {
     pool: sqlx::PgPool,
+    /// Whether the database has TimescaleDB (decides `time_bucket` or `date_bin`), asked once.
+    timescale: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
-    let state = QueryState { pool: ctx.db };
+    let state = QueryState {
+        pool: ctx.db,
+        timescale: Default::default(),
+    };
     let router = Router::new()
         .merge(api::router())
+        .merge(timeseries::router())
         .route("/health", get(health))
         .merge(metrics_router())
         .fallback(not_found)
