@@ -64,10 +64,13 @@ infra-status:
 build:
 	$(CARGO) build --release --bin cornjacket
 
+# The platform and, beside it, the ai-inference sidecar (port 8090); Ctrl-C stops both.
 run: infra-up
 	$(CARGO) build --release --bin cornjacket
 	@scripts/dev-env.sh
-	exec ./target/release/cornjacket serve $(RUN_ARGS)
+	@scripts/ai.sh venv
+	@scripts/ai.sh run & ai=$$!; trap 'kill $$ai 2>/dev/null; wait $$ai' EXIT INT TERM; \
+		./target/release/cornjacket serve $(RUN_ARGS)
 
 test: infra-up
 	scripts/test.sh $(TEST_ARGS)

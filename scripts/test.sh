@@ -21,6 +21,8 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 fi
 
 status=0
+# The chain test (tests/chain.rs) runs the Python sidecar from its venv.
+"$ROOT/scripts/ai.sh" venv
 cargo nextest run --workspace --all-targets --no-fail-fast --test-threads "${CJ_TEST_THREADS:-6}" "$@" || status=$?
 
 # Static checks of the Terraform in deploy/ (SPEC §14): python-hcl2 in a venv of pinned versions,
@@ -57,5 +59,9 @@ if deploy_venv; then
 else
     status=1
 fi
+
+# The ai-inference sidecar's own suite (pytest against the same PostgreSQL and broker).
+echo "test: ai-inference (scripts/ai.sh test)"
+"$ROOT/scripts/ai.sh" test || status=$?
 
 exit "$status"

@@ -1,0 +1,1 @@
+"""Cornjacket's AI inference sidecar: per-device streaming anomaly scores for sensor readings."""

@@ -1,0 +1,5 @@
+import sys
+
+from ai_inference.main import main
+
+sys.exit(main())

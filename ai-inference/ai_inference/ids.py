@@ -1,0 +1,39 @@
+"""Identifiers: UUID v7 everywhere (ADR-0013), including the one derived from a source event."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+# Domain separation for derived ids: changing it would re-emit every anomaly on replay.
+_ANOMALY_DOMAIN = b"cornjacket/ai-inference/ai.anomaly/v1\x00"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _v7(unix_ms: int, rand: bytes) -> uuid.UUID:
+    """A UUID v7 from a millisecond timestamp and at least 10 bytes of (pseudo-)random bits."""
+    unix_ms = max(0, min(unix_ms, (1 << 48) - 1))
+    rand_a = int.from_bytes(rand[:2], "big") & 0x0FFF
+    rand_b = int.from_bytes(rand[2:10], "big") & ((1 << 62) - 1)
+    value = (unix_ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
+    return uuid.UUID(int=value)
+
+
+def uuid7() -> uuid.UUID:
+    """A fresh, time-ordered UUID v7 (Python 3.11's uuid module has none)."""
+    return _v7(time.time_ns() // 1_000_000, os.urandom(10))
+
+
+def anomaly_event_id(source_event_id: uuid.UUID, source_event_time: datetime) -> uuid.UUID:
+    """The `ai.anomaly` event id for a source reading.
+
+    Deterministic, so a redelivered reading resubmits the same id and the ingestion API answers
+    with the original event instead of storing a second one; still a v7 (time = the reading's
+    event_time) so it sorts with the platform's other ids.
+    """
+    digest = hashlib.sha256(_ANOMALY_DOMAIN + source_event_id.bytes).digest()
+    unix_ms = (source_event_time - _EPOCH) // timedelta(milliseconds=1)
+    return _v7(unix_ms, digest)
