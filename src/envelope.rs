@@ -351,6 +351,12 @@ pub fn validate_request(
     else {
         unreachable!("missing fields were reported as errors");
     };
+    // The `ai.` namespace holds what inference derived (SPEC §9); submitted over HTTP by the
+    // sidecar, such events are marked as coming from AI rather than from a client.
+    let source = match sub.source {
+        Source::Http if event_type.starts_with("ai.") => Source::Ai,
+        other => other,
+    };
     Ok(Envelope {
         event_id: event_id.unwrap_or_else(Uuid::now_v7),
         event_type,
@@ -359,7 +365,7 @@ pub fn validate_request(
         ingested_at: now,
         payload,
         metadata: Metadata {
-            source: sub.source,
+            source,
             traceparent,
             schema_version: SCHEMA_VERSION,
             subject: sub.subject.clone(),
@@ -557,6 +563,13 @@ mod tests {
         assert_eq!(e.event_time, now());
         assert_eq!(e.metadata.source, Source::Http);
         assert_eq!(e.metadata.schema_version, 1);
+        let anomaly = check(
+            json!({"event_type": "ai.anomaly", "aggregate_id": "device-001",
+            "payload": {"source_event_id": Uuid::now_v7().to_string(), "device_id": "device-001",
+                        "value": 80.0, "score": 9.5, "threshold": 4.0, "model": "zscore"}}),
+        )
+        .unwrap();
+        assert_eq!(anomaly.metadata.source, Source::Ai);
     }
 
     #[test]
