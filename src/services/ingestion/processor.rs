@@ -111,6 +111,8 @@ impl Processor {
         metrics::histogram!("cj_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
 
         // One statement moves the batch: the event store insert absorbs a republished duplicate.
+        // The event store's key is (event_id, ingested_at) since it is partitioned by ingest day
+        // (V4); a duplicate carries the same ingested_at (it is in the envelope), so it conflicts.
         sqlx::query(
             "WITH moved AS (
                  DELETE FROM ingestion.outbox WHERE outbox_id = ANY($1) RETURNING event_payload AS p)
@@ -120,7 +122,7 @@ impl Processor {
                     (p->>'event_time')::timestamptz, (p->>'ingested_at')::timestamptz,
                     p->'payload', p->'metadata'
              FROM moved
-             ON CONFLICT (event_id) DO NOTHING",
+             ON CONFLICT (event_id, ingested_at) DO NOTHING",
         )
         .bind(&ids)
         .execute(&mut *tx)
