@@ -6,6 +6,7 @@ mod error;
 pub mod mqtt;
 pub mod processor;
 pub mod replay;
+pub mod retention;
 pub mod writer;
 
 use std::net::IpAddr;
@@ -120,7 +121,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             if !migrate_when_reachable(&url, &db::INGESTION, &shutdown).await? {
                 return Ok(());
             }
+            // Today's event store partition exists before the processor's first insert.
+            retention::prepare(&state.pool, state.clock.now()).await;
             state.ready.set();
+            tracker.spawn(retention::run(
+                state.pool.clone(),
+                state.clock.clone(),
+                state.config.retention.clone(),
+                shutdown.clone(),
+            ));
             if let Some(l) = limiter {
                 // Forget idle clients so the limiter's memory stays bounded.
                 let s = shutdown.clone();
