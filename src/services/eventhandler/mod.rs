@@ -4,6 +4,7 @@
 mod consumer;
 pub mod handlers;
 pub mod rebuild;
+pub mod retention;
 pub mod store;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         shutdown,
         board,
+        clock,
         ..
     } = ctx;
     let cfg = config.eventhandler.clone();
@@ -82,6 +84,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             return Ok(None);
         }
         state.ready.set();
+        if config.retention.enabled {
+            tokio::spawn(retention::run(
+                pool.clone(),
+                clock.clone(),
+                config.retention.projections,
+                config.retention.interval,
+                shutdown.clone(),
+            ));
+        }
         // Consumers subscribe to topics that may not exist yet on a fresh broker.
         if let Err(e) = bus::ensure_topics(&config.kafka, &config.kafka.topics.all()).await {
             tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
