@@ -24,8 +24,9 @@ use super::writer::SHARDS;
 use crate::config::{KafkaConfig, OutboxConfig, Topics};
 use crate::infra::{bus, db};
 
-/// Namespace of the shard advisory locks (the other key is the shard).
-const LOCK_NAMESPACE: i32 = 0x636a_6f62;
+/// Namespace of the shard advisory locks (the other key is the shard). Whoever holds
+/// `(LOCK_NAMESPACE, shard)` owns the shard: workers skip it meanwhile.
+pub const LOCK_NAMESPACE: i32 = 0x636a_6f62;
 pub const NOTIFY_CHANNEL: &str = "cj_outbox";
 
 #[derive(Debug, thiserror::Error)]
