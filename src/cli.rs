@@ -1,4 +1,4 @@
-//! The command line: `serve`, `migrate`, `dlq`.
+//! The command line: `serve`, `migrate`, `dlq`, `replay`, `projections`, `retention`, `token`.
 
 use clap::{Parser, Subcommand};
 use uuid::Uuid;
@@ -56,6 +56,11 @@ pub enum Command {
         #[command(subcommand)]
         action: ProjectionsAction,
     },
+    /// Data retention (SPEC §13).
+    Retention {
+        #[command(subcommand)]
+        action: RetentionAction,
+    },
     /// Mint a development JWT (HS256, from CJ_JWT_SECRET) and print it.
     Token {
         /// The subject (`sub`), e.g. a device or service name.
@@ -78,6 +83,17 @@ pub enum ProjectionsAction {
         #[arg(long = "type")]
         projection_type: Option<String>,
         /// Count what would be read, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RetentionAction {
+    /// Run the retention jobs of the ingestion and event handler schemas once (even when
+    /// CJ_RETENTION_ENABLED=false) and print what they removed.
+    Run {
+        /// Print what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -186,6 +202,9 @@ pub async fn main() -> i32 {
                     dry_run,
                 },
         } => report(rebuild_cmd(&config, projection_type.as_deref(), dry_run).await),
+        Command::Retention {
+            action: RetentionAction::Run { dry_run },
+        } => report(retention_cmd(&config, dry_run).await),
         Command::Dlq { action } => match dlq(&config, action).await {
             Ok(code) => code,
             Err(e) => {
@@ -252,6 +271,54 @@ async fn rebuild_cmd(
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (read, refused) = rebuild::rebuild(&events, &projections, projection, progress).await?;
     println!("{read} event(s) read, {refused} refused by their handler");
+    Ok(0)
+}
+
+async fn retention_cmd(config: &Config, dry_run: bool) -> anyhow::Result<i32> {
+    use crate::services::{eventhandler, ingestion};
+    let now = chrono::Utc::now();
+    let never = tokio_util::sync::CancellationToken::new();
+    let verb = |done: &'static str| {
+        if dry_run {
+            format!("would be {done}")
+        } else {
+            done.to_string()
+        }
+    };
+    let events = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
+    let r = ingestion::retention::enforce(&events, now, config.retention.events, dry_run, &never)
+        .await?;
+    for name in &r.created {
+        println!(
+            "ingestion.event_store: partition {name} {}",
+            verb("created")
+        );
+    }
+    for p in &r.dropped {
+        let rows = if p.rows_estimate >= 0 {
+            format!(", about {} rows", p.rows_estimate)
+        } else {
+            String::new()
+        };
+        println!(
+            "ingestion.event_store: partition {} (day {}{rows}) {}",
+            p.name,
+            p.day,
+            verb("dropped")
+        );
+    }
+    let projections = db::lazy_pool(config.database_url("eventhandler"), config, 2)?;
+    let eh = eventhandler::retention::enforce(
+        &projections,
+        now,
+        config.retention.projections,
+        dry_run,
+        &never,
+    )
+    .await?;
+    for (table, n) in r.rows.iter().chain(&eh.rows) {
+        println!("{table}: {n} row(s) {}", verb("deleted"));
+    }
     Ok(0)
 }
 

@@ -205,7 +205,8 @@ pub struct RetentionConfig {
     pub deliveries: Duration,
     /// `CJ_RETENTION_INTERVAL`: how often each service runs its retention job (1h).
     pub interval: Duration,
-    /// `CJ_RETENTION_ENABLED`: run the jobs at all (default true).
+    /// `CJ_RETENTION_ENABLED`: remove expired data at all (default true); the event store's
+    /// daily partitions are created ahead either way.
     pub enabled: bool,
 }
 

@@ -37,6 +37,9 @@ pub async fn start(
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Platform> {
     let config = Arc::new(config);
+    // Install the metrics recorder before any service records: until it exists, counters and
+    // gauges go nowhere (it used to appear with the first /metrics scrape).
+    crate::infra::telemetry::metrics_handle();
     let auth =
         crate::infra::auth::Auth::from_config(&config.auth).map_err(|e| anyhow::anyhow!(e))?;
     let mut bound = Vec::new();

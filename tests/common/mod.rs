@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use cornjacket::config::Config;
-use cornjacket::envelope::SystemClock;
+use cornjacket::envelope::{Clock, SystemClock};
 use cornjacket::services::Service;
 use cornjacket::supervisor::{self, Platform};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -236,10 +236,22 @@ impl TestApp {
         env: HashMap<String, String>,
         services: &[Service],
     ) -> Self {
+        Self::start_with_clock(db, prefix, env, services, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`TestApp::start`], with the services reading time from `clock` (a `FixedClock`
+    /// lets a test ingest "in the past" or move time forward).
+    pub async fn start_with_clock(
+        db: TestDb,
+        prefix: String,
+        env: HashMap<String, String>,
+        services: &[Service],
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         delete_stale_topics().await;
         let config = Config::from_map(&env).expect("test config is valid");
         cornjacket::infra::telemetry::init_logging(&config);
-        let platform = supervisor::start(config.clone(), services, Arc::new(SystemClock))
+        let platform = supervisor::start(config.clone(), services, clock)
             .await
             .expect("platform starts");
         let addrs = platform.addrs.clone();
@@ -610,4 +622,80 @@ pub fn cornjacket() -> Command {
     let mut c = Command::new(binary());
     c.current_dir(std::env::temp_dir());
     c
+}
+
+/// One sample of a Prometheus text exposition: name, labels, value.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub value: f64,
+}
+
+/// Scrapes a service port's `/metrics`.
+pub async fn scrape(app: &TestApp, svc: Service) -> Vec<Sample> {
+    let r = app
+        .http
+        .get(app.url(svc, "/metrics"))
+        .send()
+        .await
+        .expect("metrics request");
+    assert_eq!(r.status(), 200);
+    parse_metrics(&r.text().await.expect("metrics body"))
+}
+
+/// Parses `name{label="value",...} 1.5` lines; comments and blank lines are skipped.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        let value: f64 = value.parse().expect("sample value is a number");
+        let (name, mut rest) = series.split_once('{').unwrap_or((series, ""));
+        let mut labels = HashMap::new();
+        while let Some((key, after)) = rest.split_once("=\"") {
+            let mut val = String::new();
+            let mut chars = after.char_indices();
+            let mut end = after.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => match chars.next() {
+                        Some((_, 'n')) => val.push('\n'),
+                        Some((_, e)) => val.push(e),
+                        None => {}
+                    },
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => val.push(c),
+                }
+            }
+            labels.insert(key.trim_start_matches(',').to_string(), val);
+            rest = &after[end..];
+        }
+        out.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The sum of the samples named `name` whose labels include `labels`; 0 when there are none
+/// (a counter not yet touched is absent).
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
 }

@@ -4,9 +4,12 @@
 mod consumer;
 pub mod handlers;
 pub mod rebuild;
+pub mod retention;
 pub mod store;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -28,6 +31,8 @@ struct HealthState {
     blocked: Arc<Blocked>,
     board: HealthBoard,
     port: u16,
+    /// `(consumer, status)` label sets of `cj_dlq_entries` exported so far.
+    dlq_labels: Arc<Mutex<HashSet<(String, String)>>>,
 }
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
@@ -37,9 +42,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         shutdown,
         board,
+        clock,
         ..
     } = ctx;
     let cfg = config.eventhandler.clone();
+    // The own group's entries are exported (at 0) from the start.
+    let dlq_labels = ["pending", "replayed", "discarded"]
+        .map(|s| (cfg.consumer_group.clone(), s.to_string()))
+        .into_iter()
+        .collect();
     let state = HealthState {
         pool: pool.clone(),
         ready: Ready::default(),
@@ -48,12 +59,18 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         blocked: Arc::new(Blocked::default()),
         board: board.clone(),
         port: config.ports.eventhandler_health,
+        dlq_labels: Arc::new(Mutex::new(dlq_labels)),
     };
     let http = match listener {
         Some(listener) => {
             let router = Router::new()
                 .route("/health", get(health))
-                .merge(metrics_router())
+                .merge(
+                    metrics_router().route_layer(axum::middleware::from_fn_with_state(
+                        state.clone(),
+                        sample_gauges,
+                    )),
+                )
                 .fallback(not_found)
                 .with_state(state.clone());
             tokio::spawn(serve(
@@ -71,7 +88,20 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 let s = s.clone();
                 async move { Check::combine(checks(&s).await) }
             });
-            tokio::spawn(async { anyhow::Ok(()) })
+            // The port's /metrics is another service's: sample the gauges on a timer instead.
+            let (s, stop) = (state.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                while stop
+                    .run_until_cancelled(tokio::time::sleep(Duration::from_secs(15)))
+                    .await
+                    .is_some()
+                {
+                    if s.ready.get() {
+                        let _ = dlq_gauges(&s).await;
+                    }
+                }
+                anyhow::Ok(())
+            })
         }
     };
 
@@ -82,6 +112,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             return Ok(None);
         }
         state.ready.set();
+        if config.retention.enabled {
+            tokio::spawn(retention::run(
+                pool.clone(),
+                clock.clone(),
+                config.retention.projections,
+                config.retention.interval,
+                shutdown.clone(),
+            ));
+        }
         // Consumers subscribe to topics that may not exist yet on a fresh broker.
         if let Err(e) = bus::ensure_topics(&config.kafka, &config.kafka.topics.all()).await {
             tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
@@ -129,6 +168,40 @@ async fn checks(s: &HealthState) -> Vec<(&'static str, Check)> {
         &s.blocked,
     ));
     checks
+}
+
+/// Samples the dead-letter counts into `cj_dlq_entries{consumer,status}`; a label set that
+/// emptied is set to 0 rather than left at its last value.
+async fn dlq_gauges(s: &HealthState) -> Result<(), sqlx::Error> {
+    let sizes = store::dlq_sizes(&s.pool).await?;
+    let mut labels = s.dlq_labels.lock().expect("dlq labels lock");
+    labels.extend(sizes.iter().map(|(c, st, _)| (c.clone(), st.clone())));
+    for (consumer, status) in labels.iter() {
+        let n = sizes
+            .iter()
+            .find(|(c, st, _)| c == consumer && st == status)
+            .map_or(0, |(_, _, n)| *n);
+        metrics::gauge!("cj_dlq_entries", "consumer" => consumer.clone(), "status" => status.clone())
+            .set(n as f64);
+    }
+    Ok(())
+}
+
+/// Refreshes the sampled gauges before `/metrics` renders; a slow or unreachable database
+/// leaves the last values.
+async fn sample_gauges(
+    State(s): State<HealthState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.ready.get() {
+        match tokio::time::timeout(Duration::from_secs(2), dlq_gauges(&s)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "Could not sample the dead letters."),
+            Err(_) => tracing::debug!("Sampling the dead letters timed out."),
+        }
+    }
+    next.run(req).await
 }
 
 async fn health(State(s): State<HealthState>) -> Response {

@@ -174,6 +174,13 @@ pub async fn discard(pool: &PgPool, dlq_id: Uuid) -> Result<bool, sqlx::Error> {
     Ok(r.rows_affected() == 1)
 }
 
+/// Dead letters per `(consumer, status)`, for the `cj_dlq_entries` gauge.
+pub async fn dlq_sizes(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT consumer, status, count(*) FROM eventhandler.dlq GROUP BY 1, 2")
+        .fetch_all(pool)
+        .await
+}
+
 pub async fn pending_ids(pool: &PgPool) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT dlq_id FROM eventhandler.dlq WHERE status = 'pending' ORDER BY failed_at",

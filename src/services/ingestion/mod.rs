@@ -6,6 +6,7 @@ mod error;
 pub mod mqtt;
 pub mod processor;
 pub mod replay;
+pub mod retention;
 pub mod writer;
 
 use std::net::IpAddr;
@@ -97,7 +98,12 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         .merge(api::router(&state))
         .route("/health", get(health))
         .route("/internal/auth/verify", get(verify))
-        .merge(metrics_router())
+        .merge(
+            metrics_router().route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                sample_gauges,
+            )),
+        )
         .fallback(not_found)
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
@@ -120,7 +126,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             if !migrate_when_reachable(&url, &db::INGESTION, &shutdown).await? {
                 return Ok(());
             }
+            // Today's event store partition exists before the processor's first insert.
+            retention::prepare(&state.pool, state.clock.now()).await;
             state.ready.set();
+            tracker.spawn(retention::run(
+                state.pool.clone(),
+                state.clock.clone(),
+                state.config.retention.clone(),
+                shutdown.clone(),
+            ));
             if let Some(l) = limiter {
                 // Forget idle clients so the limiter's memory stays bounded.
                 let s = shutdown.clone();
@@ -173,6 +187,8 @@ async fn start_processor(
     let kafka = state.config.kafka.clone();
     let producer = Arc::new(bus::SharedProducer::new(bus::producer(&kafka).await?));
     let _ = state.producer.set(producer.clone());
+    // Exported from the start, so a dashboard shows 0 rather than nothing.
+    metrics::counter!("cj_outbox_publish_failures_total").increment(0);
     let topics = kafka.topics.clone();
     // The broker may be down at startup; the processor recreates topics when a publish says so.
     if let Err(e) = bus::ensure_topics(&kafka, &topics.all()).await {
@@ -203,6 +219,33 @@ async fn start_processor(
     Ok(())
 }
 
+/// Samples the outbox backlog into its gauges (also reported by `/health`).
+async fn outbox_gauges(state: &AppState) -> Result<(i64, f64, i64), sqlx::Error> {
+    let max = state.config.outbox.max_retries;
+    let (n, age, stuck) = processor::backlog(&state.pool, max).await?;
+    metrics::gauge!("cj_outbox_backlog").set(n as f64);
+    metrics::gauge!("cj_outbox_oldest_age_seconds").set(age);
+    metrics::gauge!("cj_outbox_over_retry_limit").set(stuck as f64);
+    Ok((n, age, stuck))
+}
+
+/// Refreshes the sampled gauges before `/metrics` renders, so a scrape never shows a backlog
+/// older than itself; a slow or unreachable database leaves the last values.
+async fn sample_gauges(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if state.is_ready() {
+        match tokio::time::timeout(Duration::from_secs(2), outbox_gauges(&state)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "Could not sample the outbox backlog."),
+            Err(_) => tracing::debug!("Sampling the outbox backlog timed out."),
+        }
+    }
+    next.run(req).await
+}
+
 /// Traefik's ForwardAuth target (SPEC §11); never routed by the gateway itself.
 async fn verify(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
     crate::infra::auth::forward_auth(&state.auth, &headers)
@@ -219,12 +262,8 @@ async fn health(State(state): State<AppState>) -> Response {
             ),
         ));
     } else {
-        let max = state.config.outbox.max_retries;
-        let outbox = match processor::backlog(&state.pool, max).await {
+        let outbox = match outbox_gauges(&state).await {
             Ok((n, age, stuck)) => {
-                metrics::gauge!("cj_outbox_backlog").set(n as f64);
-                metrics::gauge!("cj_outbox_oldest_age_seconds").set(age);
-                metrics::gauge!("cj_outbox_over_retry_limit").set(stuck as f64);
                 let status = if stuck > 0 {
                     Status::Degraded
                 } else {

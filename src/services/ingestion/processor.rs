@@ -24,8 +24,9 @@ use super::writer::SHARDS;
 use crate::config::{KafkaConfig, OutboxConfig, Topics};
 use crate::infra::{bus, db};
 
-/// Namespace of the shard advisory locks (the other key is the shard).
-const LOCK_NAMESPACE: i32 = 0x636a_6f62;
+/// Namespace of the shard advisory locks (the other key is the shard). Whoever holds
+/// `(LOCK_NAMESPACE, shard)` owns the shard: workers skip it meanwhile.
+pub const LOCK_NAMESPACE: i32 = 0x636a_6f62;
 pub const NOTIFY_CHANNEL: &str = "cj_outbox";
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,8 @@ impl Processor {
         metrics::histogram!("cj_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
 
         // One statement moves the batch: the event store insert absorbs a republished duplicate.
+        // The event store's key is (event_id, ingested_at) since it is partitioned by ingest day
+        // (V4); a duplicate carries the same ingested_at (it is in the envelope), so it conflicts.
         sqlx::query(
             "WITH moved AS (
                  DELETE FROM ingestion.outbox WHERE outbox_id = ANY($1) RETURNING event_payload AS p)
@@ -120,7 +123,7 @@ impl Processor {
                     (p->>'event_time')::timestamptz, (p->>'ingested_at')::timestamptz,
                     p->'payload', p->'metadata'
              FROM moved
-             ON CONFLICT (event_id) DO NOTHING",
+             ON CONFLICT (event_id, ingested_at) DO NOTHING",
         )
         .bind(&ids)
         .execute(&mut *tx)

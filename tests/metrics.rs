@@ -1,0 +1,138 @@
+//! `/metrics` moves with the work (SPEC §13): events accepted and published, the outbox backlog
+//! and its age, publish latency and failures, projection updates, dead letters written and
+//! waiting, and consumer lag per group and partition — scraped from the ingestion and event
+//! handler ports before and after.
+//!
+//! The registry is process-wide; exact deltas rely on nextest running each test in its own
+//! process (keep one test per file here if that ever changes).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use cornjacket::services::Service;
+use cornjacket::services::ingestion::processor::LOCK_NAMESPACE;
+use cornjacket::services::ingestion::writer::shard_of;
+use serde_json::json;
+
+fn reading(device: &str) -> serde_json::Value {
+    json!({"event_type": "sensor.reading", "aggregate_id": device,
+           "payload": {"value": 20.5, "unit": "c"}})
+}
+
+#[tokio::test]
+async fn metrics_move_by_what_was_ingested_published_projected_and_dead_lettered() {
+    let app = TestApp::spawn_with(&[Service::Ingestion, Service::Eventhandler], |e| {
+        e.insert(
+            "CJ_EVENTHANDLER_RETRY_DELAYS".into(),
+            "0s,100ms,200ms".into(),
+        );
+    })
+    .await;
+    app.wait_ready().await;
+    let group = app.config.eventhandler.consumer_group.clone();
+    let group = group.as_str();
+    let sensor = app.topic("sensor-events");
+    let pool = app.pool().await;
+
+    let ing0 = scrape(&app, Service::Ingestion).await;
+    let eh0 = scrape(&app, Service::Eventhandler).await;
+    let accepted = |m: &[Sample]| metric(m, "cj_events_accepted_total", &[("source", "http")]);
+    let published = |m: &[Sample]| metric(m, "cj_outbox_published_total", &[]);
+    let publishes = |m: &[Sample]| metric(m, "cj_outbox_publish_seconds_count", &[]);
+    let failures = |m: &[Sample]| metric(m, "cj_outbox_publish_failures_total", &[]);
+    let updates = |m: &[Sample]| metric(m, "cj_projection_updates_total", &[]);
+    let dlq_written = |m: &[Sample]| metric(m, "cj_dlq_written_total", &[("consumer", group)]);
+    let dlq_pending = |m: &[Sample]| {
+        metric(
+            m,
+            "cj_dlq_entries",
+            &[("consumer", group), ("status", "pending")],
+        )
+    };
+    assert!(
+        ing0.iter()
+            .any(|s| s.name == "cj_outbox_publish_failures_total"),
+        "publish failures are exported from the start"
+    );
+    assert_eq!(metric(&ing0, "cj_outbox_backlog", &[]), 0.0);
+    assert!(
+        eh0.iter().any(|s| s.name == "cj_dlq_entries"),
+        "dead letters are exported (at 0) from the start"
+    );
+    assert_eq!(dlq_pending(&eh0), 0.0);
+
+    // Hold one aggregate's shard the way a busy worker would: its event waits in the outbox.
+    let mut held = pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1::int4, $2::int4)")
+        .bind(LOCK_NAMESPACE)
+        .bind(i32::from(shard_of("held")))
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    assert_eq!(app.ingest(reading("held")).await.0, 202);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let waiting = scrape(&app, Service::Ingestion).await;
+    assert_eq!(metric(&waiting, "cj_outbox_backlog", &[]), 1.0);
+    let age = metric(&waiting, "cj_outbox_oldest_age_seconds", &[]);
+    assert!(age >= 0.5, "oldest row age {age}");
+    held.rollback().await.unwrap();
+
+    for d in ["m1", "m2", "m3", "m4"] {
+        assert_eq!(app.ingest(reading(d)).await.0, 202);
+    }
+    produce_raw(&sensor, "poison", b"not an envelope").await;
+
+    let (ing1, eh1) = eventually(Duration::from_secs(45), || async {
+        let ing = scrape(&app, Service::Ingestion).await;
+        let eh = scrape(&app, Service::Eventhandler).await;
+        let done = published(&ing) - published(&ing0) >= 5.0
+            && updates(&eh) - updates(&eh0) >= 5.0
+            && dlq_pending(&eh) >= 1.0;
+        done.then_some((ing, eh))
+    })
+    .await;
+    assert_eq!(accepted(&ing1) - accepted(&ing0), 5.0);
+    assert_eq!(published(&ing1) - published(&ing0), 5.0);
+    let batches = publishes(&ing1) - publishes(&ing0);
+    assert!((1.0..=5.0).contains(&batches), "{batches} publish batches");
+    assert_eq!(failures(&ing1) - failures(&ing0), 0.0);
+    assert_eq!(metric(&ing1, "cj_outbox_backlog", &[]), 0.0);
+    assert_eq!(metric(&ing1, "cj_outbox_oldest_age_seconds", &[]), 0.0);
+    assert_eq!(updates(&eh1) - updates(&eh0), 5.0);
+    assert_eq!(dlq_written(&eh1) - dlq_written(&eh0), 1.0);
+    assert_eq!(dlq_pending(&eh1), 1.0);
+    assert_eq!(
+        metric(&eh1, "cj_consumer_applied_total", &[("consumer", group)])
+            - metric(&eh0, "cj_consumer_applied_total", &[("consumer", group)]),
+        5.0
+    );
+
+    // Consumer lag per group and partition (from librdkafka's statistics): every partition of
+    // the sensor topic is reported, and the group catches up to 0.
+    let partitions = app.config.kafka.partitions;
+    eventually(Duration::from_secs(30), || async {
+        let m = scrape(&app, Service::Eventhandler).await;
+        let lags: Vec<f64> = (0..partitions)
+            .filter_map(|p| {
+                let p = p.to_string();
+                let labels = [
+                    ("group", group),
+                    ("topic", sensor.as_str()),
+                    ("partition", p.as_str()),
+                ];
+                m.iter()
+                    .find(|s| {
+                        s.name == "cj_consumer_lag"
+                            && labels
+                                .iter()
+                                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+                    })
+                    .map(|s| s.value)
+            })
+            .collect();
+        (lags.len() == partitions as usize && lags.iter().all(|l| *l == 0.0)).then_some(())
+    })
+    .await;
+}
