@@ -472,6 +472,14 @@ async fn rules_api_validates_and_supports_crud() {
     }
     let r = app.http.post(&url).body("{}").send().await.unwrap();
     assert_eq!(r.status(), 415);
+    let huge = json!({"name": "x".repeat(70 * 1024)});
+    let r = app.http.post(&url).json(&huge).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("larger than"),
+        "{body}"
+    );
     let r = app
         .http
         .post(&url)

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use cornjacket::services::{Service, ingestion, query};
+use cornjacket::services::{Service, actions, ingestion, query};
 use serde_json::Value;
 
 const METHODS: &[&str] = &["get", "post", "put", "patch", "delete"];
@@ -42,24 +42,38 @@ fn in_code(routes: &[(&str, &str)]) -> BTreeSet<(String, String)> {
 fn documents_list_exactly_the_routes_in_code() {
     assert_eq!(documented("ingestion.yaml"), in_code(ingestion::ROUTES));
     assert_eq!(documented("query.yaml"), in_code(&query::routes()));
+    assert_eq!(documented("actions.yaml"), in_code(actions::ROUTES));
 }
 
 /// Every documented route is really served: a request never falls through to the router's
 /// "no such route" answer.
 #[tokio::test]
 async fn every_documented_route_is_served() {
-    let app = TestApp::spawn(&[Service::Ingestion, Service::Query]).await;
+    let app = TestApp::spawn(&[Service::Ingestion, Service::Query, Service::Actions]).await;
     for (file, svc) in [
         ("ingestion.yaml", Service::Ingestion),
         ("query.yaml", Service::Query),
+        ("actions.yaml", Service::Actions),
     ] {
         for (method, path) in documented(file) {
             let concrete = path
                 .replace("{type}", "sensor_state")
-                .replace("{aggregate_id}", "x");
-            let url = app.url(svc, &concrete);
+                .replace("{aggregate_id}", "x")
+                .replace("{device_id}", "x")
+                .replace("{rule_id}", &uuid::Uuid::now_v7().to_string())
+                .replace("{delivery_id}", &uuid::Uuid::now_v7().to_string());
+            // The action orchestrator's health and metrics are on its separate port (8083).
+            let url = if svc == Service::Actions && !path.starts_with("/api/") {
+                app.health_url(svc, &concrete)
+            } else {
+                app.url(svc, &concrete)
+            };
+            let body = serde_json::json!({});
             let req = match method.as_str() {
-                "post" => app.http.post(&url).json(&serde_json::json!({})),
+                "post" => app.http.post(&url).json(&body),
+                "put" => app.http.put(&url).json(&body),
+                "patch" => app.http.patch(&url).json(&body),
+                "delete" => app.http.delete(&url),
                 _ => app.http.get(&url),
             };
             let r = req.timeout(Duration::from_secs(10)).send().await.unwrap();

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -65,7 +66,18 @@ pub fn router() -> Router<ApiState> {
         .route("/api/v1/actions/endpoints", get(list_endpoints))
 }
 
-fn json_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ActionsError> {
+/// The largest rule document accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+type Body = Result<Bytes, BytesRejection>;
+
+fn json_body(headers: &HeaderMap, body: Body) -> Result<Value, ActionsError> {
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(FailedToBufferBody::LengthLimitError(_)) => {
+            ActionsError::TooLarge(MAX_BODY)
+        }
+        other => ActionsError::BadRequest(other.body_text()),
+    })?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -77,7 +89,7 @@ fn json_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ActionsError> {
     if !is_json {
         return Err(ActionsError::UnsupportedMediaType);
     }
-    serde_json::from_slice(body)
+    serde_json::from_slice(&body)
         .map_err(|e| ActionsError::BadRequest(format!("the body is not valid JSON: {e}")))
 }
 
@@ -92,9 +104,9 @@ fn rule_not_found(id: Uuid) -> ActionsError {
 async fn create_rule(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ActionsError> {
-    let input = rules::validate(&json_body(&headers, &body)?).map_err(ActionsError::Invalid)?;
+    let input = rules::validate(&json_body(&headers, body)?).map_err(ActionsError::Invalid)?;
     let rule = rules::insert(&s.pool, input).await?;
     tracing::info!(rule_id = %rule.rule_id, name = %rule.name, "Rule created.");
     let location = format!("/api/v1/actions/rules/{}", rule.rule_id);
@@ -110,6 +122,11 @@ async fn list_rules(
     State(s): State<ApiState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ActionsError> {
+    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "limit" | "offset")) {
+        return Err(ActionsError::BadRequest(format!(
+            "unknown query parameter '{k}'; allowed: limit, offset"
+        )));
+    }
     let limit = int_param(&q, "limit", 50, 1, 500)?;
     let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
     let (rules, total) = rules::list(&s.pool, limit, offset).await?;
@@ -134,10 +151,10 @@ async fn replace_rule(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<Value>, ActionsError> {
     let id = uuid_param("rule_id", &id)?;
-    let input = rules::validate(&json_body(&headers, &body)?).map_err(ActionsError::Invalid)?;
+    let input = rules::validate(&json_body(&headers, body)?).map_err(ActionsError::Invalid)?;
     let rule = rules::update(&s.pool, id, input)
         .await?
         .ok_or_else(|| rule_not_found(id))?;
@@ -149,10 +166,10 @@ async fn patch_rule(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<Value>, ActionsError> {
     let id = uuid_param("rule_id", &id)?;
-    let patch = json_body(&headers, &body)?;
+    let patch = json_body(&headers, body)?;
     if !patch.is_object() {
         return Err(ActionsError::BadRequest(
             "a patch must be a JSON object".into(),
@@ -261,7 +278,7 @@ async fn list_deliveries(
     for k in q.keys() {
         if !matches!(k.as_str(), "rule_id" | "status" | "event_id" | "limit") {
             return Err(ActionsError::BadRequest(format!(
-                "unknown parameter '{k}'; use rule_id, status, event_id, limit"
+                "unknown query parameter '{k}'; allowed: rule_id, status, event_id, limit"
             )));
         }
     }

@@ -25,6 +25,8 @@ pub enum ActionsError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("the body is larger than {0} bytes")]
+    TooLarge(usize),
     #[error("the body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
     #[error("the database is unavailable; retry later")]
@@ -59,6 +61,7 @@ impl IntoResponse for ActionsError {
             ActionsError::BadRequest(_) => error_body(StatusCode::BAD_REQUEST, msg, json!([])),
             ActionsError::NotFound(_) => error_body(StatusCode::NOT_FOUND, msg, json!([])),
             ActionsError::Conflict(_) => error_body(StatusCode::CONFLICT, msg, json!([])),
+            ActionsError::TooLarge(_) => error_body(StatusCode::PAYLOAD_TOO_LARGE, msg, json!([])),
             ActionsError::UnsupportedMediaType => {
                 error_body(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg, json!([]))
             }

@@ -75,7 +75,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         .merge(api::router())
         .fallback(not_found)
         .with_state(api_state)
-        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(DefaultBodyLimit::max(api::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             auth,
             crate::infra::auth::middleware,
