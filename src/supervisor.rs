@@ -187,7 +187,10 @@ pub async fn serve(config: Config, enabled: &[Service]) -> i32 {
         tracing::info!("Signal received; draining.");
         token.cancel();
     });
-    if platform.wait().await { 0 } else { 1 }
+    let ok = platform.wait().await;
+    // Spans of the drain itself are exported too.
+    crate::infra::telemetry::shutdown_traces();
+    if ok { 0 } else { 1 }
 }
 
 async fn wait_for_signal() {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::Headers;
 use rdkafka::message::OwnedMessage;
 use serde_json::{Value, json};
 use sqlx::{Postgres, Transaction};
@@ -26,6 +27,7 @@ use uuid::Uuid;
 use super::bus::{ConsumerState, ObservedConsumer};
 use super::db;
 use super::http::{Check, Status};
+use super::telemetry;
 
 /// What a consumer does with messages.
 pub trait Sink: Send + Sync + 'static {
@@ -238,6 +240,12 @@ impl<S: Sink> Worker<S> {
         let mut items: Vec<(usize, S::Item)> = Vec::new();
         let mut poison: Vec<(usize, String)> = Vec::new();
         let mut skipped = 0u64;
+        // One span per message, from its decoding until the batch is applied (traces on only).
+        let _spans: Vec<tracing::Span> = if telemetry::traces_on() {
+            batch.iter().map(|m| self.message_span(m)).collect()
+        } else {
+            Vec::new()
+        };
         for (i, m) in batch.iter().enumerate() {
             match self.sink.decode(m) {
                 Ok(Some(item)) => items.push((i, item)),
@@ -330,6 +338,25 @@ impl<S: Sink> Worker<S> {
             }
         }
         true
+    }
+
+    fn message_span(&self, m: &OwnedMessage) -> tracing::Span {
+        let traceparent = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value)
+                .and_then(|v| std::str::from_utf8(v).ok())
+        });
+        telemetry::with_parent(
+            tracing::info_span!(
+                "event",
+                otel.name = "consume",
+                otel.kind = "consumer",
+                messaging.consumer.group.name = %self.group,
+                messaging.destination.name = m.topic(),
+            ),
+            traceparent,
+        )
     }
 
     /// Applies items one transaction each; a refused one is dead-lettered. Returns how many

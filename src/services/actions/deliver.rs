@@ -25,7 +25,8 @@ use uuid::Uuid;
 
 use super::rules::{self, Rule};
 use crate::config::ActionsConfig;
-use crate::infra::db;
+use crate::infra::{db, telemetry};
+use tracing::Instrument;
 
 /// A claimed delivery.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -303,6 +304,9 @@ impl Deliverer {
                 error: "the rule's secret is not a valid whsec_ secret".into(),
             };
         };
+        let span = telemetry::event_span("webhook.send", d.traceparent.as_deref(), &id);
+        let traceparent = telemetry::traceparent_of(&span)
+            .unwrap_or_else(|| child_traceparent(d.traceparent.as_deref()));
         let mut req = self
             .http
             .post(&rule.webhook_url)
@@ -311,12 +315,12 @@ impl Deliverer {
             .header("webhook-id", &id)
             .header("webhook-timestamp", ts.to_string())
             .header("webhook-signature", sign(&key, &id, ts, d.body.as_bytes()))
-            .header("traceparent", child_traceparent(d.traceparent.as_deref()));
+            .header("traceparent", traceparent);
         for (k, v) in rule.headers() {
             req = req.header(k, v);
         }
         let started = Instant::now();
-        let result = req.body(d.body.clone()).send().await;
+        let result = req.body(d.body.clone()).send().instrument(span).await;
         metrics::histogram!("cj_webhook_duration_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(r) if r.status().is_success() => {

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::AppState;
@@ -87,11 +88,16 @@ fn admit(
 }
 
 fn submission(headers: &HeaderMap, subject: Option<Extension<Subject>>) -> Submission {
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| envelope::is_traceparent(v))
-        .map(str::to_string)
+    // With traces on, the request's span (already a child of the client's traceparent) is the
+    // event's parent; otherwise the client's traceparent is kept as is, or a trace is started.
+    let traceparent = crate::infra::telemetry::traceparent_of(&tracing::Span::current())
+        .or_else(|| {
+            headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| envelope::is_traceparent(v))
+                .map(str::to_string)
+        })
         .unwrap_or_else(new_traceparent);
     Submission {
         source: Source::Http,
@@ -138,9 +144,14 @@ async fn commit(state: &AppState, events: Vec<Pending>) -> Result<Vec<Uuid>, Ing
         return Err(IngestError::Starting);
     }
     let n = events.len() as u64;
+    let span = if crate::infra::telemetry::traces_on() {
+        tracing::info_span!("outbox.insert", events = n)
+    } else {
+        tracing::Span::none()
+    };
     match tokio::time::timeout(
         state.config.ingestion.request_timeout,
-        state.writer.submit(events),
+        state.writer.submit(events).instrument(span),
     )
     .await
     {

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::writer::SHARDS;
 use crate::config::{KafkaConfig, OutboxConfig, Topics};
-use crate::infra::{bus, db};
+use crate::infra::{bus, db, telemetry};
 
 /// Namespace of the shard advisory locks (the other key is the shard). Whoever holds
 /// `(LOCK_NAMESPACE, shard)` owns the shard: workers skip it meanwhile.
@@ -137,8 +137,15 @@ impl Processor {
         let timeout = self.kafka.message_timeout;
         let producer = self.producer.get();
         let mut deliveries = Vec::with_capacity(rows.len());
+        // One span per event from enqueue to broker ack, when traces are on; its context is the
+        // bus header, so consumers continue from the publish.
+        let mut spans = Vec::new();
         for r in rows {
             let topic = self.topics.for_event_type(&r.event_type);
+            let span =
+                telemetry::event_span("outbox.publish", r.traceparent.as_deref(), &r.event_id);
+            let traceparent = telemetry::traceparent_of(&span).or_else(|| r.traceparent.clone());
+            spans.push(span);
             let mut headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "event_type",
@@ -148,7 +155,7 @@ impl Processor {
                     key: "event_id",
                     value: Some(r.event_id.as_str()),
                 });
-            if let Some(tp) = &r.traceparent {
+            if let Some(tp) = &traceparent {
                 headers = headers.insert(Header {
                     key: "traceparent",
                     value: Some(tp.as_str()),
@@ -188,6 +195,7 @@ impl Processor {
                 }
             }
         }
+        drop(spans);
         match first_err {
             None => Ok(()),
             Some(e) => Err(ProcessError::Publish(e, FailedProducer(producer))),
