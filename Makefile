@@ -47,7 +47,7 @@ help:
 	@echo "make clean-test-dbs drop the cjtest_* databases left by tests"
 	@echo "make infra-up | infra-down | infra-status   local PostgreSQL, Tansu, Mosquitto"
 	@echo "make skeleton-up | fullstack-up (and -down) docker compose, where Docker is available"
-	@echo "make docker-build   build the platform image ($(IMAGE):$(IMAGE_TAG))"
+	@echo "make docker-build   build both images ($(IMAGE), $(IMAGE)-ai-inference; tag $(IMAGE_TAG))"
 	@echo "make e2e-skeleton   end-to-end tests against the platform on 127.0.0.1:8080/8081 (make run)"
 	@echo "make e2e-fullstack  end-to-end tests through Traefik on http://localhost (make fullstack-up)"
 	@echo "make fmt            cargo fmt --all"
@@ -114,10 +114,13 @@ fullstack-up: docker-check
 fullstack-down: docker-check
 	$(COMPOSE) $(COMPOSE_ALL) down
 
+# Both images: the platform (Dockerfile, context .) and the ai-inference sidecar (its own context);
+# the :latest tags are the ones docker-compose.fullstack.yaml runs.
 docker-build:
 	@$(DOCKER) info >/dev/null 2>&1 || { \
 		echo "error: no container engine reachable with '$(DOCKER)': docker-build needs Docker" >&2; exit 1; }
-	$(DOCKER) build -t $(IMAGE):$(IMAGE_TAG) -t $(IMAGE):latest .
+	$(DOCKER) build -t $(IMAGE):$(IMAGE_TAG) -t $(IMAGE):latest -f Dockerfile .
+	$(DOCKER) build -t $(IMAGE)-ai-inference:$(IMAGE_TAG) -t $(IMAGE)-ai-inference:latest -f ai-inference/Dockerfile ai-inference
 
 fmt:
 	$(CARGO) fmt --all

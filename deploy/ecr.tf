@@ -9,7 +9,7 @@ resource "aws_ecr_repository" "app" {
   }
 }
 
-# The sidecar's image comes with its own issue; until it is pushed the task cannot start (README.md).
+# The ai-inference sidecar's image (built from ai-inference/ by CI, same tag as the app by default).
 resource "aws_ecr_repository" "ai_inference" {
   name                 = "${local.name}/ai-inference"
   image_tag_mutability = "IMMUTABLE"

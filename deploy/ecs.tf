@@ -96,10 +96,12 @@ locals {
         { containerName = "redpanda", condition = "HEALTHY" },
         { containerName = "mqtt-broker", condition = "HEALTHY" },
       ]
+      # `serve` runs all five services: healthy only when every health port is (ingestion 8080,
+      # query 8081, actions 8083, event handler + tsdb-writer 8084; the actions API 8082 has none).
       healthCheck = {
-        command     = ["CMD-SHELL", "curl -fsS -o /dev/null http://localhost:8080/health || exit 1"]
+        command     = ["CMD-SHELL", "curl -fsS -o /dev/null --max-time 2 http://localhost:8080/health && curl -fsS -o /dev/null --max-time 2 http://localhost:8081/health && curl -fsS -o /dev/null --max-time 2 http://localhost:8083/health && curl -fsS -o /dev/null --max-time 2 http://localhost:8084/health"]
         interval    = 15
-        timeout     = 5
+        timeout     = 10
         retries     = 3
         startPeriod = 60
       }
@@ -254,8 +256,9 @@ locals {
       }
     },
     {
-      # The Python sidecar (SPEC §9). Its image is built from ai-inference/ by CI once that exists;
-      # its own settings are added with its issue.
+      # The Python anomaly sidecar (SPEC §9, ai-inference/README.md), image from ai-inference/.
+      # It posts ai.anomaly events to the app's ingestion port on the task's localhost (not through
+      # Traefik), with a token it mints from the JWT secret (scope ingest:write).
       name      = "ai-inference"
       image     = local.ai_inference_image
       essential = true
@@ -263,20 +266,26 @@ locals {
         { name = "ai-inference", containerPort = 8090, protocol = "tcp" },
       ]
       environment = [
+        { name = "CJ_BIND_ADDR", value = "0.0.0.0" },
         { name = "CJ_LOG_FORMAT", value = "json" },
         { name = "CJ_LOG_LEVEL", value = "info" },
         { name = "CJ_KAFKA_BROKERS", value = "localhost:9092" },
+        { name = "CJ_AI_INGEST_URL", value = "http://localhost:8080" },
+        { name = "CJ_JWT_ISSUER", value = var.jwt_issuer },
+        { name = "CJ_JWT_AUDIENCE", value = var.jwt_audience },
       ]
       secrets = [
-        { name = "CJ_DATABASE_URL", valueFrom = "${aws_secretsmanager_secret.database.arn}:url::" },
+        { name = "CJ_AI_DATABASE_URL", valueFrom = "${aws_secretsmanager_secret.database.arn}:url::" },
+        { name = "CJ_JWT_SECRET", valueFrom = aws_secretsmanager_secret.jwt.arn },
       ]
       dependsOn = [
         { containerName = "postgres", condition = "HEALTHY" },
         { containerName = "redpanda", condition = "HEALTHY" },
-        { containerName = "app", condition = "START" },
+        { containerName = "app", condition = "HEALTHY" },
       ]
+      # /health answers 503 until the consumer has joined its group and while the database is away.
       healthCheck = {
-        command     = ["CMD-SHELL", "python -c \"import urllib.request; urllib.request.urlopen('http://localhost:8090/health', timeout=3)\" || exit 1"]
+        command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8090/health', timeout=3)"]
         interval    = 15
         timeout     = 5
         retries     = 3

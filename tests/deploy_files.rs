@@ -2,14 +2,17 @@
 //! engine here, so the Dockerfile, the compose files, Traefik's configuration and the Terraform are
 //! read as data and every port, route, health check and `CJ_*` variable in them is compared with
 //! what the code itself says — the configuration parser (`Config::known_variables()`, the defaults
-//! of `Config::from_map`) and the services' route tables (`ROUTES`). Nothing is copied from SPEC.
+//! of `Config::from_map`), the services' route tables (`ROUTES`, `query::routes()`) and ports
+//! (`Service::ALL`), and for the ai-inference sidecar its settings class
+//! (`ai-inference/ai_inference/config.py`: variable names and defaults) and its HTTP routes
+//! (`ai_inference/api.py`). Nothing is copied from SPEC.
 //! The Terraform task definition is checked in more depth by tests/deploy/check_terraform.py.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use cornjacket::config::{Config, DEFAULT_DATABASE_URL};
-use cornjacket::services::{actions, ingestion, query};
+use cornjacket::services::{Service, actions, ingestion, query};
 use regex::Regex;
 use serde_yaml::{Mapping, Value};
 
@@ -19,6 +22,14 @@ const TRAEFIK_STATIC: &str = "traefik/traefik.yaml";
 const TRAEFIK_DYNAMIC_DIR: &str = "traefik/dynamic";
 /// The compose service that runs the platform image.
 const APP_SERVICE: &str = "app";
+/// The compose service (and ECS container) that runs the ai-inference sidecar.
+const AI_SERVICE: &str = "ai-inference";
+/// The sidecar's directory: its image's build context.
+const AI_DIR: &str = "ai-inference";
+/// The sidecar's settings class (every variable it reads, with its default).
+const AI_CONFIG: &str = "ai-inference/ai_inference/config.py";
+/// The sidecar's HTTP application (its routes).
+const AI_API: &str = "ai-inference/ai_inference/api.py";
 
 // --- reading files --------------------------------------------------------------------------------
 
@@ -86,6 +97,41 @@ fn app_port_set() -> BTreeSet<u16> {
     app_ports().into_values().collect()
 }
 
+/// The ports on which `cornjacket serve` answers `/health`: each service's own health port, else
+/// its main port (services that share a port, like the event handler and the tsdb-writer, share it).
+fn app_health_ports() -> BTreeSet<u16> {
+    let cfg = defaults();
+    Service::ALL
+        .iter()
+        .map(|s| s.health_port(&cfg).unwrap_or_else(|| s.port(&cfg)))
+        .collect()
+}
+
+/// The port that answers `/health` for traffic sent to `port` (the actions API's is its health port).
+fn health_port_for(port: u16) -> u16 {
+    let cfg = defaults();
+    let owners: BTreeSet<u16> = Service::ALL
+        .iter()
+        .filter(|s| s.port(&cfg) == port || s.health_port(&cfg) == Some(port))
+        .map(|s| s.health_port(&cfg).unwrap_or_else(|| s.port(&cfg)))
+        .collect();
+    assert_eq!(
+        owners.len(),
+        1,
+        "port {port} belongs to one service's health: {owners:?}"
+    );
+    owners.into_iter().next().unwrap()
+}
+
+/// The ports a health check command asks `/health` on (`http://host:PORT/health`).
+fn health_ports_in(cmd: &str) -> BTreeSet<u16> {
+    Regex::new(r"https?://[A-Za-z0-9_.\-]+:(\d+)/health\b")
+        .unwrap()
+        .captures_iter(cmd)
+        .map(|c| c[1].parse().unwrap())
+        .collect()
+}
+
 /// A route template as a concrete path (`{type}` → `x`), for prefix matching.
 fn concrete(path: &str) -> String {
     Regex::new(r"\{[^}]+\}")
@@ -113,6 +159,164 @@ fn routes_with_ports() -> Vec<(&'static str, &'static str, u16)> {
 /// Routes meant for clients (through the gateway) versus internal ones (ForwardAuth's verify).
 fn is_public(path: &str) -> bool {
     path.starts_with("/api/")
+}
+
+// --- what the sidecar says -------------------------------------------------------------------------
+
+/// One field of the sidecar's `Settings` class: the variables it is read from (the first is the
+/// name an operator sets, the others aliases) and its default as written in Python.
+struct SidecarSetting {
+    field: String,
+    vars: Vec<String>,
+    default: Option<String>,
+}
+
+/// The arguments of the call whose '(' is at `open`, split at top-level commas (Python source).
+fn call_args(text: &str, open: usize) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut current = String::new();
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for ch in text[open..].chars() {
+        if let Some(q) = quote {
+            current.push(ch);
+            if escaped {
+                escaped = false;
+            } else if ch == '\\' {
+                escaped = true;
+            } else if ch == q {
+                quote = None;
+            }
+            continue;
+        }
+        match ch {
+            '"' | '\'' => {
+                quote = Some(ch);
+                current.push(ch);
+            }
+            '(' | '[' | '{' => {
+                depth += 1;
+                if depth > 1 {
+                    current.push(ch);
+                }
+            }
+            ')' | ']' | '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    args.push(current.trim().to_string());
+                    args.retain(|a| !a.is_empty());
+                    return args;
+                }
+                current.push(ch);
+            }
+            ',' if depth == 1 => args.push(std::mem::take(&mut current).trim().to_string()),
+            _ => current.push(ch),
+        }
+    }
+    panic!("unbalanced call in Python source at byte {open}")
+}
+
+/// Every setting of the sidecar, parsed from `Field(default, ..., validation_alias=...)` in its
+/// settings class: `validation_alias="X"` or `AliasChoices("X", "Y")`.
+fn sidecar_settings() -> Vec<SidecarSetting> {
+    let text = read(AI_CONFIG);
+    // Module constants used as defaults (DEFAULT_DATABASE_URL = "...").
+    let constants: HashMap<String, String> =
+        Regex::new(r#"(?m)^([A-Z][A-Z0-9_]*)\s*=\s*"([^"]*)""#)
+            .unwrap()
+            .captures_iter(&text)
+            .map(|c| (c[1].to_string(), c[2].to_string()))
+            .collect();
+    let literal = |v: &str| -> Option<String> {
+        let v = v.trim();
+        if v == "None" {
+            None
+        } else if let Some(inner) = v
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+        {
+            Some(inner.to_string())
+        } else {
+            Some(constants.get(v).cloned().unwrap_or_else(|| v.to_string()))
+        }
+    };
+    let field = Regex::new(r"(?m)^\s+([a-z_][a-z0-9_]*)\s*:[^=\n]*=\s*Field\(").unwrap();
+    let keyword = Regex::new(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=").unwrap();
+    let quoted = Regex::new(r#""([^"]+)"|'([^']+)'"#).unwrap();
+    let settings: Vec<SidecarSetting> = field
+        .captures_iter(&text)
+        .map(|c| {
+            let name = c[1].to_string();
+            let args = call_args(&text, c.get(0).unwrap().end() - 1);
+            let default = args
+                .first()
+                .filter(|a| !keyword.is_match(a))
+                .and_then(|a| literal(a));
+            let alias = args
+                .iter()
+                .find(|a| {
+                    keyword
+                        .captures(a)
+                        .is_some_and(|k| &k[1] == "validation_alias")
+                })
+                .unwrap_or_else(|| panic!("{AI_CONFIG}: field {name} has no validation_alias"));
+            let vars: Vec<String> = quoted
+                .captures_iter(alias.split_once('=').unwrap().1)
+                .map(|q| q.get(1).or(q.get(2)).unwrap().as_str().to_string())
+                .collect();
+            assert!(
+                !vars.is_empty() && vars.iter().all(|v| v.starts_with("CJ_")),
+                "{AI_CONFIG}: field {name} reads {vars:?}"
+            );
+            SidecarSetting {
+                field: name,
+                vars,
+                default,
+            }
+        })
+        .collect();
+    assert!(
+        !settings.is_empty(),
+        "{AI_CONFIG}: no Field(..., validation_alias=...) found"
+    );
+    settings
+}
+
+/// Every environment variable the sidecar reads (with its aliases).
+fn sidecar_variables() -> BTreeSet<String> {
+    sidecar_settings()
+        .into_iter()
+        .flat_map(|s| s.vars)
+        .collect()
+}
+
+/// The value a sidecar setting takes in a container whose environment is `env` (over the
+/// sidecar image's ENV): the first of its variables that is set, else its default.
+fn sidecar_value(env: &BTreeMap<String, String>, field: &str) -> Option<String> {
+    let setting = sidecar_settings()
+        .into_iter()
+        .find(|s| s.field == field)
+        .unwrap_or_else(|| panic!("{AI_CONFIG}: no setting named {field}"));
+    let mut merged: BTreeMap<String, String> = dockerfile_env(&format!("{AI_DIR}/Dockerfile"))
+        .into_iter()
+        .collect();
+    merged.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    setting
+        .vars
+        .iter()
+        .find_map(|v| merged.get(v).filter(|x| !x.trim().is_empty()).cloned())
+        .or(setting.default)
+}
+
+/// The GET routes of the sidecar's HTTP application (`@app.get("/path")`).
+fn sidecar_get_routes() -> BTreeSet<String> {
+    Regex::new(r#"@app\.get\(\s*"([^"]+)""#)
+        .unwrap()
+        .captures_iter(&read(AI_API))
+        .map(|c| c[1].to_string())
+        .collect()
 }
 
 // --- compose ----------------------------------------------------------------------------------
@@ -294,27 +498,44 @@ fn compose_files_parse_and_every_service_has_a_health_check() {
 }
 
 #[test]
-fn every_cj_variable_in_the_deployment_files_is_read_by_the_binary() {
-    let known = known_variables();
+fn every_cj_variable_in_the_deployment_files_is_read_by_the_program_that_gets_it() {
+    let binary = known_variables();
+    let sidecar = sidecar_variables();
+    let either: BTreeSet<String> = binary.union(&sidecar).cloned().collect();
     let mut unknown = Vec::new();
+    // The variables a compose service or ECS container may set: the sidecar's for the sidecar,
+    // the binary's for the platform, none for the off-the-shelf containers.
+    let readable = |name: &str| -> &BTreeSet<String> {
+        if name == AI_SERVICE {
+            &sidecar
+        } else {
+            &binary
+        }
+    };
 
     for file in [SKELETON, FULLSTACK] {
         for (name, svc) in services(file) {
             for var in environment(&svc).into_keys() {
-                if var.starts_with("CJ_") && !known.contains(&var) {
+                if var.starts_with("CJ_") && !readable(&name).contains(&var) {
                     unknown.push(format!("{file}: service {name} sets {var}"));
                 }
             }
         }
         for var in interpolated_names(&read(file)) {
-            if var.starts_with("CJ_") && !known.contains(&var) {
+            if var.starts_with("CJ_") && !either.contains(&var) {
                 unknown.push(format!("{file}: interpolates ${{{var}}}"));
             }
         }
     }
-    for (var, _) in dockerfile_env() {
-        if var.starts_with("CJ_") && !known.contains(&var) {
+    for (var, _) in dockerfile_env("Dockerfile") {
+        if var.starts_with("CJ_") && !binary.contains(&var) {
             unknown.push(format!("Dockerfile: ENV {var}"));
+        }
+    }
+    let ai_dockerfile = format!("{AI_DIR}/Dockerfile");
+    for (var, _) in dockerfile_env(&ai_dockerfile) {
+        if var.starts_with("CJ_") && !sidecar.contains(&var) {
+            unknown.push(format!("{ai_dockerfile}: ENV {var}"));
         }
     }
     let cj = Regex::new(r"\bCJ_[A-Z0-9_]*[A-Z0-9]\b").unwrap();
@@ -322,14 +543,33 @@ fn every_cj_variable_in_the_deployment_files_is_read_by_the_binary() {
     assert!(!tf_files.is_empty(), "no deploy/*.tf files");
     for (file, text) in &tf_files {
         for m in cj.find_iter(text) {
-            if !known.contains(m.as_str()) {
+            if !either.contains(m.as_str()) {
                 unknown.push(format!("{file}: {}", m.as_str()));
+            }
+        }
+    }
+    let containers = tf_containers();
+    for required in [APP_SERVICE, AI_SERVICE] {
+        assert!(
+            containers.contains_key(required),
+            "the ECS task has no '{required}' container: {:?}",
+            containers.keys()
+        );
+    }
+    for (name, body) in &containers {
+        for m in cj.find_iter(body) {
+            let ok = match name.as_str() {
+                APP_SERVICE | AI_SERVICE => readable(name).contains(m.as_str()),
+                _ => false,
+            };
+            if !ok {
+                unknown.push(format!("deploy: container {name} sets {}", m.as_str()));
             }
         }
     }
     assert!(
         unknown.is_empty(),
-        "variables the configuration parser never reads (typo, or not implemented yet):\n  {}\nknown: {known:?}",
+        "variables the program that gets them never reads (typo, wrong container, or not implemented yet):\n  {}\nbinary: {binary:?}\nsidecar ({AI_CONFIG}): {sidecar:?}",
         unknown.join("\n  ")
     );
 }
@@ -371,11 +611,12 @@ fn the_platform_container_environment_is_valid_for_the_binary() {
         "CJ_DATABASE_URL points at '{db_host}', which is not the PostgreSQL service"
     );
     assert_eq!(db_port, 5432, "PostgreSQL's container port");
-    for service in ["ingestion", "eventhandler", "query"] {
+    for service in Service::ALL {
         assert_eq!(
-            parse_pg_url(cfg.database_url(service)).2,
+            parse_pg_url(service.database_url(&cfg)).2,
             db_host,
-            "{service}'s database"
+            "{}'s database",
+            service.name()
         );
     }
     for broker in cfg.kafka.brokers.split(',') {
@@ -449,6 +690,141 @@ fn platform_ports_and_health_checks_in_compose_are_the_binary_ports() {
         hc.contains(&format!(":{ingestion_port}/health")),
         "app health check should ask :{ingestion_port}/health, got '{hc}'"
     );
+    assert_eq!(
+        health_ports_in(&hc),
+        app_health_ports(),
+        "the app health check should ask /health on every health port of `serve`'s services: '{hc}'"
+    );
+}
+
+#[test]
+fn the_ai_inference_service_in_compose_matches_the_sidecar() {
+    let all = all_services();
+    let svc = all
+        .get(AI_SERVICE)
+        .unwrap_or_else(|| panic!("{FULLSTACK}: no '{AI_SERVICE}' service"));
+    assert_eq!(
+        compose_build_contexts().get(AI_SERVICE).map(String::as_str),
+        Some(AI_DIR),
+        "{AI_SERVICE} builds its image from {AI_DIR}/"
+    );
+    let env: BTreeMap<String, String> = environment(svc)
+        .into_iter()
+        .map(|(k, v)| (k, interpolate(&v)))
+        .collect();
+    let value = |field: &str| sidecar_value(&env, field);
+
+    // Its port and health check are the sidecar's, published on loopback only.
+    let port: u16 = value("port")
+        .expect("the sidecar's port")
+        .parse()
+        .expect("a port number");
+    assert_eq!(
+        value("bind_addr").as_deref(),
+        Some("0.0.0.0"),
+        "in a container the sidecar binds every interface (CJ_BIND_ADDR=0.0.0.0)"
+    );
+    let published = ports(svc);
+    assert!(
+        published.contains(&(Some(port), port)),
+        "{AI_SERVICE} publishes its port {port}: {published:?}"
+    );
+    for p in svc["ports"].as_sequence().into_iter().flatten() {
+        let loopback = match p {
+            Value::Mapping(_) => scalar(&p["host_ip"]).as_deref() == Some("127.0.0.1"),
+            _ => scalar(p).is_some_and(|s| s.starts_with("127.0.0.1:")),
+        };
+        assert!(
+            loopback,
+            "{AI_SERVICE} publishes {p:?} beyond loopback (it is internal only)"
+        );
+    }
+    let hc = healthcheck_text(svc);
+    assert_eq!(
+        health_ports_in(&hc),
+        BTreeSet::from([port]),
+        "{AI_SERVICE} health check should ask :{port}/health: '{hc}'"
+    );
+    assert!(
+        sidecar_get_routes().contains("/health"),
+        "{AI_API} serves GET /health"
+    );
+
+    // It submits ai.anomaly to the platform's ingestion port, on the compose network.
+    let ingest = value("ingest_url").expect("an ingest URL");
+    let (host, p, path) = parse_http_url(&ingest);
+    assert_eq!(
+        host, APP_SERVICE,
+        "CJ_AI_INGEST_URL {ingest}: the platform's service"
+    );
+    assert_eq!(
+        p,
+        defaults().ports.ingestion,
+        "CJ_AI_INGEST_URL {ingest}: the ingestion port"
+    );
+    assert_eq!(
+        path, "/",
+        "CJ_AI_INGEST_URL is a base URL (the sidecar appends the API path)"
+    );
+
+    // Same database server, brokers, topics and token claims as the platform.
+    let app_env: HashMap<String, String> = environment(&all[APP_SERVICE])
+        .into_iter()
+        .map(|(k, v)| (k, interpolate(&v)))
+        .collect();
+    let cfg = Config::from_map(&app_env).unwrap_or_else(|e| panic!("app environment: {e}"));
+    let db = value("database_url").expect("a database URL");
+    let (_, _, db_host, db_port, db_name) = parse_pg_url(&db);
+    let (_, _, app_host, app_port, app_db) = parse_pg_url(cfg.database_url("ingestion"));
+    assert_eq!(
+        (db_host, db_port, db_name),
+        (app_host, app_port, app_db),
+        "{AI_SERVICE} uses the platform's PostgreSQL"
+    );
+    assert_eq!(
+        value("kafka_brokers"),
+        Some(cfg.kafka.brokers.clone()),
+        "brokers"
+    );
+    assert_eq!(
+        value("topic_prefix").unwrap_or_default(),
+        cfg.kafka.topic_prefix,
+        "topic prefix"
+    );
+    assert_eq!(value("jwt_issuer"), cfg.auth.issuer, "JWT issuer");
+    assert_eq!(value("jwt_audience"), cfg.auth.audience, "JWT audience");
+    let token = value("ingest_token").filter(|t| !t.is_empty());
+    let secret = value("jwt_secret");
+    assert!(
+        token.is_some() || (secret.is_some() && secret == app_env.get("CJ_JWT_SECRET").cloned()),
+        "{AI_SERVICE} needs an ingest token or the platform's JWT secret"
+    );
+    let group = value("consumer_group").expect("a consumer group");
+    for other in [
+        &cfg.eventhandler.consumer_group,
+        &cfg.tsdb.consumer_group,
+        &cfg.actions.consumer_group,
+    ] {
+        assert_ne!(&group, other, "the sidecar's consumer group is its own");
+    }
+
+    // It starts once its database, the bus and the platform are healthy.
+    for dep in [db_host_of(&db), broker_host(&cfg), APP_SERVICE.to_string()] {
+        assert_eq!(
+            scalar(&svc["depends_on"][dep.as_str()]["condition"]).as_deref(),
+            Some("service_healthy"),
+            "{AI_SERVICE} depends on {dep} being healthy"
+        );
+    }
+}
+
+fn db_host_of(url: &str) -> String {
+    parse_pg_url(url).2
+}
+
+fn broker_host(cfg: &Config) -> String {
+    let first = cfg.kafka.brokers.split(',').next().unwrap().trim();
+    first.rsplit_once(':').unwrap().0.to_string()
 }
 
 #[test]
@@ -722,13 +1098,15 @@ fn every_public_route_reaches_its_service_port_through_traefik() {
     let ports = app_ports();
     let compose = all_services();
 
-    let mut expected: Vec<(String, u16)> = routes_with_ports()
+    let expected: Vec<(String, u16)> = routes_with_ports()
         .into_iter()
         .filter(|(_, path, _)| is_public(path))
         .map(|(_, path, port)| (concrete(path), port))
         .collect();
-    // The actions service has no route table yet; its API prefix is served on the actions port.
-    expected.push(("/api/v1/actions/x".to_string(), ports["actions"]));
+    assert!(
+        expected.iter().any(|(_, p)| *p == ports["actions"]),
+        "the actions API has public routes"
+    );
 
     for (path, port) in expected {
         let matching: Vec<&Router> = routers.iter().filter(|r| r.matches(&path)).collect();
@@ -755,6 +1133,33 @@ fn every_public_route_reaches_its_service_port_through_traefik() {
             assert!(
                 port_set.contains(&p),
                 "router {} targets port {p}, not one of {port_set:?}",
+                r.name
+            );
+        }
+    }
+    // And no router matcher is dead: each matches a public route served on its target port.
+    let public: Vec<(String, u16)> = routes_with_ports()
+        .into_iter()
+        .filter(|(_, path, _)| is_public(path))
+        .map(|(_, path, port)| (concrete(path), port))
+        .collect();
+    for r in &routers {
+        let targets: BTreeSet<u16> = service_servers(&http, &r.service)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        for (prefix, m) in &r.matchers {
+            let single = Router {
+                name: r.name.clone(),
+                matchers: vec![(*prefix, m.clone())],
+                service: r.service.clone(),
+                middlewares: vec![],
+            };
+            assert!(
+                public
+                    .iter()
+                    .any(|(path, p)| single.matches(path) && targets.contains(p)),
+                "router {}: {m} matches no route the binary serves on {targets:?}",
                 r.name
             );
         }
@@ -894,7 +1299,6 @@ fn forward_auth_rate_limit_and_body_limit_guard_every_router() {
 #[test]
 fn traefik_health_checks_use_health_on_the_binary_ports() {
     let http = traefik_http();
-    let port_set = app_port_set();
     let services = http.get("services").expect("http.services");
     for (name, svc) in services {
         let hc = &svc["loadBalancer"]["healthCheck"];
@@ -903,10 +1307,14 @@ fn traefik_health_checks_use_health_on_the_binary_ports() {
             Some("/health"),
             "service {name} health check path"
         );
-        if let Some(p) = hc["port"].as_u64() {
-            assert!(
-                port_set.contains(&(p as u16)),
-                "service {name} health check port {p}"
+        // Traefik asks the server's port unless the check names another: it must be the port
+        // where the binary serves that service's /health (the actions API's is its health port).
+        for (host, server_port) in service_servers(&http, name) {
+            let asked = hc["port"].as_u64().map_or(server_port, |p| p as u16);
+            let want = health_port_for(server_port);
+            assert_eq!(
+                asked, want,
+                "service {name} ({host}:{server_port}) health check asks port {asked}; /health for it is on {want}"
             );
         }
     }
@@ -914,9 +1322,9 @@ fn traefik_health_checks_use_health_on_the_binary_ports() {
 
 // --- Dockerfile -------------------------------------------------------------------------------
 
-/// The instructions of the Dockerfile's last stage, continuation lines joined: (KEYWORD, rest).
-fn dockerfile_final_stage() -> Vec<(String, String)> {
-    let text = read("Dockerfile");
+/// The instructions of a Dockerfile's last stage, continuation lines joined: (KEYWORD, rest).
+fn dockerfile_final_stage(rel: &str) -> Vec<(String, String)> {
+    let text = read(rel);
     let mut joined = Vec::new();
     let mut current = String::new();
     for line in text.lines() {
@@ -948,9 +1356,9 @@ fn dockerfile_final_stage() -> Vec<(String, String)> {
         .collect()
 }
 
-fn dockerfile_env() -> Vec<(String, String)> {
+fn dockerfile_env(rel: &str) -> Vec<(String, String)> {
     let re = Regex::new(r#"([A-Za-z_][A-Za-z0-9_]*)=("[^"]*"|\S*)"#).unwrap();
-    dockerfile_final_stage()
+    dockerfile_final_stage(rel)
         .into_iter()
         .filter(|(k, _)| k == "ENV")
         .flat_map(|(_, rest)| {
@@ -963,7 +1371,7 @@ fn dockerfile_env() -> Vec<(String, String)> {
 
 #[test]
 fn dockerfile_exposes_the_binary_ports_and_checks_health() {
-    let stage = dockerfile_final_stage();
+    let stage = dockerfile_final_stage("Dockerfile");
     let find = |k: &str| -> Vec<&String> {
         stage
             .iter()
@@ -1010,7 +1418,7 @@ fn dockerfile_exposes_the_binary_ports_and_checks_health() {
     );
 
     // The image's environment is valid for the binary and binds every interface.
-    let env: HashMap<String, String> = dockerfile_env().into_iter().collect();
+    let env: HashMap<String, String> = dockerfile_env("Dockerfile").into_iter().collect();
     let cfg = Config::from_map(&env).unwrap_or_else(|e| panic!("Dockerfile ENV: {e}"));
     assert!(
         cfg.bind_addr.is_unspecified(),
@@ -1052,25 +1460,335 @@ fn terraform_files() -> Vec<(String, String)> {
         .collect()
 }
 
+/// The ECS task's container definitions as HCL text (comments removed), by container name: the
+/// objects of the `container_definitions = [ {...}, ... ]` local. A light reading (strings and
+/// comments respected, braces counted); tests/deploy/check_terraform.py parses the HCL fully.
+fn tf_containers() -> BTreeMap<String, String> {
+    let start_re = Regex::new(r"container_definitions\s*=\s*\[").unwrap();
+    let (file, text) = terraform_files()
+        .into_iter()
+        .find(|(_, t)| start_re.is_match(t))
+        .expect("a `container_definitions = [...]` local in deploy/*.tf");
+    let name_re = Regex::new(r#"(?m)^\s*name\s*=\s*"([^"]+)"\s*$"#).unwrap();
+    let mut out = BTreeMap::new();
+    let mut depth = 0usize;
+    let mut body = String::new();
+    let (mut in_string, mut escaped) = (false, false);
+    let mut chars = text[start_re.find(&text).unwrap().end()..]
+        .chars()
+        .peekable();
+    while let Some(ch) = chars.next() {
+        if in_string {
+            body.push(ch);
+            if escaped {
+                escaped = false;
+            } else if ch == '\\' {
+                escaped = true;
+            } else if ch == '"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match ch {
+            '#' => {
+                while chars.next_if(|c| *c != '\n').is_some() {}
+                continue;
+            }
+            '"' => in_string = true,
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    body.push(ch);
+                    let name = name_re
+                        .captures(&body)
+                        .unwrap_or_else(|| panic!("{file}: a container definition without a name"))
+                        [1]
+                    .to_string();
+                    let previous = out.insert(name.clone(), std::mem::take(&mut body));
+                    assert!(
+                        previous.is_none(),
+                        "{file}: container {name} is defined twice"
+                    );
+                    continue;
+                }
+            }
+            ']' if depth == 0 => break,
+            _ => {}
+        }
+        if depth > 0 {
+            body.push(ch);
+        }
+    }
+    assert!(!out.is_empty(), "{file}: no container definitions");
+    out
+}
+
+/// The `containerPort`s of a container definition.
+fn tf_container_ports(body: &str) -> BTreeSet<u16> {
+    Regex::new(r"containerPort\s*=\s*(\d+)")
+        .unwrap()
+        .captures_iter(body)
+        .map(|c| c[1].parse().unwrap())
+        .collect()
+}
+
+/// The text of a container definition's `healthCheck = { ... }`.
+fn tf_health_check(body: &str) -> String {
+    Regex::new(r"(?s)healthCheck\s*=\s*\{(.*?)\n\s*\}")
+        .unwrap()
+        .captures(body)
+        .map(|c| c[1].to_string())
+        .unwrap_or_default()
+}
+
+/// A container's plain `environment` (`{ name = "X", value = ... }`, the value unquoted or the
+/// expression as written) and the names of its `secrets` (`{ name = "X", valueFrom = ... }`).
+fn tf_environment(body: &str) -> (BTreeMap<String, String>, BTreeSet<String>) {
+    let env = Regex::new(
+        r#"\{\s*name\s*=\s*"([A-Za-z_][A-Za-z0-9_]*)"\s*,\s*value\s*=\s*("[^"]*"|[^,}\s]+)"#,
+    )
+    .unwrap()
+    .captures_iter(body)
+    .map(|c| (c[1].to_string(), c[2].trim_matches('"').to_string()))
+    .collect();
+    let secrets = Regex::new(r#"\{\s*name\s*=\s*"([A-Za-z_][A-Za-z0-9_]*)"\s*,\s*valueFrom\s*="#)
+        .unwrap()
+        .captures_iter(body)
+        .map(|c| c[1].to_string())
+        .collect();
+    (env, secrets)
+}
+
 #[test]
 fn terraform_task_declares_the_binary_ports_and_health_check() {
-    let text: String = terraform_files().into_iter().map(|(_, t)| t).collect();
-    let declared: BTreeSet<u16> = Regex::new(r"containerPort\s*=\s*(\d+)")
+    let containers = tf_containers();
+    let app = &containers[APP_SERVICE];
+    assert_eq!(
+        tf_container_ports(app),
+        app_port_set(),
+        "the app container's portMappings are the binary's ports"
+    );
+    let hc = tf_health_check(app);
+    assert_eq!(
+        health_ports_in(&hc),
+        app_health_ports(),
+        "the app container's health check should ask /health on every health port of `serve`'s services: {hc}"
+    );
+    for url in Regex::new(r"https?://([^:/\s]+):")
         .unwrap()
-        .captures_iter(&text)
-        .map(|c| c[1].parse().unwrap())
-        .collect();
-    for port in app_port_set() {
-        assert!(
-            declared.contains(&port),
-            "the task definition does not declare port {port}"
+        .captures_iter(&hc)
+    {
+        assert_eq!(
+            &url[1], "localhost",
+            "health checks run inside the container: {hc}"
         );
     }
-    let ingestion_port = app_ports()["ingestion"];
-    assert!(
-        text.contains(&format!("localhost:{ingestion_port}/health")),
-        "the app container's health check should ask localhost:{ingestion_port}/health"
+}
+
+#[test]
+fn terraform_ai_inference_container_matches_the_sidecar() {
+    let containers = tf_containers();
+    let ai = &containers[AI_SERVICE];
+    let (ai_env, ai_secrets) = tf_environment(ai);
+    let (app_env, _) = tf_environment(&containers[APP_SERVICE]);
+    // Secrets are set, with values only ECS knows.
+    let mut env = ai_env.clone();
+    env.extend(
+        ai_secrets
+            .iter()
+            .map(|s| (s.clone(), "<secret>".to_string())),
     );
+
+    let port: u16 = sidecar_value(&env, "port")
+        .expect("the sidecar's port")
+        .parse()
+        .expect("a port number");
+    assert_eq!(
+        tf_container_ports(ai),
+        BTreeSet::from([port]),
+        "the ai-inference container maps the sidecar's port"
+    );
+    let hc = tf_health_check(ai);
+    assert_eq!(
+        health_ports_in(&hc),
+        BTreeSet::from([port]),
+        "the ai-inference health check asks :{port}/health: {hc}"
+    );
+    assert!(
+        sidecar_get_routes().contains("/health"),
+        "{AI_API} serves GET /health"
+    );
+    assert_eq!(
+        sidecar_value(&env, "bind_addr").as_deref(),
+        Some("0.0.0.0"),
+        "the sidecar binds every interface in the task"
+    );
+
+    // It submits ai.anomaly to the app's ingestion port on the task's shared localhost.
+    let ingest = sidecar_value(&env, "ingest_url").expect("an ingest URL");
+    let (host, p, path) = parse_http_url(&ingest);
+    assert!(
+        host == "localhost" || host == "127.0.0.1",
+        "CJ_AI_INGEST_URL {ingest}: the app is on the task's localhost"
+    );
+    assert_eq!(
+        p,
+        defaults().ports.ingestion,
+        "CJ_AI_INGEST_URL {ingest}: the ingestion port"
+    );
+    assert_eq!(
+        path, "/",
+        "CJ_AI_INGEST_URL is a base URL (the sidecar appends the API path)"
+    );
+
+    // Its database and credentials come from Secrets Manager, not from defaults.
+    assert_eq!(
+        sidecar_value(&env, "database_url").as_deref(),
+        Some("<secret>"),
+        "the ai-inference container gets its database URL from a secret"
+    );
+    assert!(
+        sidecar_value(&env, "ingest_token").as_deref() == Some("<secret>")
+            || sidecar_value(&env, "jwt_secret").as_deref() == Some("<secret>"),
+        "the ai-inference container needs an ingest token or the JWT secret, from Secrets Manager"
+    );
+
+    // Settings it shares with the platform are the platform's (same brokers, topics, token claims).
+    for field in [
+        "kafka_brokers",
+        "topic_prefix",
+        "jwt_issuer",
+        "jwt_audience",
+    ] {
+        let vars = sidecar_settings()
+            .into_iter()
+            .find(|s| s.field == field)
+            .unwrap()
+            .vars;
+        let first_set = |e: &BTreeMap<String, String>| vars.iter().find_map(|v| e.get(v).cloned());
+        assert_eq!(
+            first_set(&ai_env),
+            first_set(&app_env),
+            "ai-inference and app disagree on {vars:?}"
+        );
+    }
+}
+
+/// The build contexts of the compose services that build an image, relative to the repository
+/// root ("." for the root itself).
+fn compose_build_contexts() -> BTreeMap<String, String> {
+    let compose_dir = root().join(FULLSTACK).parent().unwrap().to_path_buf();
+    let repo = root().canonicalize().unwrap();
+    all_services()
+        .into_iter()
+        .filter(|(_, svc)| !svc["build"].is_null())
+        .map(|(name, svc)| {
+            let ctx = scalar(&svc["build"])
+                .or_else(|| scalar(&svc["build"]["context"]))
+                .unwrap_or_else(|| ".".into());
+            let dir = compose_dir
+                .join(&ctx)
+                .canonicalize()
+                .unwrap_or_else(|e| panic!("service {name}: build context {ctx}: {e}"));
+            let rel = dir
+                .strip_prefix(&repo)
+                .unwrap_or_else(|_| {
+                    panic!("service {name}: build context {ctx} is outside the repository")
+                })
+                .to_string_lossy()
+                .into_owned();
+            (name, if rel.is_empty() { ".".into() } else { rel })
+        })
+        .collect()
+}
+
+fn normalise_context(ctx: &str) -> String {
+    let c = ctx.trim().trim_start_matches("./").trim_end_matches('/');
+    if c.is_empty() {
+        ".".into()
+    } else {
+        c.to_string()
+    }
+}
+
+#[test]
+fn every_image_compose_builds_is_built_by_ci_and_make_docker_build() {
+    let contexts: BTreeSet<String> = compose_build_contexts().into_values().collect();
+    for ctx in &contexts {
+        assert!(
+            root().join(ctx).join("Dockerfile").is_file(),
+            "build context {ctx} has no Dockerfile"
+        );
+    }
+
+    // CI: one build-and-push step per image, unconditional, tagged into its ECR repository.
+    let wf = yaml(".github/workflows/ci.yaml");
+    let steps: Vec<Value> = entries(&wf["jobs"], "jobs")
+        .iter()
+        .flat_map(|(_, j)| j["steps"].as_sequence().cloned().unwrap_or_default())
+        .filter(|s| scalar(&s["uses"]).is_some_and(|u| u.starts_with("docker/build-push-action")))
+        .collect();
+    let ci_contexts: BTreeSet<String> = steps
+        .iter()
+        .map(|s| normalise_context(&scalar(&s["with"]["context"]).unwrap_or_else(|| ".".into())))
+        .collect();
+    assert_eq!(
+        ci_contexts, contexts,
+        "images CI builds vs images compose builds"
+    );
+    let repo_re = Regex::new(r#"/([a-z0-9-]+):\$\{\{\s*github\.sha\s*\}\}"#).unwrap();
+    let mut pushed = BTreeSet::new();
+    for s in &steps {
+        assert!(
+            s["if"].is_null(),
+            "image build step {:?} is conditional",
+            s["name"]
+        );
+        assert_eq!(
+            s["with"]["push"],
+            Value::Bool(true),
+            "image build step {:?} pushes",
+            s["name"]
+        );
+        let tags = scalar(&s["with"]["tags"]).unwrap_or_default();
+        let c = repo_re
+            .captures(&tags)
+            .unwrap_or_else(|| panic!("step {:?}: tag with the commit SHA: {tags}", s["name"]));
+        pushed.insert(c[1].to_string());
+    }
+    let ecr: BTreeSet<String> = terraform_files()
+        .iter()
+        .flat_map(|(_, t)| {
+            Regex::new(r#"resource\s+"aws_ecr_repository"\s+"[^"]+"\s*\{\s*name\s*=\s*"\$\{local\.name\}/([a-z0-9-]+)""#)
+                .unwrap()
+                .captures_iter(t)
+                .map(|c| c[1].to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(pushed, ecr, "CI pushes one image to each ECR repository");
+
+    // make docker-build: a `$(DOCKER) build ... <context>` line per image.
+    let makefile = read("Makefile");
+    let recipe: Vec<&str> = makefile
+        .lines()
+        .skip_while(|l| !l.starts_with("docker-build:"))
+        .skip(1)
+        .take_while(|l| l.starts_with('\t'))
+        .collect();
+    assert!(!recipe.is_empty(), "Makefile: no docker-build recipe");
+    for ctx in &contexts {
+        assert!(
+            recipe.iter().any(|l| l.contains("$(DOCKER) build")
+                && l.split_whitespace()
+                    .last()
+                    .map(normalise_context)
+                    .as_deref()
+                    == Some(ctx.as_str())),
+            "make docker-build does not build the image of context {ctx}: {recipe:?}"
+        );
+    }
 }
 
 #[test]

@@ -3,7 +3,10 @@
 
 No AWS account and no `terraform` binary are needed: the HCL is parsed with python-hcl2 and the
 ECS task definition, EFS volumes, secrets, log groups and security groups are checked against the
-task of seed 004 §2.1 with the ports of SPEC §2. Run from anywhere:
+task of seed 004 §2.1 with the ports of SPEC §2. The ai-inference container is checked against the
+sidecar itself: its variables and defaults are read from the `Settings` class in
+ai-inference/ai_inference/config.py and its routes from ai_inference/api.py (parsed with `ast`, not
+imported, so no sidecar dependency is needed). Run from anywhere:
 
     python3 tests/deploy/check_terraform.py [deploy-dir]
 
@@ -12,6 +15,7 @@ Prints one line per check and closes with `N passed, M failed`; exits non-zero o
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
 from pathlib import Path
@@ -19,6 +23,62 @@ from pathlib import Path
 import hcl2
 
 ROOT = Path(__file__).resolve().parents[2]
+AI_CONFIG = ROOT / "ai-inference" / "ai_inference" / "config.py"
+AI_API = ROOT / "ai-inference" / "ai_inference" / "api.py"
+
+
+# --- what the sidecar reads ----------------------------------------------------------------------
+
+
+def sidecar_settings(path: Path = AI_CONFIG) -> dict[str, tuple[list[str], object]]:
+    """Field -> (variables, default) of the sidecar's `Settings` class, from
+    `Field(default, ..., validation_alias="X" | AliasChoices("X", "Y"))`; the first variable is the
+    one an operator sets, the others are aliases."""
+    tree = ast.parse(path.read_text(), str(path))
+    consts = {
+        t.id: n.value.value
+        for n in tree.body
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
+    out: dict[str, tuple[list[str], object]] = {}
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Settings"):
+        for stmt in cls.body:
+            call = stmt.value if isinstance(stmt, ast.AnnAssign) else None
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "Field"):
+                continue
+            alias = next((k.value for k in call.keywords if k.arg == "validation_alias"), None)
+            if isinstance(alias, ast.Constant):
+                names = [alias.value]
+            elif isinstance(alias, ast.Call):
+                names = [a.value for a in alias.args if isinstance(a, ast.Constant)]
+            else:
+                continue
+            default = None
+            if call.args:
+                d = call.args[0]
+                default = consts.get(d.id) if isinstance(d, ast.Name) else ast.literal_eval(d)
+            out[stmt.target.id] = (names, default)
+    if not out:
+        raise SystemExit(f"check_terraform: no settings found in {path}")
+    return out
+
+
+def sidecar_get_routes(path: Path = AI_API) -> set[str]:
+    """The paths of `@app.get("/path")` in the sidecar's HTTP application."""
+    routes = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+            if isinstance(node.func.value, ast.Name) and node.func.value.id == "app" and node.args:
+                if isinstance(node.args[0], ast.Constant):
+                    routes.add(node.args[0].value)
+    return routes
+
+
+SIDECAR = sidecar_settings()
+SIDECAR_VARIABLES = {v for names, _ in SIDECAR.values() for v in names}
+AI_PORT = int(SIDECAR["port"][1])
 
 # Seed 004 §2.1 with the ports of SPEC §2 (the platform's own five ports are also checked against
 # the binary's configuration defaults by tests/deploy_files.rs).
@@ -28,12 +88,12 @@ EXPECTED_PORTS = {
     "mqtt-broker": {1883, 18083},
     "redpanda": {9092, 9644},
     "postgres": {5432},
-    "ai-inference": {8090},
+    "ai-inference": {AI_PORT},  # the sidecar's default port (config.py)
 }
 STATEFUL = {"postgres", "redpanda", "mqtt-broker"}
 PUBLIC_PORTS = {80, 1883}
 DASHBOARD_PORTS = {8180, 18083, 9644}
-INTERNAL_ONLY_PORTS = {5432, 9092, 8080, 8081, 8082, 8083, 8084, 8090}
+INTERNAL_ONLY_PORTS = {5432, 9092, 8080, 8081, 8082, 8083, 8084, AI_PORT}
 TASK_CPU, TASK_MEMORY = 1024, 2048
 # A plain environment variable whose name says it holds a secret (…_PASSWORD, …_SECRET, …).
 SECRET_LIKE = re.compile(r"(^|_)(PASSWORD|SECRET|TOKEN|PRIVATE_KEY|SECRET_KEY)$", re.IGNORECASE)
@@ -231,6 +291,70 @@ def run(deploy: Path) -> Checker:
     c.check(
         mq_env.get("EMQX_LISTENERS__WS__DEFAULT__ENABLE") == "false" and mq_env.get("EMQX_LISTENERS__WSS__DEFAULT__ENABLE") == "false",
         "mqtt-broker WebSocket listeners (8083/8084) are off",
+    )
+
+    # The ai-inference sidecar (SPEC §9) -------------------------------------------------------------
+    ai = by_name.get("ai-inference", {})
+    ai_env = {e.get("name"): str(e.get("value")) for e in ai.get("environment") or []}
+    ai_secrets = {s.get("name"): str(s.get("valueFrom", "")) for s in ai.get("secrets") or []}
+    cj = sorted(n for n in [*ai_env, *ai_secrets] if str(n).startswith("CJ_"))
+    unknown = [n for n in cj if n not in SIDECAR_VARIABLES]
+    c.check(not unknown, "ai-inference sets only variables the sidecar reads", f"unknown {unknown}; reads {sorted(SIDECAR_VARIABLES)}")
+
+    def ai_setting(field: str):
+        """(variable, value) the sidecar takes for a field: the first of its variables that is set
+        (a secret's value is its valueFrom), else (None, default)."""
+        names, default = SIDECAR[field]
+        for n in names:
+            if n in ai_env:
+                return n, ai_env[n]
+            if n in ai_secrets:
+                return n, ai_secrets[n]
+        return None, default
+
+    c.check(str(ai_setting("port")[1]) == str(AI_PORT), f"ai-inference listens on the sidecar's port {AI_PORT}", f"got {ai_setting('port')}")
+    c.check(ai_setting("bind_addr")[1] == "0.0.0.0", "ai-inference CJ_BIND_ADDR=0.0.0.0", f"got {ai_setting('bind_addr')}")
+    ai_hc = " ".join(str(x) for x in (ai.get("healthCheck") or {}).get("command") or [])
+    c.check(
+        "/health" in sidecar_get_routes() and re.search(rf"://(localhost|127\.0\.0\.1):{AI_PORT}/health\b", ai_hc) is not None,
+        f"ai-inference health check asks localhost:{AI_PORT}/health (a GET route of {AI_API.name})",
+        ai_hc,
+    )
+    app_ports = {m.get("name"): as_int(m.get("containerPort")) for m in app.get("portMappings") or []}
+    ingest = str(ai_setting("ingest_url")[1])
+    c.check(
+        ingest.rstrip("/") == f"http://localhost:{app_ports.get('ingestion')}",
+        "ai-inference CJ_AI_INGEST_URL is the app's ingestion port on the task's localhost",
+        f"got {ingest!r}, app ports {app_ports}",
+    )
+    c.check(
+        ai_setting("kafka_brokers")[1] == app_env.get("CJ_KAFKA_BROKERS"),
+        "ai-inference uses the app's brokers",
+        f"got {ai_setting('kafka_brokers')}",
+    )
+    db_var, db_from = ai_setting("database_url")
+    c.check(
+        db_var in ai_secrets and "aws_secretsmanager_secret.database." in db_from,
+        "ai-inference database URL from the database secret",
+        f"got {db_var}={db_from!r}",
+    )
+    tok_var, _ = ai_setting("ingest_token")
+    jwt_var, jwt_from = ai_setting("jwt_secret")
+    c.check(
+        tok_var in ai_secrets or (jwt_var in ai_secrets and "aws_secretsmanager_secret.jwt." in jwt_from),
+        "ai-inference ingest credentials (token, or the JWT secret) from Secrets Manager",
+        f"token {tok_var}, jwt {jwt_var}={jwt_from!r}",
+    )
+    for field in ("jwt_issuer", "jwt_audience", "topic_prefix"):
+        names = SIDECAR[field][0]
+        mine = next((ai_env[n] for n in names if n in ai_env), None)
+        apps = next((app_env[n] for n in names if n in app_env), None)
+        c.check(mine == apps, f"ai-inference {names[0]} is the app's", f"ai-inference {mine!r}, app {apps!r}")
+    ai_deps = {d.get("containerName"): d.get("condition") for d in ai.get("dependsOn") or []}
+    c.check(
+        all(ai_deps.get(n) == "HEALTHY" for n in ("postgres", "redpanda", "app")),
+        "ai-inference starts when postgres, redpanda and app are healthy",
+        f"got {ai_deps}",
     )
 
     # Secrets exist and the execution role may read them.
