@@ -93,6 +93,8 @@ pub struct KafkaConfig {
     pub linger_ms: u32,
     /// `CJ_KAFKA_MESSAGE_TIMEOUT`: how long a publish may wait for the broker before failing.
     pub message_timeout: Duration,
+    /// `CJ_KAFKA_FETCH_WAIT_MAX_MS`: the longest a consumer's fetch waits for data.
+    pub fetch_wait_max_ms: u32,
     pub topics: Topics,
 }
 
@@ -563,7 +565,8 @@ impl Config {
             brokers,
             partitions: v.ranged("CJ_KAFKA_PARTITIONS", 3, 1, 1024)?,
             retention: v.duration("CJ_KAFKA_RETENTION", Duration::from_secs(24 * 3600))?,
-            linger_ms: v.ranged("CJ_KAFKA_PRODUCER_LINGER_MS", 2, 0, 10_000)?,
+            linger_ms: v.ranged("CJ_KAFKA_PRODUCER_LINGER_MS", 5, 0, 10_000)?,
+            fetch_wait_max_ms: v.ranged("CJ_KAFKA_FETCH_WAIT_MAX_MS", 10, 1, 10_000)?,
             message_timeout: v.duration("CJ_KAFKA_MESSAGE_TIMEOUT", Duration::from_secs(10))?,
             topic_prefix,
             topics: topics.clone(),
@@ -861,6 +864,7 @@ mod tests {
             ("CJ_KAFKA_PARTITIONS", "0", "from 1 to 1024"),
             ("CJ_KAFKA_RETENTION", "forever", "duration"),
             ("CJ_KAFKA_TOPIC_PREFIX", "a b", "letters"),
+            ("CJ_KAFKA_FETCH_WAIT_MAX_MS", "0", "integer from 1"),
             ("CJ_OUTBOX_WORKER_COUNT", "0", "from 1 to 16"),
             ("CJ_OUTBOX_BATCH_SIZE", "ten", "integer"),
             ("CJ_OUTBOX_MAX_RETRIES", "-3", "integer"),

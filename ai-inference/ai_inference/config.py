@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     kafka_retention_ms: int = Field(86_400_000, validation_alias="CJ_KAFKA_RETENTION")
     consumer_group: str = Field(SERVICE_NAME, min_length=1, validation_alias="CJ_AI_CONSUMER_GROUP")
     session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000, validation_alias="CJ_AI_SESSION_TIMEOUT_MS")
+    # Shared with the platform: Tansu answers a fetch only when this expires.
+    fetch_wait_max_ms: int = Field(10, ge=1, le=10_000, validation_alias="CJ_KAFKA_FETCH_WAIT_MAX_MS")
     port: int = Field(8090, ge=1, le=65535, validation_alias="CJ_AI_PORT")
     bind_addr: str = Field("127.0.0.1", validation_alias="CJ_BIND_ADDR")
     ingest_url: str = Field("http://127.0.0.1:8080", validation_alias="CJ_AI_INGEST_URL")

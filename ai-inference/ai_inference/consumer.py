@@ -54,7 +54,7 @@ def kafka_config(settings: Settings) -> dict[str, object]:
         # Tansu (the broker on machines without containers) speaks the classic eager protocol.
         "partition.assignment.strategy": "range,roundrobin",
         "statistics.interval.ms": 2000,
-        "fetch.wait.max.ms": 100,
+        "fetch.wait.max.ms": settings.fetch_wait_max_ms,
         "socket.keepalive.enable": True,
         "reconnect.backoff.max.ms": 2000,
     }

@@ -171,7 +171,9 @@ pub async fn consumer(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "2000")
-        .set("fetch.wait.max.ms", "50")
+        // The longest a fetch waits for data. Redpanda answers as soon as data arrives; Tansu only
+        // when this expires, so it bounds the bus's share of end-to-end latency there.
+        .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
         .set("partition.assignment.strategy", "range,roundrobin");
     let state = Arc::new(ConsumerState::default());
     let ctx = ObservedContext {
