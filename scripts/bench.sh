@@ -9,13 +9,15 @@
 # with SIGTERM, deletes the run's topics and drops the database — also when interrupted.
 #
 # Needs the local infrastructure running (`make infra-up`): PostgreSQL on 127.0.0.1:5432 (role
-# cornjacket, CREATEDB) and the Kafka-API broker on 127.0.0.1:9092.
+# cornjacket, CREATEDB), tansu on PATH (or the Kafka-API broker on 127.0.0.1:9092 with
+# BENCH_BROKER=shared) and, for the mqtt row, Mosquitto on 127.0.0.1:1883. The anomaly-to-webhook
+# row runs the ai-inference sidecar from .infra/venv-ai (`scripts/ai.sh venv`, run here first).
 #
 # Environment:
 #   BENCH_AUTH_MODE   app (default: every request carries a JWT minted for the run) or off
-#   BENCH_BROKER      shared (default: the Kafka-API broker on 127.0.0.1:9092) or private (a Tansu
-#                     of the run's own on a free port, memory storage, stopped at the end: the shared
-#                     Tansu keeps every message it was ever sent in memory and slows down as it grows)
+#   BENCH_BROKER      private (default: a Tansu of the run's own on a free port, memory storage,
+#                     stopped at the end) or shared (the Kafka-API broker on 127.0.0.1:9092: it keeps
+#                     every message it was ever sent in memory and slows down as it grows)
 #   BENCH_KEEP_DB=1   keep the database (and the platform log) for inspection
 #   CJ_*              exported platform settings are passed through and recorded with the results
 set -euo pipefail
@@ -28,7 +30,9 @@ PG_PORT=5432
 PG_USER=cornjacket
 PG_PASSWORD=cornjacket # development only (scripts/infra.sh)
 BROKERS=127.0.0.1:9092
-PORTS=(8080 8081 8084)
+MQTT_HOST=127.0.0.1
+MQTT_PORT=1883
+PORTS=(8080 8081 8082 8083 8084)
 
 log() { printf '[bench.sh] %s\n' "$*" >&2; }
 die() { printf '[bench.sh] error: %s\n' "$*" >&2; exit 1; }
@@ -41,12 +45,21 @@ psql_admin() {
         -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d cornjacket "$@"
 }
 
+BROKER_MODE=${BENCH_BROKER:-private}
 command -v psql >/dev/null || die "psql not found (make infra-up installs PostgreSQL)"
 port_open "$PG_HOST" "$PG_PORT" || die "PostgreSQL is not listening on $PG_HOST:$PG_PORT (run make infra-up)"
-port_open "${BROKERS%:*}" "${BROKERS##*:}" || die "the broker is not listening on $BROKERS (run make infra-up)"
+case $BROKER_MODE in
+    shared) port_open "${BROKERS%:*}" "${BROKERS##*:}" || die "the broker is not listening on $BROKERS (run make infra-up)" ;;
+    private) command -v tansu >/dev/null || die "BENCH_BROKER=private (the default) needs tansu on PATH (make infra-up installs it)" ;;
+    *) die "BENCH_BROKER must be private or shared, not '$BROKER_MODE'" ;;
+esac
 
 log "building release binaries"
 cargo build --release --bins
+
+# The anomaly-to-webhook row runs the ai-inference sidecar from its venv; without it the row says
+# how to create it.
+scripts/ai.sh venv >&2 || log "warning: scripts/ai.sh venv failed; anomaly-to-webhook will not be measured"
 
 for p in "${PORTS[@]}"; do
     if port_open 127.0.0.1 "$p"; then
@@ -119,10 +132,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 RUN_DIR=$(mktemp -d)
 
-case ${BENCH_BROKER:-shared} in
+case $BROKER_MODE in
     shared) ;;
     private)
-        command -v tansu >/dev/null || die "BENCH_BROKER=private needs tansu on PATH (make infra-up installs it)"
         BPORT=""
         for p in $(seq 19092 19192); do
             if ! port_open 127.0.0.1 "$p"; then BPORT=$p; break; fi
@@ -141,7 +153,6 @@ case ${BENCH_BROKER:-shared} in
         port_open 127.0.0.1 "$BPORT" || die "the private broker does not listen on $BROKERS"
         log "private broker: tansu on $BROKERS (pid $BROKER_PID)"
         ;;
-    *) die "BENCH_BROKER must be shared or private, not '${BENCH_BROKER}'" ;;
 esac
 
 log "creating database $DB"
@@ -157,17 +168,32 @@ declare -A FORCED=(
     [CJ_KAFKA_BROKERS]="$BROKERS"
     [CJ_KAFKA_TOPIC_PREFIX]="$PREFIX"
     [CJ_EVENTHANDLER_CONSUMER_GROUP]="${PREFIX}event-handler"
+    [CJ_TSDB_CONSUMER_GROUP]="${PREFIX}tsdb-writer"
+    [CJ_ACTIONS_CONSUMER_GROUP]="${PREFIX}action-orchestrator"
 )
 declare -A DEFAULTS=(
     [CJ_LOG_LEVEL]=warn
     [CJ_INGESTION_RATE_LIMIT]=0
     [CJ_DB_MAX_CONNECTIONS]=32
     [CJ_SHUTDOWN_TIMEOUT]=10s
+    # anomaly-to-webhook sends 5 outliers a second; the default global limit (10/min) would queue them.
+    [CJ_ACTIONS_RATE_LIMIT]=0
 )
-# MQTT ingestion only when the mqtt row is asked for (--mqtt-url), and then on a topic and with a
-# client id of the run's own, so it never takes other clients' messages or sessions.
+# MQTT ingestion (the mqtt row) on a topic and with a client id of the run's own, so the platform
+# never takes other clients' messages or sessions. Off with `--mqtt-url off`, or when nothing
+# listens on 127.0.0.1:1883 and no other broker is named (the row then says so).
+MQTT_URL_ARG=""
+prev=""
+for arg in "$@"; do
+    if [[ $prev == --mqtt-url ]]; then MQTT_URL_ARG=$arg; fi
+    if [[ $arg == --mqtt-url=* ]]; then MQTT_URL_ARG=${arg#--mqtt-url=}; fi
+    prev=$arg
+done
 MQTT_ARGS=()
-if [[ " $* " != *" --mqtt-url"* ]]; then
+if [[ $MQTT_URL_ARG == off ]]; then
+    FORCED[CJ_MQTT_URL]=off
+elif [[ -z $MQTT_URL_ARG ]] && ! port_open "$MQTT_HOST" "$MQTT_PORT"; then
+    log "no MQTT broker on $MQTT_HOST:$MQTT_PORT (make infra-up starts Mosquitto): MQTT ingestion off, the mqtt row is not measured"
     FORCED[CJ_MQTT_URL]=off
 else
     FORCED[CJ_MQTT_TOPIC]="\$share/bench$EPOCH/bench$EPOCH/devices/+/events"
@@ -177,6 +203,7 @@ fi
 
 AUTH_MODE=${BENCH_AUTH_MODE:-app}
 TOKEN=""
+AI_TOKEN=""
 case $AUTH_MODE in
     app)
         # A secret for this run only; the bench sends a token minted with it on every request.
@@ -197,8 +224,10 @@ platform() { (cd "$RUN_DIR" && exec env "${ENV_ARGS[@]}" "$ROOT/target/release/c
 
 AUTH_NOTE="CJ_AUTH_MODE=off"
 if [[ $AUTH_MODE == app ]]; then
-    if TOKEN=$(platform token --sub cornjacket-bench --scopes "ingest:write query:read" --ttl 4h 2>/dev/null); then
+    if TOKEN=$(platform token --sub cornjacket-bench --scopes "ingest:write query:read actions:admin" --ttl 4h 2>/dev/null); then
         AUTH_NOTE="CJ_AUTH_MODE=app (an HS256 JWT checked on every request)"
+        # The sidecar's own token for its ai.anomaly submissions (anomaly-to-webhook).
+        AI_TOKEN=$(platform token --sub ai-inference --scopes ingest:write --ttl 4h 2>/dev/null) || AI_TOKEN=""
     else
         TOKEN=""
         AUTH_NOTE="no authentication in this build"
@@ -209,7 +238,7 @@ fi
 RECORDED=()
 while IFS='=' read -r k v; do
     case $k in
-        *DATABASE_URL | CJ_KAFKA_TOPIC_PREFIX | CJ_EVENTHANDLER_CONSUMER_GROUP | CJ_JWT_* | *PASSWORD* | CJ_AUTH_MODE) ;;
+        *DATABASE_URL | CJ_KAFKA_TOPIC_PREFIX | *_CONSUMER_GROUP | CJ_JWT_* | *PASSWORD* | CJ_AUTH_MODE) ;;
         CJ_*) RECORDED+=("$k=$v") ;;
     esac
 done < <(env "${ENV_ARGS[@]}" | sort)
@@ -231,7 +260,7 @@ elif [[ -f .infra/tansu.pid ]]; then
     BROKER_ARGS=(--broker-pid "$(cat .infra/tansu.pid)")
 fi
 
-BENCH_TOKEN="$TOKEN" target/release/cornjacket-bench \
+BENCH_TOKEN="$TOKEN" BENCH_AI_TOKEN="$AI_TOKEN" target/release/cornjacket-bench \
     --database-url "$DB_URL" \
     --kafka-brokers "$BROKERS" \
     --topic-prefix "$PREFIX" \

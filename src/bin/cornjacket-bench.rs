@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -158,9 +158,10 @@ struct Args {
     /// Duration of the query row (default 15s; --quick 3s).
     #[arg(long, value_parser = humantime::parse_duration)]
     query_duration: Option<Duration>,
-    /// Measure the mqtt row against this broker: mqtt://user:password@host:port.
-    #[arg(long)]
-    mqtt_url: Option<String>,
+    /// The broker the mqtt row's devices publish to: mqtt://user:password@host:port, or `off` to
+    /// skip the row. Default: the local Mosquitto of `make infra-up` (development user cornjacket).
+    #[arg(long, default_value = "mqtt://cornjacket:cornjacket@127.0.0.1:1883")]
+    mqtt_url: String,
     /// Prepended to the devices' topics (`<prefix>devices/{id}/events`), to match the platform's
     /// CJ_MQTT_TOPIC of the run.
     #[arg(long, default_value = "")]
@@ -168,11 +169,33 @@ struct Args {
     /// Simulated devices of the mqtt row (one connection each, one publish in flight each).
     #[arg(long, default_value_t = 64)]
     mqtt_devices: usize,
+    /// The action orchestrator's API base URL (anomaly-to-webhook creates its rule there).
+    #[arg(long, default_value = "http://127.0.0.1:8082")]
+    actions_url: String,
+    /// The action orchestrator's health base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8083")]
+    actions_health_url: String,
+    /// Python of the ai-inference sidecar's venv (`scripts/ai.sh venv` creates it).
+    #[arg(long, default_value = ".infra/venv-ai/bin/python")]
+    ai_python: PathBuf,
+    /// The sidecar's source directory (its PYTHONPATH).
+    #[arg(long, default_value = "ai-inference")]
+    ai_dir: PathBuf,
+    /// Bearer token (scope ingest:write) the sidecar submits ai.anomaly events with; default
+    /// the bench's own token.
+    #[arg(long, env = "BENCH_AI_TOKEN", hide_env_values = true)]
+    ai_token: Option<String>,
+    /// Outliers per second in anomaly-to-webhook (each on a device of its own).
+    #[arg(long, default_value_t = 5.0)]
+    anomaly_rate: f64,
+    /// Measured duration of anomaly-to-webhook's outliers (default 20s; --quick 5s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    anomaly_duration: Option<Duration>,
     /// fetch.wait.max.ms of the broker round-trip consumer (the event handler uses 50).
     #[arg(long, default_value_t = 50)]
     rtt_fetch_wait_ms: u32,
-    /// Directory for the JSON results.
-    #[arg(long, default_value = "bench/results")]
+    /// Directory for the JSON results (the last one given counts: scripts/bench.sh passes one).
+    #[arg(long, default_value = "bench/results", overrides_with = "out")]
     out: PathBuf,
     /// Internal: serve the http-ceiling endpoint on this port and nothing else.
     #[arg(long, hide = true)]
@@ -206,6 +229,10 @@ impl Args {
     fn query_duration(&self) -> Duration {
         self.query_duration
             .unwrap_or(Duration::from_secs(if self.quick { 3 } else { 15 }))
+    }
+    fn anomaly_duration(&self) -> Duration {
+        self.anomaly_duration
+            .unwrap_or(Duration::from_secs(if self.quick { 5 } else { 20 }))
     }
     fn wants(&self, row: &str) -> bool {
         self.rows.is_empty() || self.rows.iter().any(|r| r == row)
@@ -895,7 +922,11 @@ struct CpuMark {
     postgres: HashMap<u32, u64>,
     mosquitto: HashMap<u32, u64>,
     broker: Option<u64>,
+    sidecar: Option<u64>,
 }
+
+/// The ai-inference sidecar's pid while anomaly-to-webhook runs it (0: none), for the CPU split.
+static SIDECAR_PID: AtomicU32 = AtomicU32::new(0);
 
 fn cpu_mark(a: &Args) -> CpuMark {
     cpu_mark_of(a, a.platform_pid)
@@ -911,6 +942,9 @@ fn cpu_mark_of(a: &Args, server: Option<u32>) -> CpuMark {
         postgres: ticks_of("postgres"),
         mosquitto: ticks_of("mosquitto"),
         broker: a.broker_pid.and_then(proc_ticks),
+        sidecar: Some(SIDECAR_PID.load(Ordering::Relaxed))
+            .filter(|p| *p != 0)
+            .and_then(proc_ticks),
     }
 }
 
@@ -933,6 +967,7 @@ fn cpu_use(a: &CpuMark, b: &CpuMark) -> Value {
         pct(Some(0), Some(postgres_delta(&a.postgres, &b.postgres))),
         pct(a.broker, b.broker),
         pct(Some(0), Some(postgres_delta(&a.mosquitto, &b.mosquitto))),
+        pct(a.sidecar, b.sidecar),
     ];
     // Whatever else ran on the machine meanwhile (a build, another test run): a warning sign.
     let other = (machine - parts.iter().flatten().sum::<f64>())
@@ -945,6 +980,7 @@ fn cpu_use(a: &CpuMark, b: &CpuMark) -> Value {
         "postgres_pct": parts[2],
         "broker_pct": parts[3],
         "mosquitto_pct": parts[4],
+        "sidecar_pct": parts[5],
         "other_pct": other,
     })
 }
@@ -957,12 +993,15 @@ fn cpu_text(v: &Value) -> String {
         ("postgres_pct", "postgres"),
         ("broker_pct", "tansu"),
         ("mosquitto_pct", "mosquitto"),
+        ("sidecar_pct", "ai sidecar"),
         ("bench_pct", "bench"),
         ("other_pct", "other (kernel, other processes)"),
         ("machine_busy_pct", "machine"),
     ] {
-        // The MQTT broker only matters in the mqtt row.
-        if k == "mosquitto_pct" && v.get(k).and_then(Value::as_f64).unwrap_or(0.0) < 1.0 {
+        // The MQTT broker only matters in the mqtt row, the sidecar in anomaly-to-webhook.
+        if matches!(k, "mosquitto_pct" | "sidecar_pct")
+            && v.get(k).and_then(Value::as_f64).unwrap_or(0.0) < 1.0
+        {
             continue;
         }
         if let Some(x) = f(k) {
@@ -2579,19 +2618,26 @@ mod mqtt {
 }
 
 async fn row_mqtt(ctx: &mut Ctx) -> anyhow::Result<()> {
+    const GOAL: &str = "≥ 10,000 msg/s";
     let a = ctx.a.clone();
-    let Some(url) = a.mqtt_url.clone() else {
+    if a.mqtt_url == "off" {
         ctx.rows.insert(
             "mqtt".into(),
-            Row::not_measured(
-                "mqtt",
-                "not measured: MQTT ingestion not built yet",
-                "≥ 10,000 msg/s",
-            ),
+            Row::not_measured("mqtt", "not measured: skipped (--mqtt-url off)", GOAL),
         );
         return Ok(());
-    };
-    let u = Arc::new(mqtt::parse(&url)?);
+    }
+    let u = Arc::new(mqtt::parse(&a.mqtt_url)?);
+    let reachable = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&u.host)).await;
+    if !matches!(reachable, Ok(Ok(_))) {
+        let why = format!(
+            "not measured: no MQTT broker answers on {} (make infra-up starts Mosquitto; --mqtt-url points elsewhere)",
+            u.host
+        );
+        ctx.rows
+            .insert("mqtt".into(), Row::not_measured("mqtt", &why, GOAL));
+        return Ok(());
+    }
     let run = ctx.run.clone();
     let devices = a.mqtt_devices.max(1);
     log(format!("mqtt: {devices} devices, {:?}", a.duration()));
@@ -2696,10 +2742,11 @@ async fn row_mqtt(ctx: &mut Ctx) -> anyhow::Result<()> {
     r.rate(load.per_sec(load.ok), "msg/s");
     r.latency(&load.hist);
     r.failures = load.failures();
-    r.goal = "≥ 10,000 msg/s".into();
+    r.goal = GOAL.into();
     r.config = format!(
-        "{devices} simulated devices, one connection each, QoS 1 publish to {}devices/{{id}}/events with one PUBACK awaited at a time, {:.0}s (+{:.0}s warm-up); the rate counts broker PUBACKs; the platform took in {} of the {} events published (warm-up included; counted in its outbox + event store){}; {}; {}",
+        "{devices} simulated devices, one connection each, QoS 1 publish to {}devices/{{id}}/events on the broker at {} with one PUBACK awaited at a time, {:.0}s (+{:.0}s warm-up); the rate counts broker PUBACKs; the platform took in {} of the {} events published (warm-up included; counted in its outbox + event store){}; {}; {}",
         a.mqtt_topic_prefix,
+        u.host,
         load.window.as_secs_f64(),
         a.warmup().as_secs_f64(),
         ingested.map_or("?".into(), |n| thousands(n as f64)),
@@ -2721,6 +2768,820 @@ async fn row_mqtt(ctx: &mut Ctx) -> anyhow::Result<()> {
         "platform_caught_up_after_s": caught_up.map(|d| d.as_secs_f64()),
         "cpu": cpu,
         "errors": load.error_samples,
+    });
+    ctx.rows.insert(r.row.clone(), r);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// anomaly-to-webhook: the ai-inference sidecar, the action orchestrator and a webhook receiver.
+
+/// An in-process webhook receiver: records every call (arrival time, headers, body) and answers
+/// 200; the Standard Webhooks signature is checked afterwards, off the measured path.
+mod hook {
+    use super::*;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    pub struct Call {
+        pub at: Instant,
+        /// Wall clock in microseconds since the epoch (compared with PostgreSQL's timestamps).
+        pub wall_us: i64,
+        pub headers: HeaderMap,
+        pub body: Bytes,
+    }
+
+    impl Call {
+        pub fn json(&self) -> Value {
+            serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+        }
+    }
+
+    type Calls = Arc<Mutex<Vec<Call>>>;
+
+    pub struct Receiver {
+        pub addr: SocketAddr,
+        calls: Calls,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    impl Receiver {
+        pub async fn start() -> anyhow::Result<Self> {
+            let calls: Calls = Arc::default();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let app = axum::Router::new()
+                .route("/{*path}", axum::routing::post(record))
+                .with_state(calls.clone());
+            let server = tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            Ok(Self {
+                addr,
+                calls,
+                server,
+            })
+        }
+
+        pub fn url(&self, path: &str) -> String {
+            format!("http://{}{path}", self.addr)
+        }
+
+        pub fn count(&self) -> usize {
+            self.calls.lock().expect("calls lock").len()
+        }
+
+        /// How many calls there are, and the `payload.source_event_id` of those from index
+        /// `from` on.
+        pub fn sources_from(&self, from: usize) -> (usize, Vec<String>) {
+            let calls = self.calls.lock().expect("calls lock");
+            let sources = calls
+                .iter()
+                .skip(from)
+                .filter_map(|c| {
+                    let v: Value = serde_json::from_slice(&c.body).ok()?;
+                    Some(v.pointer("/payload/source_event_id")?.as_str()?.to_string())
+                })
+                .collect();
+            (calls.len(), sources)
+        }
+
+        pub fn take(&self) -> Vec<Call> {
+            std::mem::take(&mut *self.calls.lock().expect("calls lock"))
+        }
+    }
+
+    impl Drop for Receiver {
+        fn drop(&mut self) {
+            self.server.abort();
+        }
+    }
+
+    async fn record(State(calls): State<Calls>, headers: HeaderMap, body: Bytes) -> StatusCode {
+        let at = Instant::now();
+        let wall_us = chrono::Utc::now().timestamp_micros();
+        calls.lock().expect("calls lock").push(Call {
+            at,
+            wall_us,
+            headers,
+            body,
+        });
+        StatusCode::OK
+    }
+
+    /// Standard Webhooks verification as a receiver does it, written from the specification:
+    /// `webhook-signature` holds space-separated `v1,<base64>` entries, one of which must be
+    /// HMAC-SHA256(base64-decoded secret after `whsec_`, "{webhook-id}.{webhook-timestamp}.{body}"),
+    /// and the timestamp must be within 5 minutes of the arrival.
+    pub fn verify(secret: &str, c: &Call) -> bool {
+        let Some(key) = secret
+            .strip_prefix("whsec_")
+            .and_then(|k| B64.decode(k).ok())
+        else {
+            return false;
+        };
+        let h = |n: &str| c.headers.get(n).and_then(|v| v.to_str().ok());
+        let (Some(id), Some(ts), Some(sigs)) = (
+            h("webhook-id"),
+            h("webhook-timestamp"),
+            h("webhook-signature"),
+        ) else {
+            return false;
+        };
+        let Ok(t) = ts.parse::<i64>() else {
+            return false;
+        };
+        if (c.wall_us / 1_000_000 - t).abs() > 300 {
+            return false;
+        }
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes keys of any length");
+        mac.update(format!("{id}.{ts}.").as_bytes());
+        mac.update(&c.body);
+        sigs.split(' ')
+            .filter_map(|s| s.strip_prefix("v1,"))
+            .filter_map(|b| B64.decode(b).ok())
+            .any(|sig| mac.clone().verify_slice(&sig).is_ok())
+    }
+}
+
+/// The ai-inference sidecar as `scripts/ai.sh run` starts it, configured for the run: the
+/// platform's database, broker and topic prefix, a consumer group and a port of its own.
+struct Sidecar {
+    child: tokio::process::Child,
+    port: u16,
+    log: PathBuf,
+    group: String,
+}
+
+impl Sidecar {
+    fn start(
+        a: &Args,
+        python: &std::path::Path,
+        dir: &std::path::Path,
+        run: &str,
+    ) -> anyhow::Result<Self> {
+        let db_url = a
+            .database_url
+            .as_deref()
+            .context("anomaly-to-webhook needs --database-url")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let group = if a.topic_prefix.is_empty() {
+            format!("cjbench-{run}-ai-inference")
+        } else {
+            format!("{}ai-inference", a.topic_prefix)
+        };
+        let log = std::env::temp_dir().join(format!("cjbench-ai-{run}.log"));
+        let out = std::fs::File::create(&log)?;
+        let token = a
+            .ai_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .or_else(|| http::AUTHORIZATION.get().cloned());
+        let mut cmd = tokio::process::Command::new(python);
+        cmd.args(["-m", "ai_inference"])
+            // Not the repository: the sidecar reads a .env in its working directory.
+            .current_dir(std::env::temp_dir())
+            .env("PYTHONPATH", dir)
+            .env("CJ_AI_DATABASE_URL", db_url)
+            .env("CJ_KAFKA_BROKERS", &a.kafka_brokers)
+            .env("CJ_KAFKA_TOPIC_PREFIX", &a.topic_prefix)
+            .env("CJ_AI_CONSUMER_GROUP", &group)
+            .env("CJ_AI_SESSION_TIMEOUT_MS", "6000")
+            .env("CJ_AI_PORT", port.to_string())
+            .env("CJ_AI_INGEST_URL", &a.ingest_url)
+            .env("CJ_LOG_FORMAT", "text")
+            .env("CJ_LOG_LEVEL", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true);
+        if let Some(t) = token {
+            cmd.env("CJ_AI_INGEST_TOKEN", t);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting the sidecar ({})", python.display()))?;
+        SIDECAR_PID.store(child.id().unwrap_or(0), Ordering::Relaxed);
+        Ok(Self {
+            child,
+            port,
+            log,
+            group,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join(" / ")
+    }
+
+    /// Waits until `/health` answers 200 (migrated, consumer in its group, database answering).
+    async fn wait_healthy(
+        &mut self,
+        client: &reqwest::Client,
+        max: Duration,
+    ) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "the sidecar exited ({status}); {}: {}",
+                    self.log.display(),
+                    self.log_tail()
+                );
+            }
+            if let Ok(r) = client.get(self.url("/health")).send().await
+                && r.status() == 200
+            {
+                return Ok(());
+            }
+            if t0.elapsed() > max {
+                bail!(
+                    "the sidecar was not healthy within {max:?}; {}: {}",
+                    self.log.display(),
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM (it commits and exits), SIGKILL after 10 s.
+    async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = self.child.kill().await;
+            }
+        }
+        SIDECAR_PID.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        SIDECAR_PID.store(0, Ordering::Relaxed);
+    }
+}
+
+const ANOMALY_ROW: &str = "anomaly-to-webhook";
+const ANOMALY_GOAL: &str = "p99 ≤ 250 ms";
+
+/// An outlier as sent: its device index, schedule, and the answer.
+struct Outlier {
+    index: usize,
+    scheduled: Instant,
+    status: Option<u16>,
+    error: Option<String>,
+    accepted: Option<Instant>,
+    event_id: Option<String>,
+}
+
+fn percentiles_text(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return "—".into();
+    }
+    format!(
+        "{}/{}",
+        fmt_us(Some(h.value_at_quantile(0.5))),
+        fmt_us(Some(h.value_at_quantile(0.99)))
+    )
+}
+
+async fn row_anomaly(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let a = ctx.a.clone();
+    let cwd = std::env::current_dir()?;
+    let (python, dir) = (cwd.join(&a.ai_python), cwd.join(&a.ai_dir));
+    if !python.exists() {
+        let why = format!(
+            "not measured: the ai-inference sidecar's venv is missing ({}); create it with scripts/ai.sh venv (scripts/bench.sh runs it)",
+            a.ai_python.display()
+        );
+        ctx.rows.insert(
+            ANOMALY_ROW.into(),
+            Row::not_measured(ANOMALY_ROW, &why, ANOMALY_GOAL),
+        );
+        return Ok(());
+    }
+    if !dir.join("ai_inference").is_dir() {
+        let why = format!(
+            "not measured: no ai-inference sidecar at {} (--ai-dir)",
+            a.ai_dir.display()
+        );
+        ctx.rows.insert(
+            ANOMALY_ROW.into(),
+            Row::not_measured(ANOMALY_ROW, &why, ANOMALY_GOAL),
+        );
+        return Ok(());
+    }
+    let settle = ctx.settle(Duration::from_secs(30)).await;
+    let client = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .build()?;
+    let token = http::AUTHORIZATION.get().cloned();
+    let auth = |rb: reqwest::RequestBuilder| match &token {
+        Some(t) => rb.bearer_auth(t),
+        None => rb,
+    };
+
+    // The receiver and a rule on ai.anomaly that calls it, without dedup.
+    let receiver = hook::Receiver::start().await?;
+    let rules_url = format!("{}/api/v1/actions/rules", a.actions_url);
+    let rule = json!({
+        "name": format!("cornjacket-bench {}", ctx.run),
+        "event_type": "ai.anomaly",
+        "dedup_window_s": 0,
+        "webhook": { "url": receiver.url("/anomaly") },
+    });
+    let created = match auth(client.post(&rules_url)).json(&rule).send().await {
+        Err(e) if e.is_connect() => {
+            let why = format!(
+                "not measured: the action orchestrator does not answer on {} (cornjacket serve runs it; --actions-url)",
+                a.actions_url
+            );
+            ctx.rows.insert(
+                ANOMALY_ROW.into(),
+                Row::not_measured(ANOMALY_ROW, &why, ANOMALY_GOAL),
+            );
+            return Ok(());
+        }
+        r => r.context("creating the rule")?,
+    };
+    let status = created.status();
+    let body: Value = created.json().await.unwrap_or(Value::Null);
+    if status != 201 {
+        bail!("creating the rule on {rules_url}: {status} {body}");
+    }
+    let (Some(rule_id), Some(secret)) = (
+        body["rule_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok()),
+        body.pointer("/webhook/secret")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    ) else {
+        bail!("the rule's answer has no rule_id or webhook.secret: {body}");
+    };
+
+    let result = match Sidecar::start(&a, &python, &dir, &ctx.run) {
+        Ok(mut sidecar) => {
+            let result = anomaly_measure(
+                ctx,
+                &client,
+                &receiver,
+                &mut sidecar,
+                rule_id,
+                &secret,
+                &settle,
+            )
+            .await;
+            sidecar.stop().await;
+            if result.is_ok() {
+                let _ = std::fs::remove_file(&sidecar.log);
+            }
+            result
+        }
+        Err(e) => Err(e),
+    };
+    // The rule goes, so later rows do not evaluate it for every event.
+    let _ = auth(client.delete(format!("{rules_url}/{rule_id}")))
+        .send()
+        .await;
+    result
+}
+
+async fn anomaly_measure(
+    ctx: &mut Ctx,
+    client: &reqwest::Client,
+    receiver: &hook::Receiver,
+    sidecar: &mut Sidecar,
+    rule_id: Uuid,
+    secret: &str,
+    settle: &str,
+) -> anyhow::Result<()> {
+    let a = ctx.a.clone();
+    let token = http::AUTHORIZATION.get().cloned();
+    let auth = |rb: reqwest::RequestBuilder| match &token {
+        Some(t) => rb.bearer_auth(t),
+        None => rb,
+    };
+    let t_start = Instant::now();
+    sidecar
+        .wait_healthy(client, Duration::from_secs(90))
+        .await?;
+    let sidecar_start_s = t_start.elapsed().as_secs_f64();
+    let model: Value = match client.get(sidecar.url("/model")).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let warmup = model["warmup"].as_u64().unwrap_or(30) as usize;
+    let threshold = model["threshold"].as_f64().unwrap_or(4.0);
+
+    // One outlier per device, each the first after its warm-up: an outlier is learned only
+    // clipped to mean ± threshold·σ, but it still widens σ, so a device is never reused.
+    let rate = a.anomaly_rate.max(0.1);
+    let n_warm = (a.warmup().as_secs_f64() * rate).round() as usize;
+    let n_measured = ((a.anomaly_duration().as_secs_f64() * rate).round() as usize).max(1);
+    let devices = n_warm + n_measured;
+    let readings = warmup + 2;
+    let device = |d: usize| format!("anom-{}-{d:04}", ctx.run);
+    log(format!(
+        "{}: sidecar healthy after {sidecar_start_s:.1}s; warming up {devices} devices with {readings} readings each",
+        "anomaly-to-webhook"
+    ));
+
+    // Normal readings, deterministic, within ±0.5 of 20 (σ ≈ 0.29), in batches of 100.
+    let batch_url = format!("{}/api/v1/ingest/batch", a.ingest_url);
+    let all: Vec<Value> = (0..readings)
+        .flat_map(|i| {
+            (0..devices).map(move |d| (d, 20.0 + ((i * 37 + d * 11) % 100) as f64 / 100.0 - 0.5))
+        })
+        .map(|(d, v)| {
+            json!({"event_type": "sensor.reading", "aggregate_id": device(d),
+                   "payload": {"value": v, "unit": "celsius"}})
+        })
+        .collect();
+    let t_warm = Instant::now();
+    for chunk in all.chunks(100) {
+        let r = auth(client.post(&batch_url))
+            .json(&json!({ "events": chunk }))
+            .send()
+            .await
+            .context("warm-up batch")?;
+        let status = r.status();
+        if status != 202 {
+            let body = r.text().await.unwrap_or_default();
+            bail!("warm-up batch answered {status}: {body}");
+        }
+    }
+    let db = ctx.db()?.clone();
+    let prefix = format!("anom-{}-%", ctx.run);
+    let scored = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*), count(*) FILTER (WHERE is_anomaly) FROM ai.inference_results
+             WHERE device_id LIKE $1",
+        )
+        .bind(&prefix)
+        .fetch_one(&db)
+        .await
+        .ok()
+    };
+    let (mut done, mut grew) = ((0i64, 0i64), Instant::now());
+    while (done.0 as usize) < all.len() {
+        if grew.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the sidecar scored only {} of {} warm-up readings (no progress for 30 s); {}: {}",
+                done.0,
+                all.len(),
+                sidecar.log.display(),
+                sidecar.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if let Some(n) = scored().await
+            && n.0 > done.0
+        {
+            (done, grew) = (n, Instant::now());
+        }
+    }
+    let warm_s = t_warm.elapsed().as_secs_f64();
+    let false_alarms = done.1;
+    log(format!(
+        "anomaly-to-webhook: {} warm-up readings scored in {warm_s:.1}s ({false_alarms} flagged)",
+        all.len()
+    ));
+    // The pipeline idle again (projections, time series), and the action orchestrator's consumer
+    // in its group, before the first outlier.
+    let settle_after = ctx.settle(Duration::from_secs(10)).await;
+    let health_url = format!("{}/health", a.actions_health_url);
+    let t_h = Instant::now();
+    let mut actions_healthy = false;
+    while t_h.elapsed() < Duration::from_secs(30) {
+        if let Ok(r) = client.get(&health_url).send().await
+            && let Ok(v) = r.json::<Value>().await
+            && v["status"] == "healthy"
+        {
+            actions_healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = receiver.count();
+
+    // Outliers, open loop: one every 1/rate seconds, each on its own task.
+    log(format!(
+        "anomaly-to-webhook: {devices} outliers at {rate}/s ({n_warm} warm-up)"
+    ));
+    let ingest_url = format!("{}/api/v1/ingest", a.ingest_url);
+    let m0 = cpu_mark(&a);
+    let start = Instant::now() + Duration::from_millis(20);
+    let mut set = tokio::task::JoinSet::new();
+    for k in 0..devices {
+        let at = start + Duration::from_secs_f64(k as f64 / rate);
+        tokio::time::sleep_until(at.into()).await;
+        let rb = auth(client.post(&ingest_url)).json(&json!({
+            "event_type": "sensor.reading", "aggregate_id": device(k),
+            "payload": {"value": 80.0, "unit": "celsius"}}));
+        set.spawn(async move {
+            let mut o = Outlier {
+                index: k,
+                scheduled: at,
+                status: None,
+                error: None,
+                accepted: None,
+                event_id: None,
+            };
+            match rb.send().await {
+                Ok(r) => {
+                    let t = Instant::now();
+                    o.status = Some(r.status().as_u16());
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    if o.status == Some(202) {
+                        o.accepted = Some(t);
+                        o.event_id = v["event_id"].as_str().map(str::to_string);
+                    }
+                }
+                Err(e) => o.error = Some(e.to_string()),
+            }
+            o
+        });
+    }
+    let mut sent: Vec<Outlier> = Vec::with_capacity(devices);
+    while let Some(o) = set.join_next().await {
+        sent.push(o?);
+    }
+    sent.sort_by_key(|o| o.index);
+    let ids: HashMap<String, usize> = sent
+        .iter()
+        .filter_map(|o| Some((o.event_id.clone()?, o.index)))
+        .collect();
+
+    // Wait for a webhook per accepted outlier: up to 30 s after the last one was sent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut seen, mut arrived) = (before, std::collections::HashSet::new());
+    while arrived.len() < ids.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (total, new) = receiver.sources_from(seen);
+        seen = total;
+        arrived.extend(new.into_iter().filter(|s| ids.contains_key(s)));
+    }
+    let m1 = cpu_mark(&a);
+    // Late duplicates, if any, arrive within a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = receiver.take();
+
+    // The first call per outlier counts; later ones are duplicates.
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    let (mut duplicates, mut unexpected, mut bad_signature) = (0u64, 0u64, 0u64);
+    for (i, c) in calls.iter().enumerate() {
+        if !hook::verify(secret, c) {
+            bad_signature += 1;
+        }
+        let v = c.json();
+        let source = v
+            .pointer("/payload/source_event_id")
+            .and_then(Value::as_str)
+            .and_then(|s| ids.get_key_value(s));
+        match source {
+            Some((s, _)) if v["event_type"] == "ai.anomaly" => {
+                if first.contains_key(s.as_str()) {
+                    duplicates += 1;
+                } else {
+                    first.insert(s.as_str(), i);
+                }
+            }
+            _ => unexpected += 1,
+        }
+    }
+
+    let (mut h, mut h_sent, mut h_accept) = (histogram(), histogram(), histogram());
+    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
+    let mut lost = 0u64;
+    let mut lost_measured = 0u64;
+    let mut delivered_measured = 0u64;
+    let mut wall_of: HashMap<Uuid, i64> = HashMap::new();
+    let mut errors: Vec<String> = Vec::new();
+    for o in &sent {
+        let measured = o.index >= n_warm;
+        if let Some(e) = &o.error {
+            *failures.entry("error".into()).or_default() += 1;
+            if errors.len() < 5 {
+                errors.push(format!("outlier {}: {e}", o.index));
+            }
+            continue;
+        }
+        if let Some(s) = o.status.filter(|s| *s != 202) {
+            *failures.entry(s.to_string()).or_default() += 1;
+            continue;
+        }
+        let (Some(id), Some(acc)) = (&o.event_id, o.accepted) else {
+            continue;
+        };
+        if measured {
+            h_accept.saturating_record((acc - o.scheduled).as_micros().max(1) as u64);
+        }
+        match first.get(id.as_str()) {
+            Some(&i) => {
+                let c = &calls[i];
+                if let Ok(u) = Uuid::parse_str(id) {
+                    wall_of.insert(u, c.wall_us);
+                }
+                if measured {
+                    delivered_measured += 1;
+                    h.saturating_record(
+                        c.at.saturating_duration_since(acc).as_micros().max(1) as u64
+                    );
+                    h_sent.saturating_record(
+                        c.at.saturating_duration_since(o.scheduled)
+                            .as_micros()
+                            .max(1) as u64,
+                    );
+                }
+            }
+            None => {
+                lost += 1;
+                if measured {
+                    lost_measured += 1;
+                }
+            }
+        }
+    }
+    let accepted_measured = sent
+        .iter()
+        .filter(|o| o.index >= n_warm && o.accepted.is_some())
+        .count();
+
+    // Where the time goes, from the stored timestamps (the same machine clock): the reading's
+    // ingested_at, the sidecar's scoring transaction (ai.inference_results.created_at), the
+    // ai.anomaly's ingested_at (accepted by the API) and stored_at (the outbox processor's claim),
+    // the delivery's created_at (recorded by the action orchestrator), the webhook's arrival.
+    let measured_ids: Vec<Uuid> = sent
+        .iter()
+        .filter(|o| o.index >= n_warm)
+        .filter_map(|o| Uuid::parse_str(o.event_id.as_deref()?).ok())
+        .collect();
+    type Stamps = (
+        Uuid,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+    );
+    let stamps: Vec<Stamps> = sqlx::query_as(
+        "SELECT r.event_id,
+                (extract(epoch FROM r.ingested_at) * 1e6)::float8,
+                (extract(epoch FROM ir.created_at) * 1e6)::float8,
+                (extract(epoch FROM an.ingested_at) * 1e6)::float8,
+                (extract(epoch FROM an.stored_at) * 1e6)::float8,
+                (extract(epoch FROM d.created_at) * 1e6)::float8
+         FROM ingestion.event_store r
+         LEFT JOIN ai.inference_results ir ON ir.event_id = r.event_id
+         LEFT JOIN ingestion.event_store an
+                ON an.event_type = 'ai.anomaly'
+               AND an.payload->>'source_event_id' = r.event_id::text
+         LEFT JOIN actions.deliveries d ON d.event_id = an.event_id AND d.rule_id = $2
+         WHERE r.event_id = ANY($1)",
+    )
+    .bind(&measured_ids)
+    .bind(rule_id)
+    .fetch_all(&db)
+    .await
+    .unwrap_or_else(|e| {
+        log(format!("anomaly-to-webhook: stage breakdown skipped: {e}"));
+        Vec::new()
+    });
+    let mut stages: Vec<Histogram<u64>> = (0..5).map(|_| histogram()).collect();
+    for (id, ingested, scored, accepted, stored, recorded) in &stamps {
+        let hook_at = wall_of.get(id).map(|w| *w as f64);
+        let points = [*ingested, *scored, *accepted, *stored, *recorded, hook_at];
+        for (s, hist) in stages.iter_mut().enumerate() {
+            if let (Some(x), Some(y)) = (points[s], points[s + 1]) {
+                hist.saturating_record((y - x).max(1.0) as u64);
+            }
+        }
+    }
+    const STAGES: [&str; 5] = [
+        "reading ingested → scored by the sidecar",
+        "→ ai.anomaly accepted by the API",
+        "→ in the event store (processor claim)",
+        "→ delivery recorded by the action orchestrator",
+        "→ webhook received",
+    ];
+    let stage_text: Vec<String> = STAGES
+        .iter()
+        .zip(&stages)
+        .map(|(name, h)| format!("{name} {}", percentiles_text(h)))
+        .collect();
+
+    let mut r = Row::new(ANOMALY_ROW);
+    r.latency(&h);
+    r.value = r.p99_us.map(|u| u as f64 / 1000.0);
+    r.unit = "ms p99".into();
+    r.result = format!(
+        "{} of {} outliers → signed webhook, {lost} lost",
+        thousands(delivered_measured as f64),
+        thousands(n_measured as f64)
+    );
+    if lost > 0 {
+        failures.insert("lost".into(), lost);
+    }
+    if duplicates > 0 {
+        failures.insert("duplicate-webhook".into(), duplicates);
+    }
+    if unexpected > 0 {
+        failures.insert("unexpected-webhook".into(), unexpected);
+    }
+    if bad_signature > 0 {
+        failures.insert("bad-signature".into(), bad_signature);
+    }
+    if false_alarms > 0 {
+        failures.insert("normal-reading-flagged".into(), false_alarms as u64);
+    }
+    r.failures = failures;
+    r.goal = ANOMALY_GOAL.into();
+    r.goal_met = r.p99_us.map(|p| {
+        p <= 250_000
+            && lost == 0
+            && bad_signature == 0
+            && accepted_measured == n_measured
+            && delivered_measured as usize == n_measured
+    });
+    let cpu = cpu_use(&m0, &m1);
+    let mut notes = Vec::new();
+    if !settle.is_empty() {
+        notes.push(format!("before: {settle}"));
+    }
+    if !settle_after.is_empty() {
+        notes.push(format!("after the warm-up: {settle_after}"));
+    }
+    if !actions_healthy {
+        notes.push(
+            "the action orchestrator's /health was not \"healthy\" within 30 s of the warm-up"
+                .into(),
+        );
+    }
+    r.config = format!(
+        "{devices} devices warmed up with {readings} normal readings each (20 ± 0.5; batches of 100; the sidecar flags a reading after {warmup} and above {threshold}σ), scored in {warm_s:.1}s; then one outlier (80.0, ≈200σ) per device, each the device's first, open loop {rate}/s × {:.0}s (+{:.0}s warm-up, excluded from the histogram, checked for loss); latency = the reading's 202 answer → the webhook request at the bench's receiver (axum on 127.0.0.1, answers 200); every call's Standard Webhooks signature verified afterwards (HMAC-SHA256 with the rule's whsec_ secret, timestamp within 5 min); rule on ai.anomaly, no condition, dedup_window_s 0; sidecar: {} -m ai_inference (ai-inference/, defaults but its own port, consumer group {}, the run's database, broker and topic prefix; started for this row, healthy after {sidecar_start_s:.1}s, stopped after it); send → webhook p50/p99 {}; send → 202 p50/p99 {}; stages p50/p99: {}; {}; {}{}",
+        a.anomaly_duration().as_secs_f64(),
+        a.warmup().as_secs_f64(),
+        a.ai_python.display(),
+        sidecar.group,
+        percentiles_text(&h_sent),
+        percentiles_text(&h_accept),
+        stage_text.join(", "),
+        r.failures_text(),
+        cpu_text(&cpu),
+        if notes.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", notes.join("; "))
+        }
+    );
+    let stage_json: Vec<Value> = STAGES
+        .iter()
+        .zip(&stages)
+        .map(|(name, h)| json!({ "stage": name, "us": quantiles(h) }))
+        .collect();
+    r.details = json!({
+        "cpu": cpu,
+        "devices": devices,
+        "warmup_readings_per_device": readings,
+        "sidecar_model": model,
+        "sidecar_healthy_after_s": sidecar_start_s,
+        "warmup_scored_s": warm_s,
+        "outliers_sent": sent.len(),
+        "outliers_measured": n_measured,
+        "accepted_measured": accepted_measured,
+        "delivered_measured": delivered_measured,
+        "lost": lost,
+        "lost_measured": lost_measured,
+        "duplicates": duplicates,
+        "unexpected": unexpected,
+        "bad_signature": bad_signature,
+        "webhook_calls": calls.len(),
+        "send_to_webhook_us": quantiles(&h_sent),
+        "send_to_202_us": quantiles(&h_accept),
+        "stages": stage_json,
+        "errors": errors,
     });
     ctx.rows.insert(r.row.clone(), r);
     Ok(())
@@ -2972,12 +3833,15 @@ async fn run(a: Args) -> anyhow::Result<()> {
 
     // Run order: rows that want an idle pipeline first, then the saturation rows (which leave a
     // backlog that is drained or truncated before each following row), the broker last.
+    // anomaly-to-webhook comes first of all: its sidecar reads sensor-events from the earliest
+    // offset, so it starts while that topic is still empty.
     type RowFn = for<'c> fn(
         &'c mut Ctx,
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = anyhow::Result<()>> + 'c>,
     >;
     let order: &[(&str, RowFn)] = &[
+        ("anomaly-to-webhook", |c| Box::pin(row_anomaly(c))),
         ("http-ceiling", |c| Box::pin(row_http_ceiling(c))),
         ("e2e-latency", |c| Box::pin(row_e2e(c))),
         ("query", |c| Box::pin(row_query(c))),
@@ -3001,16 +3865,6 @@ async fn run(a: Args) -> anyhow::Result<()> {
             ctx.rows.insert(name.to_string(), r);
         }
         log(format!("{name}: done in {:.1}s", t.elapsed().as_secs_f64()));
-    }
-    if ctx.a.wants("anomaly-to-webhook") {
-        ctx.rows.insert(
-            "anomaly-to-webhook".into(),
-            Row::not_measured(
-                "anomaly-to-webhook",
-                "not measured: action orchestrator and AI sidecar not built yet",
-                "p99 ≤ 250 ms",
-            ),
-        );
     }
     if ctx.a.wants("footprint") {
         row_footprint(&mut ctx);
@@ -3062,7 +3916,17 @@ async fn run(a: Args) -> anyhow::Result<()> {
         "markdown": table,
     });
     std::fs::create_dir_all(&ctx.a.out)?;
-    let path = ctx.a.out.join(format!("{}.json", began.format("%Y-%m-%d")));
+    // A run of some rows, or a smoke run, does not replace the day's full run.
+    let mut name = began.format("%Y-%m-%d").to_string();
+    if !ctx.a.rows.is_empty() {
+        let mut rows: Vec<&str> = ROWS.iter().copied().filter(|r| ctx.a.wants(r)).collect();
+        rows.dedup();
+        name = format!("{name}-{}", rows.join("+"));
+    }
+    if ctx.a.quick {
+        name.push_str("-quick");
+    }
+    let path = ctx.a.out.join(format!("{name}.json"));
     let mut f = std::fs::File::create(&path)?;
     f.write_all(serde_json::to_string_pretty(&result)?.as_bytes())?;
     f.write_all(b"\n")?;
