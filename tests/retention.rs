@@ -521,3 +521,65 @@ async fn the_cli_reports_what_is_due_then_removes_it() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn old_readings_and_finished_deliveries_go_pending_ones_stay() {
+    let app = TestApp::spawn_with(&[Service::Tsdb, Service::Actions], |e| {
+        e.insert("CJ_RETENTION_INTERVAL".into(), "1s".into());
+    })
+    .await;
+    let pool = app.pool().await;
+    wait_migrated(&pool, "tsdb.sensor_readings").await;
+    wait_migrated(&pool, "actions.deliveries").await;
+    let now = Utc::now();
+    let old = now - TimeDelta::days(10);
+    for (device, t) in [("d-old", old), ("d-new", now - TimeDelta::days(1))] {
+        sqlx::query(
+            "INSERT INTO tsdb.sensor_readings (time, device_id, value, unit, event_id)
+             VALUES ($1, $2, 1.0, 'celsius', $3)",
+        )
+        .bind(t)
+        .bind(device)
+        .bind(Uuid::now_v7())
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // An old delivered one goes; an old one still pending (its receiver is down) stays.
+    for (status, agg) in [("delivered", "done"), ("pending", "waiting")] {
+        sqlx::query(
+            "INSERT INTO actions.deliveries
+                 (delivery_id, rule_id, event_id, event_type, aggregate_id, event_at, endpoint,
+                  body, status, next_attempt_at, created_at, updated_at)
+             VALUES ($1, $2, $3, 'system.alert', $4, $5, 'http://127.0.0.1:9/h', '{}', $6,
+                     now() + interval '1 day', $5, $5)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(Uuid::now_v7())
+        .bind(Uuid::now_v7())
+        .bind(agg)
+        .bind(old)
+        .bind(status)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let devices = || async {
+        sqlx::query_scalar::<_, String>("SELECT device_id FROM tsdb.sensor_readings")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let deliveries = || async {
+        sqlx::query_scalar::<_, String>("SELECT aggregate_id FROM actions.deliveries")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    eventually(Duration::from_secs(30), || async {
+        (devices().await.len() == 1 && deliveries().await.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(devices().await, ["d-new"]);
+    assert_eq!(deliveries().await, ["waiting"]);
+}

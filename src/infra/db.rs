@@ -129,6 +129,40 @@ pub async fn migrate(url: &str, m: &Migrations) -> Result<refinery::Report, Migr
     result
 }
 
+/// Rows deleted per statement by retention jobs: small enough that no statement holds locks or
+/// builds WAL for long, large enough to keep up.
+pub const RETENTION_SLICE: i64 = 10_000;
+
+/// Deletes the rows of `table` matching `due` (a condition in which `$1` is `cutoff`),
+/// [`RETENTION_SLICE`] rows per statement, stopping between slices on shutdown. The outer
+/// condition repeats the inner one, so a row changed meanwhile (an upserted projection) stays.
+pub async fn delete_in_slices(
+    pool: &PgPool,
+    table: &str,
+    due: &str,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "DELETE FROM {table} WHERE {due} AND ctid = ANY (ARRAY(
+             SELECT ctid FROM {table} WHERE {due} LIMIT $2))"
+    );
+    let mut removed = 0;
+    while !shutdown.is_cancelled() {
+        let n = sqlx::query(&sql)
+            .bind(cutoff)
+            .bind(RETENTION_SLICE)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        removed += n;
+        if n < RETENTION_SLICE as u64 {
+            break;
+        }
+    }
+    Ok(removed)
+}
+
 /// A stable 64-bit advisory lock key for a name (FNV-1a; std's hasher is not stable across builds).
 pub fn advisory_key(name: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -116,6 +116,78 @@ pub async fn migrate_when_reachable(
     }
 }
 
+/// The health of a service built around one consumer group (event handler, tsdb-writer, action
+/// orchestrator) and the steps every such service takes before consuming.
+#[derive(Clone)]
+pub struct ConsumerHealth {
+    pub pool: PgPool,
+    /// Set once the service's migrations are applied.
+    pub ready: Ready,
+    pub group: String,
+    pub consumer: Arc<tokio::sync::OnceCell<Arc<crate::infra::bus::ConsumerState>>>,
+    pub blocked: Arc<crate::infra::consume::Blocked>,
+}
+
+impl ConsumerHealth {
+    pub fn new(pool: PgPool, group: &str) -> Self {
+        Self {
+            pool,
+            ready: Ready::default(),
+            group: group.to_string(),
+            consumer: Default::default(),
+            blocked: Default::default(),
+        }
+    }
+
+    /// The database, the group's assignment and lag, and whether an outage blocks it.
+    pub async fn checks(&self) -> Vec<(&'static str, crate::infra::http::Check)> {
+        use crate::infra::http::Check;
+        let mut checks = vec![(
+            "database",
+            Check::from_ping(crate::infra::db::ping(&self.pool).await),
+        )];
+        checks.extend(crate::infra::consume::consumer_check(
+            &self.group,
+            self.ready.get(),
+            self.consumer.get(),
+            &self.blocked,
+        ));
+        checks
+    }
+
+    /// Applies the service's migrations, waiting for its database; false when shut down first.
+    pub async fn migrate(
+        &self,
+        config: &Config,
+        m: &crate::infra::db::Migrations,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let url = config.database_url(m.schema);
+        if !migrate_when_reachable(url, m, shutdown).await? {
+            return Ok(false);
+        }
+        self.ready.set();
+        Ok(true)
+    }
+
+    /// Subscribes the group to `topics`, creating those missing on a fresh broker.
+    pub async fn subscribe(
+        &self,
+        config: &Config,
+        topics: &[String],
+    ) -> anyhow::Result<Arc<crate::infra::bus::ObservedConsumer>> {
+        use crate::infra::bus;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        if let Err(e) = bus::ensure_topics(&config.kafka, &names).await {
+            tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
+        }
+        let (consumer, observed) = bus::consumer(&config.kafka, &self.group, topics).await?;
+        let _ = self.consumer.set(observed);
+        tracing::info!(group = %self.group, ?topics, "Consuming.");
+        Ok(consumer)
+    }
+}
+
 /// A readiness flag set once migrations are applied.
 #[derive(Clone, Default)]
 pub struct Ready(Arc<std::sync::atomic::AtomicBool>);

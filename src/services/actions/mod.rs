@@ -25,9 +25,8 @@ use tokio_util::task::TaskTracker;
 
 pub use api::ROUTES;
 
-use super::{Ready, ServiceContext, migrate_when_reachable};
-use crate::infra::bus::{self, ConsumerState};
-use crate::infra::consume::{self, Blocked};
+use super::{ConsumerHealth, ServiceContext};
+use crate::infra::consume;
 use crate::infra::db;
 use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
 
@@ -35,15 +34,6 @@ use crate::infra::http::{Check, Status, health_response, metrics_router, not_fou
 struct ApiState {
     pool: PgPool,
     wake: Arc<Notify>,
-}
-
-#[derive(Clone)]
-struct HealthState {
-    pool: PgPool,
-    ready: Ready,
-    group: String,
-    consumer: Arc<tokio::sync::OnceCell<Arc<ConsumerState>>>,
-    blocked: Arc<Blocked>,
 }
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
@@ -64,13 +54,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         pool: pool.clone(),
         wake: wake.clone(),
     };
-    let health_state = HealthState {
-        pool: pool.clone(),
-        ready: Ready::default(),
-        group: cfg.consumer_group.clone(),
-        consumer: Arc::new(tokio::sync::OnceCell::new()),
-        blocked: Arc::new(Blocked::default()),
-    };
+    let health_state = ConsumerHealth::new(pool.clone(), &cfg.consumer_group);
     let api_router = Router::new()
         .merge(api::router())
         .fallback(not_found)
@@ -102,12 +86,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         drain,
     ));
 
-    let url = config.database_url("actions").to_string();
     let setup = async {
-        if !migrate_when_reachable(&url, &db::ACTIONS, &shutdown).await? {
+        if !health_state
+            .migrate(&config, &db::ACTIONS, &shutdown)
+            .await?
+        {
             return Ok(None);
         }
-        health_state.ready.set();
         let deliverer = Arc::new(deliver::Deliverer::new(
             pool.clone(),
             cfg.clone(),
@@ -123,14 +108,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 shutdown.clone(),
             ));
         }
-        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-        if let Err(e) = bus::ensure_topics(&config.kafka, &topics).await {
-            tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
-        }
-        let (consumer, observed) =
-            bus::consumer(&config.kafka, &cfg.consumer_group, &cfg.topics).await?;
-        let _ = health_state.consumer.set(observed);
-        anyhow::Ok(Some(consumer))
+        health_state.subscribe(&config, &cfg.topics).await.map(Some)
     };
     let work = async {
         let consumer = tokio::select! {
@@ -140,7 +118,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         let Some(consumer) = consumer else {
             return Ok(());
         };
-        tracing::info!(group = %cfg.consumer_group, topics = ?cfg.topics, "Action orchestrator consuming.");
         consume::Worker {
             sink: record::Recorder {
                 pool: pool.clone(),
@@ -168,14 +145,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     result.and(api_served).and(health_served)
 }
 
-async fn health(State(s): State<HealthState>) -> Response {
-    let mut checks = vec![("database", Check::from_ping(db::ping(&s.pool).await))];
-    checks.extend(consume::consumer_check(
-        &s.group,
-        s.ready.get(),
-        s.consumer.get(),
-        &s.blocked,
-    ));
+async fn health(State(s): State<ConsumerHealth>) -> Response {
+    let mut checks = s.checks().await;
     if s.ready.get() {
         let backlog: Result<(i64, Option<f64>), sqlx::Error> = sqlx::query_as(
             "SELECT count(*), extract(epoch FROM now() - min(next_attempt_at))::float8
@@ -209,35 +180,22 @@ async fn health(State(s): State<HealthState>) -> Response {
 /// Finished deliveries older than the retention window go (SPEC §13), in slices.
 async fn retention(pool: PgPool, keep: Duration, every: Duration, shutdown: CancellationToken) {
     loop {
-        let mut removed = 0u64;
-        loop {
-            let r = sqlx::query(
-                "DELETE FROM actions.deliveries WHERE delivery_id = ANY (ARRAY(
-                     SELECT delivery_id FROM actions.deliveries
-                     WHERE status NOT IN ('pending', 'delivering')
-                       AND updated_at < now() - make_interval(secs => $1)
-                     LIMIT 10000))",
-            )
-            .bind(keep.as_secs_f64())
-            .execute(&pool)
-            .await;
-            match r {
-                Ok(r) => {
-                    removed += r.rows_affected();
-                    if r.rows_affected() < 10_000 {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Delivery retention failed; next run retries.");
-                    break;
-                }
+        let removed = crate::infra::db::delete_in_slices(
+            &pool,
+            "actions.deliveries",
+            "status NOT IN ('pending', 'delivering') AND updated_at < $1",
+            chrono::Utc::now() - keep,
+            &shutdown,
+        )
+        .await;
+        match removed {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("cj_retention_removed_total", "table" => "actions.deliveries")
+                    .increment(n);
+                tracing::info!(removed = n, "Delivery retention: old deliveries removed.");
             }
-        }
-        if removed > 0 {
-            metrics::counter!("cj_retention_removed_total", "table" => "actions.deliveries")
-                .increment(removed);
-            tracing::info!(removed, "Delivery retention: old deliveries removed.");
+            Err(e) => tracing::warn!(error = %e, "Delivery retention failed; next run retries."),
         }
         if shutdown
             .run_until_cancelled(tokio::time::sleep(every))

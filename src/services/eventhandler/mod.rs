@@ -16,19 +16,14 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 
-use super::{Ready, ServiceContext, migrate_when_reachable};
-use crate::infra::bus::{self, ConsumerState};
-use crate::infra::consume::{self, Blocked};
+use super::{ConsumerHealth, ServiceContext};
+use crate::infra::consume;
 use crate::infra::db;
 use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
 
 #[derive(Clone)]
 struct HealthState {
-    pool: sqlx::PgPool,
-    ready: Ready,
-    group: String,
-    consumer: Arc<tokio::sync::OnceCell<Arc<ConsumerState>>>,
-    blocked: Arc<Blocked>,
+    consumer: ConsumerHealth,
     board: HealthBoard,
     port: u16,
     /// `(consumer, status)` label sets of `cj_dlq_entries` exported so far.
@@ -52,11 +47,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         .into_iter()
         .collect();
     let state = HealthState {
-        pool: pool.clone(),
-        ready: Ready::default(),
-        group: cfg.consumer_group.clone(),
-        consumer: Arc::new(tokio::sync::OnceCell::new()),
-        blocked: Arc::new(Blocked::default()),
+        consumer: ConsumerHealth::new(pool.clone(), &cfg.consumer_group),
         board: board.clone(),
         port: config.ports.eventhandler_health,
         dlq_labels: Arc::new(Mutex::new(dlq_labels)),
@@ -86,7 +77,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             let s = state.clone();
             board.register(state.port, "eventhandler", move || {
                 let s = s.clone();
-                async move { Check::combine(checks(&s).await) }
+                async move { Check::combine(s.consumer.checks().await) }
             });
             // The port's /metrics is another service's: sample the gauges on a timer instead.
             let (s, stop) = (state.clone(), shutdown.clone());
@@ -96,7 +87,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                     .await
                     .is_some()
                 {
-                    if s.ready.get() {
+                    if s.consumer.ready.get() {
                         let _ = dlq_gauges(&s).await;
                     }
                 }
@@ -105,13 +96,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         }
     };
 
-    let url = config.database_url("eventhandler").to_string();
     // Setup waits on the database and the broker; a shutdown must be able to interrupt it.
     let setup = async {
-        if !migrate_when_reachable(&url, &db::EVENTHANDLER, &shutdown).await? {
+        if !state
+            .consumer
+            .migrate(&config, &db::EVENTHANDLER, &shutdown)
+            .await?
+        {
             return Ok(None);
         }
-        state.ready.set();
         if config.retention.enabled {
             tokio::spawn(retention::run(
                 pool.clone(),
@@ -121,14 +114,11 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 shutdown.clone(),
             ));
         }
-        // Consumers subscribe to topics that may not exist yet on a fresh broker.
-        if let Err(e) = bus::ensure_topics(&config.kafka, &config.kafka.topics.all()).await {
-            tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
-        }
-        let (consumer, observed) =
-            bus::consumer(&config.kafka, &cfg.consumer_group, &cfg.topics).await?;
-        let _ = state.consumer.set(observed);
-        anyhow::Ok(Some(consumer))
+        state
+            .consumer
+            .subscribe(&config, &cfg.topics)
+            .await
+            .map(Some)
     };
     let work = async {
         let consumer = tokio::select! {
@@ -138,14 +128,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         let Some(consumer) = consumer else {
             return Ok(());
         };
-        tracing::info!(group = %cfg.consumer_group, topics = ?cfg.topics, "Event handler consuming.");
         consume::Worker {
             sink: consumer::Projections::new(pool.clone()),
             consumer,
             group: cfg.consumer_group.clone(),
             retry_delays: cfg.retry_delays.clone(),
             max_batch: cfg.max_batch,
-            blocked: state.blocked.clone(),
+            blocked: state.consumer.blocked.clone(),
         }
         .run(shutdown.clone())
         .await;
@@ -159,21 +148,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     result.and(served)
 }
 
-async fn checks(s: &HealthState) -> Vec<(&'static str, Check)> {
-    let mut checks = vec![("database", Check::from_ping(db::ping(&s.pool).await))];
-    checks.extend(consume::consumer_check(
-        &s.group,
-        s.ready.get(),
-        s.consumer.get(),
-        &s.blocked,
-    ));
-    checks
-}
-
 /// Samples the dead-letter counts into `cj_dlq_entries{consumer,status}`; a label set that
 /// emptied is set to 0 rather than left at its last value.
 async fn dlq_gauges(s: &HealthState) -> Result<(), sqlx::Error> {
-    let sizes = store::dlq_sizes(&s.pool).await?;
+    let sizes = store::dlq_sizes(&s.consumer.pool).await?;
     let mut labels = s.dlq_labels.lock().expect("dlq labels lock");
     labels.extend(sizes.iter().map(|(c, st, _)| (c.clone(), st.clone())));
     for (consumer, status) in labels.iter() {
@@ -194,7 +172,7 @@ async fn sample_gauges(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if s.ready.get() {
+    if s.consumer.ready.get() {
         match tokio::time::timeout(Duration::from_secs(2), dlq_gauges(&s)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "Could not sample the dead letters."),
@@ -205,7 +183,7 @@ async fn sample_gauges(
 }
 
 async fn health(State(s): State<HealthState>) -> Response {
-    let mut all = checks(&s).await;
+    let mut all = s.consumer.checks().await;
     all.extend(s.board.checks(s.port).await);
     health_response(all)
 }

@@ -17,9 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::envelope::Clock;
 
-/// Rows per delete statement.
-const SLICE: i64 = 10_000;
-
 /// The tables and the rows of each that go once older than the cutoff.
 const TABLES: &[(&str, &str)] = &[
     ("eventhandler.projections", "updated_at < $1"),
@@ -63,7 +60,7 @@ pub async fn enforce(
                 .await?;
             n as u64
         } else {
-            delete_slices(pool, table, due, cutoff, shutdown).await?
+            crate::infra::db::delete_in_slices(pool, table, due, cutoff, shutdown).await?
         };
         report.rows.push((table, n));
     }
@@ -73,34 +70,6 @@ pub async fn enforce(
         }
     }
     Ok(report)
-}
-
-async fn delete_slices(
-    pool: &PgPool,
-    table: &str,
-    due: &str,
-    cutoff: DateTime<Utc>,
-    shutdown: &CancellationToken,
-) -> Result<u64, sqlx::Error> {
-    // The outer condition repeats the inner one: a projection upserted meanwhile stays.
-    let sql = format!(
-        "DELETE FROM {table} WHERE {due} AND ctid = ANY (ARRAY(
-             SELECT ctid FROM {table} WHERE {due} LIMIT $2))"
-    );
-    let mut removed = 0;
-    while !shutdown.is_cancelled() {
-        let n = sqlx::query(&sql)
-            .bind(cutoff)
-            .bind(SLICE)
-            .execute(pool)
-            .await?
-            .rows_affected();
-        removed += n;
-        if n < SLICE as u64 {
-            break;
-        }
-    }
-    Ok(removed)
 }
 
 /// The hourly job: first run at once, then every `every` until shutdown.

@@ -29,8 +29,6 @@ use crate::envelope::Clock;
 
 /// Days after today that always have a partition.
 pub const DAYS_AHEAD: u64 = 3;
-/// Rows per delete statement, so a large backlog never holds one long transaction.
-const SLICE: i64 = 10_000;
 /// How long partition DDL waits for its locks before the run gives up.
 const LOCK_TIMEOUT: &str = "2s";
 /// The advisory lock that serialises partition DDL between instances ("cjpart").
@@ -291,7 +289,7 @@ pub async fn enforce(
 }
 
 /// Deletes (or, with `dry_run`, counts) the rows of `table` whose `column` is before `cutoff`,
-/// [`SLICE`] rows per statement; stops between slices on shutdown.
+/// in slices; stops between slices on shutdown.
 pub(crate) async fn delete_before(
     pool: &PgPool,
     table: &str,
@@ -308,25 +306,8 @@ pub(crate) async fn delete_before(
                 .await?;
         return Ok(n as u64);
     }
-    // The outer condition repeats the inner one, so a row changed meanwhile is left alone.
-    let sql = format!(
-        "DELETE FROM {table} WHERE {column} < $1 AND ctid = ANY (ARRAY(
-             SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))"
-    );
-    let mut removed = 0;
-    while !shutdown.is_cancelled() {
-        let n = sqlx::query(&sql)
-            .bind(cutoff)
-            .bind(SLICE)
-            .execute(pool)
-            .await?
-            .rows_affected();
-        removed += n;
-        if n < SLICE as u64 {
-            break;
-        }
-    }
-    Ok(removed)
+    crate::infra::db::delete_in_slices(pool, table, &format!("{column} < $1"), cutoff, shutdown)
+        .await
 }
 
 async fn record_partition_count(pool: &PgPool) -> Result<(), sqlx::Error> {

@@ -5,27 +5,15 @@
 mod retention;
 mod sink;
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 
-use super::{Ready, ServiceContext, migrate_when_reachable};
-use crate::infra::bus::{self, ConsumerState};
-use crate::infra::consume::{self, Blocked};
+use super::{ConsumerHealth, ServiceContext};
+use crate::infra::consume;
 use crate::infra::db;
 use crate::infra::http::{Check, health_response, metrics_router, not_found, serve};
-
-#[derive(Clone)]
-struct HealthState {
-    pool: sqlx::PgPool,
-    ready: Ready,
-    group: String,
-    consumer: Arc<tokio::sync::OnceCell<Arc<ConsumerState>>>,
-    blocked: Arc<Blocked>,
-}
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let ServiceContext {
@@ -37,13 +25,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         ..
     } = ctx;
     let cfg = config.tsdb.clone();
-    let state = HealthState {
-        pool: pool.clone(),
-        ready: Ready::default(),
-        group: cfg.consumer_group.clone(),
-        consumer: Arc::new(tokio::sync::OnceCell::new()),
-        blocked: Arc::new(Blocked::default()),
-    };
+    let state = ConsumerHealth::new(pool.clone(), &cfg.consumer_group);
     let http = match listener {
         Some(listener) => {
             let router = Router::new()
@@ -63,26 +45,26 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             let s = state.clone();
             board.register(config.ports.eventhandler_health, "tsdb", move || {
                 let s = s.clone();
-                async move { Check::combine(checks(&s).await) }
+                async move { Check::combine(s.checks().await) }
             });
             tokio::spawn(async { anyhow::Ok(()) })
         }
     };
 
-    let url = config.database_url("tsdb").to_string();
+    // Setup waits on the database and the broker; a shutdown must be able to interrupt it.
     let setup = async {
-        if !migrate_when_reachable(&url, &db::TSDB, &shutdown).await? {
+        if !state.migrate(&config, &db::TSDB, &shutdown).await? {
             return Ok(None);
         }
-        state.ready.set();
-        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-        if let Err(e) = bus::ensure_topics(&config.kafka, &topics).await {
-            tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
+        if config.retention.enabled {
+            tokio::spawn(retention::run(
+                pool.clone(),
+                config.retention.timeseries,
+                config.retention.interval,
+                shutdown.clone(),
+            ));
         }
-        let (consumer, observed) =
-            bus::consumer(&config.kafka, &cfg.consumer_group, &cfg.topics).await?;
-        let _ = state.consumer.set(observed);
-        anyhow::Ok(Some(consumer))
+        state.subscribe(&config, &cfg.topics).await.map(Some)
     };
     let work = async {
         let consumer = tokio::select! {
@@ -92,15 +74,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         let Some(consumer) = consumer else {
             return Ok(());
         };
-        if config.retention.enabled {
-            tokio::spawn(retention::run(
-                pool.clone(),
-                config.retention.timeseries,
-                config.retention.interval,
-                shutdown.clone(),
-            ));
-        }
-        tracing::info!(group = %cfg.consumer_group, topics = ?cfg.topics, "tsdb-writer consuming.");
         consume::Worker {
             sink: sink::Readings { pool: pool.clone() },
             consumer,
@@ -121,17 +94,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     result.and(served)
 }
 
-async fn checks(s: &HealthState) -> Vec<(&'static str, Check)> {
-    let mut checks = vec![("database", Check::from_ping(db::ping(&s.pool).await))];
-    checks.extend(consume::consumer_check(
-        &s.group,
-        s.ready.get(),
-        s.consumer.get(),
-        &s.blocked,
-    ));
-    checks
-}
-
-async fn health(State(s): State<HealthState>) -> Response {
-    health_response(checks(&s).await)
+async fn health(State(s): State<ConsumerHealth>) -> Response {
+    health_response(s.checks().await)
 }
