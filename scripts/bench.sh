@@ -178,6 +178,8 @@ declare -A DEFAULTS=(
     [CJ_SHUTDOWN_TIMEOUT]=10s
     # anomaly-to-webhook sends 5 outliers a second; the default global limit (10/min) would queue them.
     [CJ_ACTIONS_RATE_LIMIT]=0
+    # The row's receiver listens on loopback.
+    [CJ_ACTIONS_ALLOW_PRIVATE_TARGETS]=true
 )
 # MQTT ingestion (the mqtt row) on a topic and with a client id of the run's own, so the platform
 # never takes other clients' messages or sessions. Off with `--mqtt-url off`, or when nothing

@@ -14,6 +14,13 @@ if ! { [[ -f .env ]] && grep -q '^CJ_JWT_SECRET=' .env; }; then
     echo "dev-env: wrote a development JWT secret to .env"
 fi
 
+# On a developer's machine webhook receivers usually listen on localhost, which production
+# refuses (CJ_ACTIONS_ALLOW_PRIVATE_TARGETS defaults to false).
+if ! grep -q '^CJ_ACTIONS_ALLOW_PRIVATE_TARGETS=' .env; then
+    echo "CJ_ACTIONS_ALLOW_PRIVATE_TARGETS=true" >>.env
+    echo "dev-env: allowed webhooks to local receivers in .env"
+fi
+
 token=$(./target/release/cornjacket token --sub developer --scopes "ingest:write query:read actions:admin" --ttl 12h)
 cat <<MSG
 

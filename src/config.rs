@@ -191,6 +191,9 @@ pub struct ActionsConfig {
     /// `CJ_ACTIONS_CLAIM_TIMEOUT`: a claimed delivery whose worker vanished is retried after this
     /// (must exceed the longest webhook timeout; 2m).
     pub claim_timeout: Duration,
+    /// `CJ_ACTIONS_ALLOW_PRIVATE_TARGETS`: let webhooks reach loopback, private and link-local
+    /// addresses (default false: a rule cannot be used to probe the platform's own network).
+    pub allow_private_targets: bool,
 }
 
 /// Retention (SPEC §13, seed §8.3): how long data is kept, enforced by an hourly job per owning
@@ -658,6 +661,7 @@ impl Config {
                 .positive_duration("CJ_ACTIONS_POLL_INTERVAL", Duration::from_secs(1))?,
             claim_timeout: v
                 .positive_duration("CJ_ACTIONS_CLAIM_TIMEOUT", Duration::from_secs(120))?,
+            allow_private_targets: v.bool("CJ_ACTIONS_ALLOW_PRIVATE_TARGETS", false)?,
         };
         let week = Duration::from_secs(7 * 24 * 3600);
         let retention = RetentionConfig {
@@ -895,6 +899,7 @@ mod tests {
             ("CJ_ACTIONS_BREAKER_THRESHOLD", "0", "integer from 1"),
             ("CJ_ACTIONS_BREAKER_COOLDOWN", "later", "duration"),
             ("CJ_ACTIONS_WORKERS", "0", "integer from 1"),
+            ("CJ_ACTIONS_ALLOW_PRIVATE_TARGETS", "sure", "true or false"),
             ("CJ_RETENTION_EVENTS", "0s", "positive duration"),
             ("CJ_RETENTION_INTERVAL", "hourly", "duration"),
             ("CJ_RETENTION_ENABLED", "perhaps", "true or false"),

@@ -43,12 +43,20 @@ pub async fn start(
     let auth =
         crate::infra::auth::Auth::from_config(&config.auth).map_err(|e| anyhow::anyhow!(e))?;
     let mut bound = Vec::new();
-    let mut taken = std::collections::HashSet::new();
-    for &svc in enabled {
-        // Services that share a configured port (tsdb beside the event handler) share one
-        // listener: the first serves it, the others report on its /health through the board.
+    // In a fixed order, so the event handler (not the tsdb-writer) serves their shared port
+    // whatever order `--services` names them in.
+    let mut enabled = enabled.to_vec();
+    enabled.sort_by_key(|s| Service::ALL.iter().position(|a| a == s));
+    enabled.dedup();
+    for &svc in &enabled {
+        // The tsdb-writer beside the event handler shares its port (SPEC §2): it reports on the
+        // event handler's /health through the board. Any other clash is a bind error.
         let port = svc.port(&config);
-        let listener = if port != 0 && !taken.insert(port) {
+        let shares = svc == Service::Tsdb
+            && enabled.contains(&Service::Eventhandler)
+            && port == Service::Eventhandler.port(&config)
+            && port != 0;
+        let listener = if shares {
             None
         } else {
             Some(bind(&config, svc, port).await?)

@@ -183,12 +183,13 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            // 08: connection exception; 57P0x: shutdown/crash; 53: resources; 40: retryable.
+            // 08: connection exception; 57P0x: shutdown/crash; 53: resources; 40: retryable;
+            // 25006: read-only transaction (writing to a demoted primary during a failover);
+            // 57014: statement cancelled or timed out; 55P03: lock not available.
             c.starts_with("08")
                 || c.starts_with("57P")
                 || c.starts_with("53")
-                || c == "40001"
-                || c == "40P01"
+                || matches!(c.as_ref(), "40001" | "40P01" | "25006" | "57014" | "55P03")
         }),
         _ => false,
     }

@@ -188,6 +188,8 @@ pub fn test_env(db_url: &str, topic_prefix: &str) -> HashMap<String, String> {
         ("CJ_OUTBOX_POLL_INTERVAL", "1s".into()),
         // Webhook tests that exercise the limit set it; elsewhere 10/min would only slow them.
         ("CJ_ACTIONS_RATE_LIMIT", "0".into()),
+        // In-test receivers listen on loopback.
+        ("CJ_ACTIONS_ALLOW_PRIVATE_TARGETS", "true".into()),
         ("CJ_DB_MAX_CONNECTIONS", "8".into()),
         ("CJ_SHUTDOWN_TIMEOUT", "15s".into()),
         ("CJ_LOG_LEVEL", "warn".into()),

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::ApiState;
 use super::error::ActionsError;
-use super::rules;
+use super::rules::{self, View};
 use crate::envelope::format_time;
 
 /// Every route this module serves, for the OpenAPI agreement test.
@@ -113,7 +113,7 @@ async fn create_rule(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
-        Json(rule.to_json(true)),
+        Json(rule.to_json(View::Created)),
     )
         .into_response())
 }
@@ -131,7 +131,7 @@ async fn list_rules(
     let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
     let (rules, total) = rules::list(&s.pool, limit, offset).await?;
     Ok(Json(json!({
-        "rules": rules.iter().map(|r| r.to_json(false)).collect::<Vec<_>>(),
+        "rules": rules.iter().map(|r| r.to_json(View::Read)).collect::<Vec<_>>(),
         "total": total, "limit": limit, "offset": offset,
     })))
 }
@@ -144,7 +144,7 @@ async fn get_rule(
     let rule = rules::get(&s.pool, id)
         .await?
         .ok_or_else(|| rule_not_found(id))?;
-    Ok(Json(rule.to_json(false)))
+    Ok(Json(rule.to_json(View::Read)))
 }
 
 async fn replace_rule(
@@ -158,7 +158,7 @@ async fn replace_rule(
     let rule = rules::update(&s.pool, id, input)
         .await?
         .ok_or_else(|| rule_not_found(id))?;
-    Ok(Json(rule.to_json(false)))
+    Ok(Json(rule.to_json(View::Read)))
 }
 
 /// JSON merge patch (RFC 7396) on the rule's document; the result is validated as a whole.
@@ -178,13 +178,13 @@ async fn patch_rule(
     let current = rules::get(&s.pool, id)
         .await?
         .ok_or_else(|| rule_not_found(id))?;
-    let mut doc = current.to_json(false);
+    let mut doc = current.to_json(View::Editable);
     merge(&mut doc, &patch);
     let input = rules::validate(&doc).map_err(ActionsError::Invalid)?;
     let rule = rules::update(&s.pool, id, input)
         .await?
         .ok_or_else(|| rule_not_found(id))?;
-    Ok(Json(rule.to_json(false)))
+    Ok(Json(rule.to_json(View::Read)))
 }
 
 fn merge(target: &mut Value, patch: &Value) {

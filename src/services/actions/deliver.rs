@@ -3,40 +3,48 @@
 //! limit and a circuit breaker per endpoint, and drives each to a final state.
 //!
 //! Everything that must survive a restart or be shared by instances is a row: a delivery's
-//! schedule (`next_attempt_at`, `attempts`), its claim, and the breakers. The retry schedule is
-//! therefore a list of persisted delays rather than an in-process retry loop (`backon` and the
-//! like retry inside one process, which is what a restart must not lose). The rate limit is a
-//! `governor` token bucket per process.
+//! schedule (`next_attempt_at`, `attempts`), its claim, the breakers and the rate limit. The retry
+//! schedule is therefore a list of persisted delays rather than an in-process retry loop
+//! (`backon` and the like retry inside one process, which is what a restart must not lose), and
+//! the rate limit is a GCRA token bucket kept in one row (`actions.rate_limit`) rather than an
+//! in-process `governor` bucket, so it is global across instances and restarts.
 
-use std::num::NonZeroU32;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::rules::{self, Rule};
 use crate::config::ActionsConfig;
 use crate::infra::{db, telemetry};
-use tracing::Instrument;
 
 /// A claimed delivery.
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct Claimed {
     delivery_id: Uuid,
     rule_id: Uuid,
+    event_type: String,
+    aggregate_id: String,
+    event_at: DateTime<Utc>,
     body: String,
     traceparent: Option<String>,
     attempts: i32,
 }
+
+/// How much of a receiver's error answer is kept (and read at all): enough to diagnose, never
+/// a whole body.
+const ERROR_BODY_BYTES: usize = 1024;
 
 /// The Standard Webhooks signature of one message: `v1,` + base64(HMAC-SHA256(key,
 /// "{id}.{timestamp}.{body}")).
@@ -83,36 +91,93 @@ enum Outcome {
     Failure { status: Option<u16>, error: String },
 }
 
+/// Whether an address is one a webhook may reach when private targets are not allowed: not
+/// loopback, private, link-local (cloud metadata), shared, unspecified or multicast.
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public(IpAddr::V4(v4)),
+            None => {
+                let first = v6.segments()[0];
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || (first & 0xfe00) == 0xfc00
+                    || (first & 0xffc0) == 0xfe80)
+            }
+        },
+    }
+}
+
+/// Resolves webhook hosts and drops private addresses, so a rule can neither name an internal
+/// service nor reach one through a DNS name that resolves to it (the check is on the addresses
+/// actually connected to).
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!(
+                    "{host} resolves to no public address (private targets are refused; \
+                     CJ_ACTIONS_ALLOW_PRIVATE_TARGETS=true allows them)"
+                )
+                .into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 pub struct Deliverer {
     pub pool: PgPool,
     pub cfg: ActionsConfig,
     pub wake: Arc<Notify>,
     http: reqwest::Client,
-    limiter: Option<DefaultDirectRateLimiter>,
+    /// The longest a call may take: within the shutdown drain, so a stop never cuts a call
+    /// whose 2xx would then go unrecorded.
+    max_timeout: Duration,
 }
 
 impl Deliverer {
-    pub fn new(pool: PgPool, cfg: ActionsConfig, wake: Arc<Notify>) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
+    pub fn new(
+        pool: PgPool,
+        cfg: ActionsConfig,
+        wake: Arc<Notify>,
+        drain: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut http = reqwest::Client::builder()
             // A webhook answer is the receiver's; following redirects would send signed
             // payloads somewhere the rule does not name.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("cornjacket-webhooks/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
-        let limiter = cfg.rate_limit.map(|(n, period)| {
-            let n = NonZeroU32::new(n).expect("config refuses 0");
-            let quota = Quota::with_period(period / n.get())
-                .expect("config refuses a zero period")
-                .allow_burst(n);
-            RateLimiter::direct(quota)
-        });
+            .pool_idle_timeout(Duration::from_secs(60));
+        if !cfg.allow_private_targets {
+            http = http.dns_resolver(Arc::new(PublicOnly));
+        }
         Ok(Self {
             pool,
-            cfg,
             wake,
-            http,
-            limiter,
+            http: http.build()?,
+            max_timeout: (drain * 3 / 4).max(Duration::from_secs(1)),
+            cfg,
         })
     }
 
@@ -160,7 +225,7 @@ impl Deliverer {
             }
         }
         // Calls in flight finish (each bounded by its timeout) and record their outcome;
-        // deliveries waiting for a rate-limit token hand their claim back.
+        // deliveries waiting for a rate-limit slot hand their claim back.
         while tasks.join_next().await.is_some() {}
     }
 
@@ -176,7 +241,8 @@ impl Deliverer {
              SET status = 'delivering', claim_token = $2, updated_at = now(),
                  next_attempt_at = now() + make_interval(secs => $3)
              FROM due WHERE d.delivery_id = due.delivery_id
-             RETURNING d.delivery_id, d.rule_id, d.body, d.traceparent, d.attempts",
+             RETURNING d.delivery_id, d.rule_id, d.event_type, d.aggregate_id, d.event_at,
+                       d.body, d.traceparent, d.attempts",
         )
         .bind(n)
         .bind(token)
@@ -218,19 +284,28 @@ impl Deliverer {
         let Some((endpoint, trial, outcome)) = sent else {
             return;
         };
+        // Until it is recorded: a database outage only delays it. During a shutdown, a few more
+        // tries; a 2xx left unrecorded would be sent again once the claim expires.
         let mut backoff = Duration::from_millis(200);
-        for _ in 0..30 {
+        let mut tries_after_stop = 0;
+        loop {
             match self.record(&d, token, &endpoint, trial, &outcome).await {
                 Ok(()) => return,
                 Err(e) => {
+                    if shutdown.is_cancelled() {
+                        tries_after_stop += 1;
+                        if tries_after_stop > 10 {
+                            tracing::error!(delivery_id = %d.delivery_id, error = %e,
+                                "Stopping before a webhook outcome could be recorded; the delivery will be attempted again when its claim expires.");
+                            return;
+                        }
+                    }
                     tracing::warn!(delivery_id = %d.delivery_id, error = %e, "Could not record a webhook outcome; retrying.");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
-        tracing::error!(delivery_id = %d.delivery_id,
-            "Gave up recording a webhook outcome; the delivery will be attempted again when its claim expires.");
     }
 
     /// Decides and makes the call. `None` when the delivery ended without a call (cancelled,
@@ -242,41 +317,47 @@ impl Deliverer {
         shutdown: &CancellationToken,
     ) -> Result<Option<(String, bool, Outcome)>, sqlx::Error> {
         let Some(rule) = rules::get(&self.pool, d.rule_id).await? else {
-            self.finish(d, token, "cancelled", None, "the rule was deleted")
+            self.finish(d, token, "cancelled", "the rule was deleted")
                 .await?;
             return Ok(None);
         };
         if !rule.enabled {
-            self.finish(d, token, "cancelled", None, "the rule is disabled")
+            self.finish(d, token, "cancelled", "the rule is disabled")
                 .await?;
             return Ok(None);
         }
+        // The slot first, then the breaker: its verdict must be the current one when the call
+        // goes, and a trial must not wait in the queue while others are short-circuited.
+        if let Some(at) = self.reserve_slot().await? {
+            let wait = at.saturating_duration_since(Instant::now());
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.release(d, token).await?;
+                    return Ok(None);
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if shutdown.is_cancelled() {
+            self.release(d, token).await?;
+            return Ok(None);
+        }
+        let timeout = rule
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms as u64))
+            .unwrap_or(self.cfg.webhook_timeout)
+            .min(self.max_timeout);
         let endpoint = rule.webhook_url.clone();
-        let trial = match self.gate(&endpoint).await? {
+        let trial = match self.gate(&endpoint, timeout).await? {
             Gate::Open(reason) => {
-                self.finish(d, token, "circuit_open", None, &reason).await?;
+                self.finish(d, token, "circuit_open", &reason).await?;
                 return Ok(None);
             }
             Gate::Trial => true,
             Gate::Closed => false,
         };
-        if let Some(limiter) = &self.limiter {
-            tokio::select! {
-                _ = limiter.until_ready() => {}
-                _ = shutdown.cancelled() => {
-                    if trial {
-                        self.reopen_trial(&endpoint).await?;
-                    }
-                    self.release(d, token).await?;
-                    return Ok(None);
-                }
-            }
-        }
-        let timeout = rule
-            .timeout_ms
-            .map(|ms| Duration::from_millis(ms as u64))
-            .unwrap_or(self.cfg.webhook_timeout);
-        // Hold the claim for the whole call (a rate-limit wait may have used part of it).
+        // Hold the claim for the whole call.
         let held = sqlx::query(
             "UPDATE actions.deliveries
              SET next_attempt_at = now() + make_interval(secs => $3), endpoint = $4, updated_at = now()
@@ -289,10 +370,36 @@ impl Deliverer {
         .execute(&self.pool)
         .await?;
         if held.rows_affected() == 0 {
-            return Ok(None); // another worker took it over
+            // Another worker took it over; a trial slot taken for it is handed back.
+            if trial {
+                self.reopen_trial(&endpoint).await?;
+            }
+            return Ok(None);
         }
         let outcome = self.send(&rule, d, timeout).await;
         Ok(Some((endpoint, trial, outcome)))
+    }
+
+    /// Reserves the next send slot of the global bucket (GCRA: one slot per `period / n`, `n`
+    /// at once); returns when the call may go, or `None` without a limit.
+    async fn reserve_slot(&self) -> Result<Option<Instant>, sqlx::Error> {
+        let Some((n, period)) = self.cfg.rate_limit else {
+            return Ok(None);
+        };
+        let interval = period.as_secs_f64() / f64::from(n);
+        let tolerance = interval * f64::from(n.saturating_sub(1));
+        let wait: f64 = sqlx::query_scalar(
+            "UPDATE actions.rate_limit r
+             SET tat = greatest(o.tat, now()) + make_interval(secs => $1)
+             FROM (SELECT tat FROM actions.rate_limit WHERE id FOR UPDATE) o
+             WHERE r.id
+             RETURNING greatest(0, extract(epoch FROM o.tat - make_interval(secs => $2) - now()))::float8",
+        )
+        .bind(interval)
+        .bind(tolerance)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(Instant::now() + Duration::from_secs_f64(wait)))
     }
 
     async fn send(&self, rule: &Rule, d: &Claimed, timeout: Duration) -> Outcome {
@@ -304,6 +411,23 @@ impl Deliverer {
                 error: "the rule's secret is not a valid whsec_ secret".into(),
             };
         };
+        if !self.cfg.allow_private_targets
+            // An IP literal is connected to without resolving: check it here.
+            && let Ok(url) = reqwest::Url::parse(&rule.webhook_url)
+            && let Some(ip) = url
+                .host_str()
+                .and_then(|h| h.trim_matches(['[', ']']).parse::<IpAddr>().ok())
+            && !is_public(ip)
+        {
+            metrics::counter!("cj_webhook_attempts_total", "outcome" => "refused").increment(1);
+            return Outcome::Failure {
+                status: None,
+                error: format!(
+                    "{ip} is not a public address (private targets are refused; \
+                     CJ_ACTIONS_ALLOW_PRIVATE_TARGETS=true allows them)"
+                ),
+            };
+        }
         let span = telemetry::event_span("webhook.send", d.traceparent.as_deref(), &id);
         let traceparent = telemetry::traceparent_of(&span)
             .unwrap_or_else(|| child_traceparent(d.traceparent.as_deref()));
@@ -327,12 +451,20 @@ impl Deliverer {
                 metrics::counter!("cj_webhook_attempts_total", "outcome" => "success").increment(1);
                 Outcome::Success(r.status().as_u16())
             }
-            Ok(r) => {
+            Ok(mut r) => {
                 metrics::counter!("cj_webhook_attempts_total", "outcome" => "http_error")
                     .increment(1);
                 let status = r.status().as_u16();
-                let text = r.text().await.unwrap_or_default();
-                let snippet: String = text.chars().take(200).collect();
+                // Read at most a little of the answer: a receiver cannot make us buffer more.
+                let mut body = Vec::new();
+                while body.len() < ERROR_BODY_BYTES {
+                    match r.chunk().await {
+                        Ok(Some(c)) => body.extend_from_slice(&c),
+                        _ => break,
+                    }
+                }
+                body.truncate(ERROR_BODY_BYTES);
+                let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
                 Outcome::Failure {
                     status: Some(status),
                     error: format!("HTTP {status}: {snippet}"),
@@ -348,6 +480,8 @@ impl Deliverer {
             Err(e) => {
                 metrics::counter!("cj_webhook_attempts_total", "outcome" => "connect_error")
                     .increment(1);
+                // Without the URL: some carry their credentials in the path.
+                let e = e.without_url();
                 let mut msg = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
@@ -363,9 +497,11 @@ impl Deliverer {
         }
     }
 
-    /// The breaker's verdict for an endpoint; takes the trial slot when the cool-down is over.
-    async fn gate(&self, endpoint: &str) -> Result<Gate, sqlx::Error> {
-        let row: Option<(String, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
+    /// The breaker's verdict for an endpoint; takes the trial slot when the cool-down is over,
+    /// with a deadline of the call's timeout and the claim timeout, after which a trial whose
+    /// worker vanished is taken over.
+    async fn gate(&self, endpoint: &str, timeout: Duration) -> Result<Gate, sqlx::Error> {
+        let row: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
             "SELECT state, open_until FROM actions.endpoint_health WHERE endpoint = $1",
         )
         .bind(endpoint)
@@ -377,15 +513,14 @@ impl Deliverer {
         if state == "closed" {
             return Ok(Gate::Closed);
         }
-        // open past its cool-down, or a half-open whose trial worker vanished: take the trial.
         let took = sqlx::query(
-            "UPDATE actions.endpoint_health SET state = 'half_open', updated_at = now()
-             WHERE endpoint = $1
-               AND ((state = 'open' AND open_until <= now())
-                 OR (state = 'half_open' AND updated_at < now() - make_interval(secs => $2)))",
+            "UPDATE actions.endpoint_health
+             SET state = 'half_open', updated_at = now(),
+                 open_until = now() + make_interval(secs => $2)
+             WHERE endpoint = $1 AND state IN ('open', 'half_open') AND open_until <= now()",
         )
         .bind(endpoint)
-        .bind(self.cfg.claim_timeout.as_secs_f64())
+        .bind((timeout + self.cfg.claim_timeout).as_secs_f64())
         .execute(&self.pool)
         .await?;
         if took.rows_affected() == 1 {
@@ -400,7 +535,7 @@ impl Deliverer {
         }))
     }
 
-    /// A trial that never happened (shutdown): let the next one take it at once.
+    /// A trial that never happened: let the next delivery take it at once.
     async fn reopen_trial(&self, endpoint: &str) -> Result<(), sqlx::Error> {
         sqlx::query(
             "UPDATE actions.endpoint_health SET state = 'open', open_until = now(), updated_at = now()
@@ -412,7 +547,7 @@ impl Deliverer {
         .map(|_| ())
     }
 
-    /// Gives a claimed delivery back, due now (shutdown while waiting for a token).
+    /// Gives a claimed delivery back, due now (shutdown while waiting for its slot).
     async fn release(&self, d: &Claimed, token: Uuid) -> Result<(), sqlx::Error> {
         sqlx::query(
             "UPDATE actions.deliveries
@@ -432,23 +567,22 @@ impl Deliverer {
         d: &Claimed,
         token: Uuid,
         status: &'static str,
-        code: Option<i32>,
         reason: &str,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        let r = sqlx::query(
             "UPDATE actions.deliveries
-             SET status = $3, last_status_code = $4, last_error = $5, claim_token = NULL,
-                 updated_at = now()
+             SET status = $3, last_error = $4, claim_token = NULL, updated_at = now()
              WHERE delivery_id = $1 AND claim_token = $2 AND status = 'delivering'",
         )
         .bind(d.delivery_id)
         .bind(token)
         .bind(status)
-        .bind(code)
         .bind(reason)
         .execute(&self.pool)
         .await?;
-        metrics::counter!("cj_webhook_deliveries_total", "status" => status).increment(1);
+        if r.rows_affected() == 1 {
+            metrics::counter!("cj_webhook_deliveries_total", "status" => status).increment(1);
+        }
         Ok(())
     }
 
@@ -465,14 +599,15 @@ impl Deliverer {
         let mut tx = self.pool.begin().await?;
         let final_status = match outcome {
             Outcome::Success(code) => {
-                sqlx::query(
+                // Whoever holds the claim now: the receiver has it, so it is delivered.
+                let r = sqlx::query(
                     "UPDATE actions.deliveries
-                     SET status = 'delivered', attempts = $3, last_status_code = $4, last_error = NULL,
-                         claim_token = NULL, delivered_at = now(), updated_at = now()
-                     WHERE delivery_id = $1 AND claim_token = $2",
+                     SET status = 'delivered', attempts = greatest(attempts, $2),
+                         last_status_code = $3, last_error = NULL, claim_token = NULL,
+                         delivered_at = now(), updated_at = now()
+                     WHERE delivery_id = $1 AND status IN ('delivering', 'pending')",
                 )
                 .bind(d.delivery_id)
-                .bind(token)
                 .bind(attempts)
                 .bind(i32::from(*code))
                 .execute(&mut *tx)
@@ -491,7 +626,7 @@ impl Deliverer {
                 if trial {
                     tracing::info!(%endpoint, "Circuit closed: the trial call succeeded.");
                 }
-                Some("delivered")
+                (r.rows_affected() == 1).then_some("delivered")
             }
             Outcome::Failure { status, error } => {
                 // attempts so far: 1 + retries used; retry_delays[k] is the wait before retry k+1.
@@ -500,12 +635,12 @@ impl Deliverer {
                     Some(delay) => ("pending", delay),
                     None => ("failed", Duration::ZERO),
                 };
-                sqlx::query(
+                let r = sqlx::query(
                     "UPDATE actions.deliveries
                      SET status = $3, attempts = $4, last_status_code = $5, last_error = $6,
                          claim_token = NULL, updated_at = now(),
                          next_attempt_at = now() + make_interval(secs => $7)
-                     WHERE delivery_id = $1 AND claim_token = $2",
+                     WHERE delivery_id = $1 AND claim_token = $2 AND status = 'delivering'",
                 )
                 .bind(d.delivery_id)
                 .bind(token)
@@ -516,34 +651,13 @@ impl Deliverer {
                 .bind(next.as_secs_f64())
                 .execute(&mut *tx)
                 .await?;
-                let opened: Option<bool> = sqlx::query_scalar(
-                    "INSERT INTO actions.endpoint_health AS h
-                         (endpoint, state, consecutive_failures, last_failure_at, last_error, updated_at)
-                     VALUES ($1, 'closed', 1, now(), $2, now())
-                     ON CONFLICT (endpoint) DO UPDATE
-                     SET consecutive_failures = h.consecutive_failures + 1,
-                         last_failure_at = now(), last_error = $2, updated_at = now()
-                     RETURNING (state = 'half_open' OR consecutive_failures >= $3)",
-                )
-                .bind(endpoint)
-                .bind(error)
-                .bind(self.cfg.breaker_threshold as i32)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if opened == Some(true) || trial {
-                    sqlx::query(
-                        "UPDATE actions.endpoint_health
-                         SET state = 'open', opened_at = now(), updated_at = now(),
-                             open_until = now() + make_interval(secs => $2)
-                         WHERE endpoint = $1",
-                    )
-                    .bind(endpoint)
-                    .bind(self.cfg.breaker_cooldown.as_secs_f64())
-                    .execute(&mut *tx)
-                    .await?;
-                    metrics::counter!("cj_webhook_breaker_opened_total").increment(1);
-                    tracing::warn!(%endpoint, cooldown = ?self.cfg.breaker_cooldown, error = %error,
-                        "Circuit opened: calls to this endpoint are short-circuited until the cool-down ends.");
+                if r.rows_affected() == 0 {
+                    // Taken over meanwhile: its new owner records what happens next.
+                    return tx.commit().await;
+                }
+                self.count_failure(&mut tx, endpoint, error, trial).await?;
+                if state == "failed" {
+                    self.promote_duplicate(&mut tx, d).await?;
                 }
                 (state == "failed").then_some("failed")
             }
@@ -551,6 +665,79 @@ impl Deliverer {
         tx.commit().await?;
         if let Some(s) = final_status {
             metrics::counter!("cj_webhook_deliveries_total", "status" => s).increment(1);
+        }
+        Ok(())
+    }
+
+    /// One more consecutive failure for the endpoint; opens its breaker at the threshold, or
+    /// again after a failed trial.
+    async fn count_failure(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        endpoint: &str,
+        error: &str,
+        trial: bool,
+    ) -> Result<(), sqlx::Error> {
+        let opens: bool = sqlx::query_scalar(
+            "INSERT INTO actions.endpoint_health AS h
+                 (endpoint, state, consecutive_failures, last_failure_at, last_error, updated_at)
+             VALUES ($1, 'closed', 1, now(), $2, now())
+             ON CONFLICT (endpoint) DO UPDATE
+             SET consecutive_failures = h.consecutive_failures + 1,
+                 last_failure_at = now(), last_error = $2, updated_at = now()
+             RETURNING (state = 'half_open' OR consecutive_failures >= $3)",
+        )
+        .bind(endpoint)
+        .bind(error)
+        .bind(self.cfg.breaker_threshold as i32)
+        .fetch_one(&mut **tx)
+        .await?;
+        if opens || trial {
+            sqlx::query(
+                "UPDATE actions.endpoint_health
+                 SET state = 'open', opened_at = now(), updated_at = now(),
+                     open_until = now() + make_interval(secs => $2)
+                 WHERE endpoint = $1",
+            )
+            .bind(endpoint)
+            .bind(self.cfg.breaker_cooldown.as_secs_f64())
+            .execute(&mut **tx)
+            .await?;
+            metrics::counter!("cj_webhook_breaker_opened_total").increment(1);
+            tracing::warn!(%endpoint, cooldown = ?self.cfg.breaker_cooldown, error = %error,
+                "Circuit opened: calls to this endpoint are short-circuited until the cool-down ends.");
+        }
+        Ok(())
+    }
+
+    /// A delivery that failed for good hands its news on: the newest event it suppressed as a
+    /// duplicate (same rule, type and aggregate, after it) is sent instead, so an outage of the
+    /// receiver does not swallow the whole window.
+    async fn promote_duplicate(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        d: &Claimed,
+    ) -> Result<(), sqlx::Error> {
+        let r = sqlx::query(
+            "UPDATE actions.deliveries
+             SET status = 'pending', next_attempt_at = now(), updated_at = now(),
+                 last_error = 'sent in place of ' || $5::text || ', which failed'
+             WHERE delivery_id = (
+                 SELECT delivery_id FROM actions.deliveries
+                 WHERE rule_id = $1 AND event_type = $2 AND aggregate_id = $3
+                   AND status = 'deduplicated' AND event_at >= $4
+                 ORDER BY event_at DESC, delivery_id DESC
+                 LIMIT 1)",
+        )
+        .bind(d.rule_id)
+        .bind(&d.event_type)
+        .bind(&d.aggregate_id)
+        .bind(d.event_at)
+        .bind(d.delivery_id.to_string())
+        .execute(&mut **tx)
+        .await?;
+        if r.rows_affected() == 1 {
+            self.wake.notify_one();
         }
         Ok(())
     }

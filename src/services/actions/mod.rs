@@ -97,6 +97,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             pool.clone(),
             cfg.clone(),
             wake.clone(),
+            config.shutdown_timeout,
         )?);
         // Deliveries recorded before a restart are sent whether or not the bus is up.
         tracker.spawn(deliverer.run(shutdown.clone()));
@@ -184,7 +185,11 @@ async fn retention(pool: PgPool, keep: Duration, every: Duration, shutdown: Canc
             &pool,
             "actions.deliveries",
             "status NOT IN ('pending', 'delivering') AND updated_at < $1",
-            chrono::Utc::now() - keep,
+            chrono::Utc::now()
+                .checked_sub_signed(
+                    chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX),
+                )
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC),
             &shutdown,
         )
         .await;

@@ -31,6 +31,8 @@ pub struct Event {
     pub body: String,
     pub json: Value,
     pub traceparent: Option<String>,
+    /// Republished by `cornjacket replay` (header `cj-replay`).
+    pub replayed: bool,
 }
 
 pub struct Recorder {
@@ -62,7 +64,9 @@ impl Sink for Recorder {
                 .and_then(Value::as_str)
                 .map(str::to_string)
         });
+        let replayed = header(m, "cj-replay").is_some();
         Ok(Some(Event {
+            replayed,
             event_id: env.event_id,
             event_type: env.event_type,
             aggregate_id: env.aggregate_id,
@@ -80,10 +84,15 @@ impl Sink for Recorder {
             rules::enabled(&self.pool)
                 .await?
                 .into_iter()
-                .map(|r| {
-                    // Stored conditions were validated on the way in.
-                    let c = r.condition.as_ref().and_then(|c| Condition::parse(c).ok());
-                    (r, c)
+                .filter_map(|r| match r.condition.as_ref().map(Condition::parse) {
+                    None => Some((r, None)),
+                    Some(Ok(c)) => Some((r, Some(c))),
+                    // Validated on the way in; a row that no longer parses must not match all.
+                    Some(Err(e)) => {
+                        tracing::error!(rule_id = %r.rule_id, errors = ?e,
+                            "A stored rule condition does not parse; the rule is skipped.");
+                        None
+                    }
                 })
                 .collect()
         };
@@ -93,6 +102,10 @@ impl Sink for Recorder {
                 rules
                     .iter()
                     .filter(|(r, c)| r.matches(&e.event_type, &e.json, c.as_ref()))
+                    // A replay refills the bus; it must not fire rules created after the event
+                    // was accepted (they never promised it). Rules older than the event record
+                    // it as they would have live — idempotently.
+                    .filter(|(r, _)| !e.replayed || r.created_at <= e.ingested_at)
                     .map(move |(r, _)| (e, r))
             })
             .collect();

@@ -38,6 +38,17 @@ static PATTERN: LazyLock<Regex> = LazyLock::new(|| {
     .expect("pattern regex")
 });
 
+/// How much of a rule an answer shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// The answer to its creation: everything, the secret included.
+    Created,
+    /// Reads: no secret, header values redacted.
+    Read,
+    /// The document a merge patch applies to (never sent to a client).
+    Editable,
+}
+
 /// A stored rule.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Rule {
@@ -57,14 +68,24 @@ pub struct Rule {
 
 impl Rule {
     /// The rule as the API shows it. The secret appears only in the answer to the request that
-    /// created it (Svix-style: shown once).
-    pub fn to_json(&self, with_secret: bool) -> Value {
+    /// created it (Svix-style: shown once); header values (often credentials) only there too —
+    /// reads show their names with `***`.
+    pub fn to_json(&self, view: View) -> Value {
+        let headers = match view {
+            View::Read => Value::Object(
+                self.headers()
+                    .into_keys()
+                    .map(|k| (k, json!("***")))
+                    .collect(),
+            ),
+            View::Created | View::Editable => self.webhook_headers.clone(),
+        };
         let mut webhook = json!({
             "url": self.webhook_url,
-            "headers": self.webhook_headers,
+            "headers": headers,
             "timeout_s": self.timeout_ms.map(|ms| f64::from(ms) / 1000.0),
         });
-        if with_secret {
+        if view == View::Created {
             webhook["secret"] = json!(self.webhook_secret);
         }
         json!({

@@ -15,13 +15,15 @@ use crate::infra::consume::{DeadLetter, Sink, insert_dead_letters};
 
 pub struct Projections {
     pub pool: PgPool,
+    group: String,
     registry: HashMap<&'static str, Entry>,
 }
 
 impl Projections {
-    pub fn new(pool: PgPool) -> Self {
+    pub fn new(pool: PgPool, group: &str) -> Self {
         Self {
             pool,
+            group: group.to_string(),
             registry: handlers::registry(),
         }
     }
@@ -54,7 +56,8 @@ impl Sink for Projections {
         store::upsert(&mut tx, &writes).await?;
         insert_dead_letters(&mut tx, "eventhandler.dlq", letters).await?;
         tx.commit().await?;
-        metrics::counter!("cj_projection_updates_total").increment(writes.len() as u64);
+        metrics::counter!("cj_projection_updates_total", "consumer" => self.group.clone())
+            .increment(writes.len() as u64);
         Ok(())
     }
 }

@@ -129,7 +129,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             return Ok(());
         };
         consume::Worker {
-            sink: consumer::Projections::new(pool.clone()),
+            sink: consumer::Projections::new(pool.clone(), &cfg.consumer_group),
             consumer,
             group: cfg.consumer_group.clone(),
             retry_delays: cfg.retry_delays.clone(),
