@@ -36,11 +36,17 @@ CREATE INDEX idx_tsdb_dlq_status ON tsdb.dlq (status);
 -- One migration for both kinds of server, decided when it runs (SPEC §4): with TimescaleDB
 -- loaded, a hypertable, a 1-minute continuous aggregate and a retention policy; without it
 -- (plain PostgreSQL), a BRIN index on time — readings arrive in time order, so a few pages of
--- BRIN cover what a large btree would — for the retention job's range deletes.
+-- BRIN cover what a large btree would — for the retention job's range deletes. The retention
+-- policy's window is set again from CJ_RETENTION_TIMESERIES when the service starts.
+-- (pg_settings, unlike current_setting, answers a role that may not read the setting with no
+-- row instead of an error; an extension an administrator already created counts too.)
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
-       AND current_setting('shared_preload_libraries', true) LIKE '%timescaledb%' THEN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+       OR (EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
+           AND EXISTS (SELECT 1 FROM pg_settings
+                       WHERE name = 'shared_preload_libraries' AND setting LIKE '%timescaledb%'))
+    THEN
         CREATE EXTENSION IF NOT EXISTS timescaledb;
         PERFORM create_hypertable('tsdb.sensor_readings', 'time',
                                   chunk_time_interval => interval '1 day');

@@ -56,10 +56,21 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         if !state.migrate(&config, &db::TSDB, &shutdown).await? {
             return Ok(None);
         }
-        if config.retention.enabled {
+        let keep = config
+            .retention
+            .enabled
+            .then_some(config.retention.timeseries);
+        let policy = retention::apply_policy(&pool, keep)
+            .await
+            .unwrap_or_else(|e| {
+                // The job (correct on either kind of table) covers for the policy.
+                tracing::warn!(error = %e, "Could not set the TimescaleDB retention policy.");
+                false
+            });
+        if let (Some(keep), false) = (keep, policy) {
             tokio::spawn(retention::run(
                 pool.clone(),
-                config.retention.timeseries,
+                keep,
                 config.retention.interval,
                 shutdown.clone(),
             ));

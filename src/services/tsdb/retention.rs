@@ -1,6 +1,7 @@
-//! The time-series retention job (SPEC §13): readings older than the configured window go, in
-//! bounded slices so a large backlog never holds one long transaction. With TimescaleDB the
-//! hypertable's chunks are dropped instead, which is the cheap way there.
+//! Time-series retention (SPEC §13): readings older than the configured window go. On plain
+//! PostgreSQL an hourly job deletes them in bounded slices, so a large backlog never holds one
+//! long transaction; with TimescaleDB the hypertable's retention policy drops whole chunks,
+//! which is the cheap way there, and the job is not needed.
 
 use std::time::Duration;
 
@@ -24,25 +25,54 @@ pub async fn run(pool: PgPool, keep: Duration, every: Duration, shutdown: Cancel
     }
 }
 
-/// Removes readings older than `keep`; returns how many rows went (0 when chunks were dropped).
+/// Whether `tsdb.sensor_readings` is a TimescaleDB hypertable (asked of the table, not of the
+/// server: a plain table restored into a TimescaleDB server stays plain).
+pub async fn is_hypertable(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let extension: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
+    )
+    .fetch_one(pool)
+    .await?;
+    if !extension {
+        return Ok(false);
+    }
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
+                        WHERE hypertable_schema = 'tsdb' AND hypertable_name = 'sensor_readings')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// With TimescaleDB, the hypertable's own retention policy does the work: set it to the
+/// configured window (or remove it when retention is off). Returns whether a policy applies.
+pub async fn apply_policy(pool: &PgPool, keep: Option<Duration>) -> Result<bool, sqlx::Error> {
+    if !is_hypertable(pool).await? {
+        return Ok(false);
+    }
+    sqlx::query("SELECT remove_retention_policy('tsdb.sensor_readings', if_exists => true)")
+        .execute(pool)
+        .await?;
+    if let Some(keep) = keep {
+        sqlx::query(
+            "SELECT add_retention_policy('tsdb.sensor_readings', make_interval(secs => $1))",
+        )
+        .bind(keep.as_secs_f64())
+        .execute(pool)
+        .await?;
+    }
+    Ok(true)
+}
+
+/// Removes readings older than `keep` from the plain table, in slices; returns how many went.
 pub async fn enforce(
     pool: &PgPool,
     keep: Duration,
     shutdown: &CancellationToken,
 ) -> Result<u64, sqlx::Error> {
-    let cutoff = chrono::Utc::now() - keep;
-    let hypertable: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
-    )
-    .fetch_one(pool)
-    .await?;
-    if hypertable {
-        sqlx::query("SELECT drop_chunks('tsdb.sensor_readings', older_than => $1)")
-            .bind(cutoff)
-            .execute(pool)
-            .await?;
-        return Ok(0);
-    }
+    let cutoff = chrono::Utc::now()
+        .checked_sub_signed(chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
     let n = crate::infra::db::delete_in_slices(
         pool,
         "tsdb.sensor_readings",
