@@ -215,6 +215,15 @@ pub struct RetentionConfig {
     pub enabled: bool,
 }
 
+/// The per-client rate limit of the query and action APIs (ingestion has its own).
+#[derive(Debug, Clone)]
+pub struct ApiLimitConfig {
+    /// `CJ_API_RATE_LIMIT`: requests per second per client IP; 0 (default) disables the limit.
+    pub per_second: u32,
+    /// `CJ_API_RATE_BURST`: bucket size; 0 means one second's worth.
+    pub burst: u32,
+}
+
 /// Where requests are authenticated (SPEC §11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
@@ -295,6 +304,7 @@ pub struct Config {
     pub tsdb: TsdbConfig,
     pub actions: ActionsConfig,
     pub retention: RetentionConfig,
+    pub api_limit: ApiLimitConfig,
     /// `None` when `CJ_MQTT_URL=off`.
     pub mqtt: Option<MqttConfig>,
     pub auth: AuthConfig,
@@ -776,6 +786,10 @@ impl Config {
             tsdb,
             actions,
             retention,
+            api_limit: ApiLimitConfig {
+                per_second: v.ranged("CJ_API_RATE_LIMIT", 0, 0, 10_000_000)?,
+                burst: v.ranged("CJ_API_RATE_BURST", 0, 0, 10_000_000)?,
+            },
             mqtt,
             auth,
             shutdown_timeout: v.duration("CJ_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
@@ -900,6 +914,7 @@ mod tests {
             ("CJ_ACTIONS_BREAKER_COOLDOWN", "later", "duration"),
             ("CJ_ACTIONS_WORKERS", "0", "integer from 1"),
             ("CJ_ACTIONS_ALLOW_PRIVATE_TARGETS", "sure", "true or false"),
+            ("CJ_API_RATE_LIMIT", "lots", "integer"),
             ("CJ_RETENTION_EVENTS", "0s", "positive duration"),
             ("CJ_RETENTION_INTERVAL", "hourly", "duration"),
             ("CJ_RETENTION_ENABLED", "perhaps", "true or false"),

@@ -511,3 +511,51 @@ async fn query_errors_are_clear() {
     assert_eq!(s, 404);
     assert!(v["error"].as_str().unwrap().contains("absent"));
 }
+
+#[tokio::test]
+async fn a_client_over_its_rate_gets_429_with_retry_after_and_health_stays_open() {
+    let app = TestApp::spawn_with(&[Service::Query, Service::Actions], |e| {
+        e.insert("CJ_API_RATE_LIMIT".into(), "1".into());
+        e.insert("CJ_API_RATE_BURST".into(), "2".into());
+    })
+    .await;
+    for (svc, path) in [
+        (Service::Query, "/api/v1/query/events"),
+        (Service::Actions, "/api/v1/actions/endpoints"),
+    ] {
+        let url = app.url(svc, path);
+        let mut statuses = Vec::new();
+        let mut last = None;
+        for _ in 0..3 {
+            let r = app.http.get(&url).send().await.unwrap();
+            statuses.push(r.status().as_u16());
+            last = Some(r);
+        }
+        assert!(
+            statuses[..2].iter().all(|s| *s != 429),
+            "{path}: {statuses:?}"
+        );
+        let r = last.unwrap();
+        assert_eq!(r.status(), 429, "{path}: {statuses:?}");
+        let retry: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry >= 1);
+        let body: Value = r.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("rate limit"),
+            "{body}"
+        );
+    }
+    for _ in 0..5 {
+        let r = app
+            .http
+            .get(app.url(Service::Query, "/health"))
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(r.status(), 429, "/health is not limited");
+    }
+}

@@ -149,6 +149,70 @@ pub fn error_body(status: StatusCode, error: impl Into<String>, details: Value) 
         .into_response()
 }
 
+/// A per-client (IP) request rate limit for an API port (SPEC §11: rate limits per client in
+/// the gateway and in the app). `None` when configured off.
+#[derive(Clone)]
+pub struct ClientLimit(std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>);
+
+impl ClientLimit {
+    /// `per_second` 0 turns the limit off; `burst` 0 means one second's worth.
+    pub fn new(per_second: u32, burst: u32, shutdown: CancellationToken) -> Option<Self> {
+        let rate = std::num::NonZeroU32::new(per_second)?;
+        let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+        let limiter = std::sync::Arc::new(governor::RateLimiter::keyed(
+            governor::Quota::per_second(rate).allow_burst(burst),
+        ));
+        // Forget idle clients so the limiter's memory stays bounded.
+        let l = limiter.clone();
+        tokio::spawn(async move {
+            while shutdown
+                .run_until_cancelled(tokio::time::sleep(Duration::from_secs(60)))
+                .await
+                .is_some()
+            {
+                l.retain_recent();
+            }
+        });
+        Some(Self(limiter))
+    }
+
+    /// Middleware: 429 with `Retry-After` once a client is over its rate.
+    pub async fn check(
+        axum::extract::State(limit): axum::extract::State<Self>,
+        axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+        req: axum::extract::Request,
+        next: axum::middleware::Next,
+    ) -> Response {
+        if let Err(not_until) = limit.0.check_key(&peer.ip()) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            let secs = wait.as_secs().max(1);
+            metrics::counter!("cj_http_rate_limited_total").increment(1);
+            let mut r = error_body(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("rate limit exceeded; retry after {secs} s"),
+                json!([]),
+            );
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+            return r;
+        }
+        next.run(req).await
+    }
+}
+
+/// Adds the per-client limit to a router when one is configured.
+pub fn limited<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    limit: Option<ClientLimit>,
+) -> Router<S> {
+    match limit {
+        Some(l) => router.layer(axum::middleware::from_fn_with_state(l, ClientLimit::check)),
+        None => router,
+    }
+}
+
 /// The fallback for routes that do not exist, so clients get JSON and not an empty 404.
 pub async fn not_found() -> Response {
     error_body(StatusCode::NOT_FOUND, "no such route", json!([]))

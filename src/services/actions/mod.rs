@@ -55,8 +55,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         wake: wake.clone(),
     };
     let health_state = ConsumerHealth::new(pool.clone(), &cfg.consumer_group);
+    let limit = crate::infra::http::ClientLimit::new(
+        config.api_limit.per_second,
+        config.api_limit.burst,
+        shutdown.clone(),
+    );
     let api_router = Router::new()
-        .merge(api::router())
+        .merge(crate::infra::http::limited(api::router(), limit))
         .fallback(not_found)
         .with_state(api_state)
         .layer(DefaultBodyLimit::max(api::MAX_BODY))

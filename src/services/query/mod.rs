@@ -34,9 +34,14 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         pool: ctx.db,
         timescale: Default::default(),
     };
+    let limit = crate::infra::http::ClientLimit::new(
+        ctx.config.api_limit.per_second,
+        ctx.config.api_limit.burst,
+        ctx.shutdown.clone(),
+    );
+    let api = crate::infra::http::limited(api::router().merge(timeseries::router()), limit);
     let router = Router::new()
-        .merge(api::router())
-        .merge(timeseries::router())
+        .merge(api)
         .route("/health", get(health))
         .merge(metrics_router())
         .fallback(not_found)
