@@ -191,8 +191,9 @@ struct Args {
     /// Measured duration of anomaly-to-webhook's outliers (default 20s; --quick 5s).
     #[arg(long, value_parser = humantime::parse_duration)]
     anomaly_duration: Option<Duration>,
-    /// fetch.wait.max.ms of the broker round-trip consumer (the event handler uses 50).
-    #[arg(long, default_value_t = 50)]
+    /// fetch.wait.max.ms of the broker round-trip consumer (the platform's consumers use
+    /// CJ_KAFKA_FETCH_WAIT_MAX_MS, 10 by default).
+    #[arg(long, default_value_t = 10)]
     rtt_fetch_wait_ms: u32,
     /// Directory for the JSON results (the last one given counts: scripts/bench.sh passes one).
     #[arg(long, default_value = "bench/results", overrides_with = "out")]
@@ -2225,12 +2226,14 @@ async fn row_broker_baseline(ctx: &mut Ctx) -> anyhow::Result<()> {
             bail!("creating {t}: {e}");
         }
     }
-    // The platform's producer settings (src/infra/bus.rs): acks=all, idempotence, linger 2 ms.
+    // The platform's producer settings (src/infra/bus.rs): acks=all, idempotence, its default
+    // linger (CJ_KAFKA_PRODUCER_LINGER_MS).
+    let linger = platform_defaults().kafka.linger_ms;
     let producer: FutureProducer = {
         let mut c = kafka_base(&brokers);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "2")
+            .set("linger.ms", linger.to_string())
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "200000")
             .set("message.timeout.ms", "10000");
@@ -2359,13 +2362,15 @@ async fn row_broker_baseline(ctx: &mut Ctx) -> anyhow::Result<()> {
     let cpu = cpu_use(&m0, &m1);
     r.goal = "reference for publish cost".into();
     r.config = format!(
-        "rdkafka {} FutureProducer, acks=all, enable.idempotence=true, linger.ms=2, batch.num.messages=10000 (the platform's producer settings), ≤10,000 in flight, {:.0}s (+{:.0}s warm-up), bench-owned topic {topic} (3 partitions), key = aggregate_id, {size}-byte envelope JSON; latency send→ack; the processor's pattern (4 workers × 100-message batches, each awaiting all acks): {} msg/s; produce → consume round trip at 1,000 msg/s for {:.0}s with consumer fetch.wait.max.ms={} (the event handler's setting is 50): p50 {} p99 {} max {}; {}; {}{}",
+        "rdkafka {} FutureProducer, acks=all, enable.idempotence=true, linger.ms={}, batch.num.messages=10000 (the platform's producer settings), ≤10,000 in flight, {:.0}s (+{:.0}s warm-up), bench-owned topic {topic} (3 partitions), key = aggregate_id, {size}-byte envelope JSON; latency send→ack; the processor's pattern (4 workers × 100-message batches, each awaiting all acks): {} msg/s; produce → consume round trip at 1,000 msg/s for {:.0}s with consumer fetch.wait.max.ms={} (the platform's consumers use {}): p50 {} p99 {} max {}; {}; {}{}",
         rdkafka::util::get_rdkafka_version().1,
+        linger,
         load.window.as_secs_f64(),
         a.warmup().as_secs_f64(),
         thousands(pattern_rate),
         rtt_dur.as_secs_f64(),
         a.rtt_fetch_wait_ms,
+        platform_defaults().kafka.fetch_wait_max_ms,
         fmt_us((!rtt.is_empty()).then(|| rtt.value_at_quantile(0.5))),
         fmt_us((!rtt.is_empty()).then(|| rtt.value_at_quantile(0.99))),
         fmt_us((!rtt.is_empty()).then(|| rtt.max())),
@@ -3932,6 +3937,11 @@ async fn run(a: Args) -> anyhow::Result<()> {
     f.write_all(b"\n")?;
     log(format!("results written to {}", path.display()));
     Ok(())
+}
+
+/// The platform's configuration defaults, which rows quote.
+fn platform_defaults() -> cornjacket::config::Config {
+    cornjacket::config::Config::from_map(&Default::default()).expect("defaults are valid")
 }
 
 #[tokio::main]
