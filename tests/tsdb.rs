@@ -334,7 +334,9 @@ async fn the_writer_reports_on_the_event_handlers_port_when_both_run_in_one_proc
     let url = format!("http://127.0.0.1:{port}/health");
     let v: Value = eventually(Duration::from_secs(30), || async {
         let v: Value = app.http.get(&url).send().await.ok()?.json().await.ok()?;
-        (v["checks"]["tsdb"]["consumer"]["group"].is_string()).then_some(v)
+        (v["checks"]["tsdb"]["consumer"]["assigned_partitions"].as_u64() > Some(0)
+            && v["checks"]["consumer"]["assigned_partitions"].as_u64() > Some(0))
+        .then_some(v)
     })
     .await;
     assert!(v["checks"]["consumer"].is_object(), "{v}");
