@@ -204,7 +204,7 @@ pub struct RetentionConfig {
     pub events: Duration,
     /// `CJ_RETENTION_PROJECTIONS`: projections not updated for this long are removed (7d).
     pub projections: Duration,
-    /// `CJ_RETENTION_TIMESERIES`: sensor readings and inference results (7d).
+    /// `CJ_RETENTION_TIMESERIES`: sensor readings (7d).
     pub timeseries: Duration,
     /// `CJ_RETENTION_DELIVERIES`: finished webhook deliveries (7d).
     pub deliveries: Duration,
