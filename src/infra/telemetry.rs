@@ -211,7 +211,17 @@ pub async fn http_metrics(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let method = req.method().to_string();
+    // A label from the request must stay bounded: any method outside the standard ones is one.
+    let method = match *req.method() {
+        axum::http::Method::GET
+        | axum::http::Method::POST
+        | axum::http::Method::PUT
+        | axum::http::Method::PATCH
+        | axum::http::Method::DELETE
+        | axum::http::Method::HEAD
+        | axum::http::Method::OPTIONS => req.method().to_string(),
+        _ => "other".to_string(),
+    };
     let resp = if traces_on() {
         let span = tracing::info_span!(
             "http",
