@@ -53,11 +53,15 @@ class Settings(BaseSettings):
     )
     topic_prefix: str = Field("", validation_alias="CJ_KAFKA_TOPIC_PREFIX")
     kafka_partitions: int = Field(3, ge=1, le=1024, validation_alias="CJ_KAFKA_PARTITIONS")
-    kafka_retention_ms: int = Field(86_400_000, validation_alias="CJ_KAFKA_RETENTION")
+    kafka_retention_ms: int = Field("24h", validation_alias="CJ_KAFKA_RETENTION")
     consumer_group: str = Field(SERVICE_NAME, min_length=1, validation_alias="CJ_AI_CONSUMER_GROUP")
     session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000, validation_alias="CJ_AI_SESSION_TIMEOUT_MS")
     # Shared with the platform: Tansu answers a fetch only when this expires.
     fetch_wait_max_ms: int = Field(10, ge=1, le=10_000, validation_alias="CJ_KAFKA_FETCH_WAIT_MAX_MS")
+    # The platform's retention settings (SPEC §13): results are kept like sensor readings.
+    retention_ms: int = Field("7d", validation_alias="CJ_RETENTION_TIMESERIES")
+    retention_interval_ms: int = Field("1h", validation_alias="CJ_RETENTION_INTERVAL")
+    retention_enabled: bool = Field(True, validation_alias="CJ_RETENTION_ENABLED")
     port: int = Field(8090, ge=1, le=65535, validation_alias="CJ_AI_PORT")
     bind_addr: str = Field("127.0.0.1", validation_alias="CJ_BIND_ADDR")
     ingest_url: str = Field("http://127.0.0.1:8080", validation_alias="CJ_AI_INGEST_URL")
@@ -93,6 +97,14 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"[A-Za-z0-9._-]*", v):
             raise ValueError("may contain only letters, digits, '.', '_' and '-'")
         return v
+
+    @field_validator("retention_ms", "retention_interval_ms", mode="before")
+    @classmethod
+    def _window(cls, v: Any) -> int:
+        m = _DURATION_RE.fullmatch(str(v).strip())
+        if not m or int(m.group(1)) == 0:
+            raise ValueError("must be a positive duration such as 7d, 24h, 30m or 3600s")
+        return int(m.group(1)) * _DURATION_UNITS_MS[m.group(2) or "s"]
 
     @field_validator("kafka_retention_ms", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from ai_inference.ingest import IngestClient, TokenSource
 from ai_inference.logs import setup_logging
 from ai_inference.metrics import Metrics
 from ai_inference.model import LIBRARY, MODEL_NAME, MODEL_VERSION
+from ai_inference.retention import RetentionJob
 from ai_inference.state import ServiceState
 
 log = logging.getLogger("ai_inference")
@@ -88,6 +89,13 @@ def main() -> int:
     # handlers in place that would turn a clean SIGTERM shutdown into exit status 143.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    retention = (
+        RetentionJob(settings.database_url, settings.retention_ms, settings.retention_interval_ms)
+        if settings.retention_enabled
+        else None
+    )
+    if retention is not None:
+        retention.start()
     try:
         server.run()
     except SystemExit as e:
@@ -97,6 +105,8 @@ def main() -> int:
         return int(e.code) if isinstance(e.code, int) and e.code else 1
     finally:
         ingest.close()
+        if retention is not None:
+            retention.stop()
     if failure or not server.started:
         return 1
     log.info("Stopped.")

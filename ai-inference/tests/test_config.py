@@ -23,7 +23,9 @@ def test_defaults() -> None:
     assert s.ingest_url == "http://127.0.0.1:8080"
     assert s.ingest_token is None and s.jwt_secret is None
     assert (s.threshold, s.warmup) == (4.0, 30)
+    assert s.kafka_retention_ms == 86_400_000
     assert (s.log_level, s.log_format) == ("INFO", "json")
+    assert (s.retention_ms, s.retention_interval_ms, s.retention_enabled) == (604_800_000, 3_600_000, True)
 
 
 def test_database_url_falls_back_to_the_shared_one() -> None:
@@ -45,8 +47,11 @@ def test_values_are_parsed() -> None:
             "CJ_LOG_LEVEL": "warn,cornjacket=debug",
             "CJ_LOG_FORMAT": "TEXT",
             "CJ_AI_INGEST_TOKEN": "",  # empty means unset
+            "CJ_RETENTION_TIMESERIES": "30d",
+            "CJ_RETENTION_ENABLED": "false",
         }
     )
+    assert (s.retention_ms, s.retention_enabled) == (30 * 86_400_000, False)
     assert s.sensor_topic == "t1.sensor-events"
     assert s.kafka_brokers == "a:9092,b:9093"
     assert s.kafka_retention_ms == 7_200_000
@@ -66,6 +71,9 @@ def test_values_are_parsed() -> None:
         ("CJ_KAFKA_BROKERS", "no-port"),
         ("CJ_KAFKA_TOPIC_PREFIX", "bad prefix"),
         ("CJ_KAFKA_RETENTION", "one week"),
+        ("CJ_RETENTION_TIMESERIES", "0s"),
+        ("CJ_RETENTION_INTERVAL", "hourly"),
+        ("CJ_RETENTION_ENABLED", "perhaps"),
         ("CJ_BIND_ADDR", "everywhere"),
         ("CJ_AI_INGEST_URL", "ftp://x"),
         ("CJ_AI_THRESHOLD", "-1"),
