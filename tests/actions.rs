@@ -592,22 +592,6 @@ async fn private_targets_are_refused_unless_allowed() {
     assert_eq!(receiver.count(), 0, "no call reached the loopback receiver");
 }
 
-fn cli(app: &TestApp, args: &[&str]) -> String {
-    let out = cornjacket()
-        .args(args)
-        .env_clear()
-        .env("CJ_DATABASE_URL", &app.db.url)
-        .env("CJ_KAFKA_BROKERS", brokers())
-        .env("CJ_KAFKA_TOPIC_PREFIX", &app.prefix)
-        .env("CJ_LOG_LEVEL", "warn")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    text
-}
-
 #[tokio::test]
 async fn a_replay_records_no_delivery_twice_and_fires_no_newer_rule() {
     let app = spawn(|_| {}).await;
@@ -629,7 +613,7 @@ async fn a_replay_records_no_delivery_twice_and_fires_no_newer_rule() {
                "webhook": {"url": receiver.url("/newer")}}),
     )
     .await;
-    let out = cli(
+    let out = cli_ok(
         &app,
         &[
             "replay",

@@ -20,22 +20,6 @@ async fn snapshot(pool: &sqlx::PgPool) -> Snapshot {
     .unwrap()
 }
 
-fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
-    let out = cornjacket()
-        .args(args)
-        .env_clear()
-        .env("CJ_DATABASE_URL", &app.db.url)
-        .env("CJ_KAFKA_BROKERS", brokers())
-        .env("CJ_KAFKA_TOPIC_PREFIX", &app.prefix)
-        .env("CJ_LOG_LEVEL", "warn")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[tokio::test]
 async fn rebuild_restores_identical_states_and_replay_changes_nothing() {
     let app = TestApp::spawn(&[Service::Ingestion, Service::Eventhandler, Service::Query]).await;

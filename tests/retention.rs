@@ -438,18 +438,9 @@ async fn stale_projections_and_resolved_dead_letters_are_removed_fresh_ones_stay
 }
 
 fn retention_cli(app: &TestApp, args: &[&str]) -> String {
-    let out = cornjacket()
-        .args(["retention", "run"])
-        .args(args)
-        .env_clear()
-        .env("CJ_DATABASE_URL", &app.db.url)
-        .env("CJ_LOG_LEVEL", "warn")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}");
-    text
+    let mut all = vec!["retention", "run"];
+    all.extend_from_slice(args);
+    cli_ok(app, &all)
 }
 
 #[tokio::test]

@@ -618,6 +618,31 @@ pub fn binary() -> String {
     env!("CARGO_BIN_EXE_cornjacket").to_string()
 }
 
+/// Runs a `cornjacket` subcommand against a test app's database and topics (nothing else from
+/// the environment); returns whether it succeeded and what it printed.
+pub fn cli(app: &TestApp, args: &[&str]) -> (bool, String) {
+    let out = cornjacket()
+        .args(args)
+        .env_clear()
+        .env("CJ_DATABASE_URL", &app.db.url)
+        .env("CJ_KAFKA_BROKERS", brokers())
+        .env("CJ_KAFKA_TOPIC_PREFIX", &app.prefix)
+        .env("CJ_LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// [`cli`] that must succeed; returns what it printed.
+pub fn cli_ok(app: &TestApp, args: &[&str]) -> String {
+    let (ok, text) = cli(app, args);
+    assert!(ok, "{text}");
+    text
+}
+
 /// A command for the binary, run outside the checkout so a developer's `.env` (which `make run`
 /// writes) cannot change what the test configures.
 pub fn cornjacket() -> Command {

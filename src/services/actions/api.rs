@@ -78,15 +78,7 @@ fn json_body(headers: &HeaderMap, body: Body) -> Result<Value, ActionsError> {
         }
         other => ActionsError::BadRequest(other.body_text()),
     })?;
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| {
-            let m = m.trim().to_ascii_lowercase();
-            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-        });
-    if !is_json {
+    if !crate::infra::http::is_json(headers) {
         return Err(ActionsError::UnsupportedMediaType);
     }
     serde_json::from_slice(&body)
@@ -222,16 +214,7 @@ fn int_param(
     min: i64,
     max: i64,
 ) -> Result<i64, ActionsError> {
-    match q.get(name) {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (min..=max).contains(n))
-            .ok_or_else(|| {
-                ActionsError::BadRequest(format!("{name} must be an integer from {min} to {max}"))
-            }),
-    }
+    crate::infra::http::int_param(q, name, default, min, max).map_err(ActionsError::BadRequest)
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]

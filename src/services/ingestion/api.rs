@@ -1,12 +1,10 @@
 //! `POST /api/v1/ingest`, its alias `/api/v1/events`, and `/api/v1/ingest/batch` (SPEC §5).
 
-use std::net::SocketAddr;
-
 use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -46,35 +44,14 @@ pub fn router(state: &AppState) -> Router<AppState> {
         )
 }
 
-/// Checks shared by both endpoints, cheapest first: rate, media type, size, JSON.
+/// Checks shared by both endpoints, cheapest first: media type, size, JSON. (The per-client
+/// rate limit runs before, as the shared middleware on these routes.)
 fn admit(
-    state: &AppState,
-    peer: SocketAddr,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<Value, IngestError> {
-    if let Some(limiter) = &state.limiter
-        && let Err(not_until) = limiter.check_key(&peer.ip())
-    {
-        let wait = not_until.wait_time_from(governor::clock::Clock::now(
-            &governor::clock::DefaultClock::default(),
-        ));
-        metrics::counter!("cj_ingest_rejected_total", "reason" => "rate_limited").increment(1);
-        return Err(IngestError::RateLimited {
-            retry_after_s: wait.as_secs().max(1),
-        });
-    }
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|m| {
-            let m = m.trim().to_ascii_lowercase();
-            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
-        })
-        .unwrap_or(false);
-    if !is_json {
+    if !crate::infra::http::is_json(headers) {
         return Err(IngestError::UnsupportedMediaType);
     }
     let body = body.map_err(|r| {
@@ -167,13 +144,12 @@ async fn commit(state: &AppState, events: Vec<Pending>) -> Result<Vec<Uuid>, Ing
 #[tracing::instrument(skip_all, fields(event_id))]
 async fn ingest(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     subject: Option<Extension<Subject>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
     let limit = state.config.ingestion.max_body_bytes;
-    let value = admit(&state, peer, &headers, body, limit)?;
+    let value = admit(&headers, body, limit)?;
     let key = idempotency_key(&headers)?;
     let env = envelope::validate_request(
         &value,
@@ -197,13 +173,12 @@ async fn ingest(
 #[tracing::instrument(skip_all, fields(events))]
 async fn ingest_batch(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     subject: Option<Extension<Subject>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
     let limit = state.config.ingestion.max_batch_body_bytes;
-    let value = admit(&state, peer, &headers, body, limit)?;
+    let value = admit(&headers, body, limit)?;
     let Some(items) = value.get("events").and_then(Value::as_array) else {
         return Err(IngestError::Validation(vec![envelope::FieldError {
             field: "events".into(),

@@ -22,8 +22,6 @@ pub enum IngestError {
     TooManyEvents(String),
     #[error("unsupported media type: send the body as JSON with Content-Type: application/json")]
     UnsupportedMediaType,
-    #[error("rate limit exceeded; retry later")]
-    RateLimited { retry_after_s: u64 },
     #[error("the database is unavailable; the event was not accepted, retry later")]
     Unavailable,
     #[error("the service is starting (waiting for its database); retry later")]
@@ -53,10 +51,6 @@ impl IntoResponse for IngestError {
             IngestError::UnsupportedMediaType => {
                 error_body(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg, json!([]))
             }
-            IngestError::RateLimited { retry_after_s } => retry(
-                error_body(StatusCode::TOO_MANY_REQUESTS, msg, json!([])),
-                retry_after_s,
-            ),
             IngestError::Unavailable | IngestError::Starting => retry(
                 error_body(StatusCode::SERVICE_UNAVAILABLE, msg, json!([])),
                 1,

@@ -9,8 +9,6 @@ pub mod replay;
 pub mod retention;
 pub mod writer;
 
-use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -20,7 +18,6 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
@@ -39,7 +36,6 @@ pub struct AppState {
     pool: sqlx::PgPool,
     writer: writer::Writer,
     clock: Arc<dyn Clock>,
-    limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
     ready: Ready,
     producer: Arc<tokio::sync::OnceCell<Arc<bus::SharedProducer>>>,
     mqtt: Option<Arc<mqtt::MqttState>>,
@@ -65,12 +61,11 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     } = ctx;
     let listener = listener.context("ingestion needs its own port")?;
     let tracker = TaskTracker::new();
-    let limiter = NonZeroU32::new(config.ingestion.rate_limit_per_sec).map(|rate| {
-        let burst = NonZeroU32::new(config.ingestion.rate_limit_burst).unwrap_or(rate);
-        Arc::new(RateLimiter::keyed(
-            Quota::per_second(rate).allow_burst(burst),
-        ))
-    });
+    let limit = crate::infra::http::ClientLimit::new(
+        config.ingestion.rate_limit_per_sec,
+        config.ingestion.rate_limit_burst,
+        shutdown.clone(),
+    );
     let wakers = writer::Wakers::new(config.outbox.worker_count);
     let state = AppState {
         writer: writer::Writer::spawn(
@@ -84,7 +79,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         config: config.clone(),
         pool: pool.clone(),
         clock,
-        limiter: limiter.clone(),
         ready: Ready::default(),
         producer: Arc::new(tokio::sync::OnceCell::new()),
         mqtt: config
@@ -95,7 +89,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     };
 
     let router = Router::new()
-        .merge(api::router(&state))
+        .merge(crate::infra::http::limited(api::router(&state), limit))
         .route("/health", get(health))
         .route("/internal/auth/verify", get(verify))
         .merge(
@@ -135,19 +129,6 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 state.config.retention.clone(),
                 shutdown.clone(),
             ));
-            if let Some(l) = limiter {
-                // Forget idle clients so the limiter's memory stays bounded.
-                let s = shutdown.clone();
-                tracker.spawn(async move {
-                    while s
-                        .run_until_cancelled(tokio::time::sleep(Duration::from_secs(60)))
-                        .await
-                        .is_some()
-                    {
-                        l.retain_recent();
-                    }
-                });
-            }
             if let (Some(cfg), Some(mqtt_state)) = (&state.config.mqtt, &state.mqtt) {
                 let subscriber = mqtt::Subscriber {
                     cfg: cfg.clone(),

@@ -115,18 +115,7 @@ pub(super) fn int_param(
     min: i64,
     max: i64,
 ) -> Result<i64, QueryError> {
-    match q.get(k) {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (min..=max).contains(n))
-            .ok_or_else(|| {
-                QueryError::BadRequest(format!(
-                    "{k} must be an integer from {min} to {max}, got '{v}'"
-                ))
-            }),
-    }
+    crate::infra::http::int_param(q, k, default, min, max).map_err(QueryError::BadRequest)
 }
 
 pub(super) fn time_param(
