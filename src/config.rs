@@ -110,6 +110,14 @@ pub struct OutboxConfig {
     pub poll_interval: Duration,
     /// `CJ_OUTBOX_ENABLED`: run the processor inside the ingestion service (default true).
     pub enabled: bool,
+    /// `CJ_OUTBOX_BUS_WATCH_INTERVAL`: how often the processor compares the bus with what it
+    /// published (a loss is also checked after every failed publish) and samples consumer
+    /// progress (default 2s).
+    pub bus_watch_interval: Duration,
+    /// `CJ_AI_CONSUMER_GROUP`: the sidecar's consumer group (shared with the sidecar), whose
+    /// progress on the sensor topic bounds what a bus recovery republishes; `off` when no sidecar
+    /// runs (default `ai-inference`).
+    pub sidecar_group: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -591,7 +599,18 @@ impl Config {
             max_retries: v.ranged("CJ_OUTBOX_MAX_RETRIES", 5, 0, 1_000_000)?,
             poll_interval: v.duration("CJ_OUTBOX_POLL_INTERVAL", Duration::from_secs(5))?,
             enabled: v.bool("CJ_OUTBOX_ENABLED", true)?,
+            bus_watch_interval: v
+                .duration("CJ_OUTBOX_BUS_WATCH_INTERVAL", Duration::from_secs(2))?,
+            sidecar_group: Some(v.string("CJ_AI_CONSUMER_GROUP", "ai-inference"))
+                .filter(|g| !g.is_empty() && g != "off"),
         };
+        if outbox.bus_watch_interval.is_zero() {
+            return Err(Vars::err(
+                "CJ_OUTBOX_BUS_WATCH_INTERVAL",
+                "0",
+                "a positive duration such as 2s",
+            ));
+        }
         if outbox.poll_interval.is_zero() {
             return Err(Vars::err(
                 "CJ_OUTBOX_POLL_INTERVAL",

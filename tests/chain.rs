@@ -6,77 +6,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::sidecar::Sidecar;
 use common::webhook::{Receiver, verify};
 use common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
-
-/// The sidecar as `make run` starts it (scripts/ai.sh run), configured for this test.
-struct Sidecar {
-    child: Child,
-    port: u16,
-}
-
-impl Sidecar {
-    fn start(app: &TestApp) -> Self {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let python = format!("{root}/.infra/venv-ai/bin/python");
-        assert!(
-            std::path::Path::new(&python).exists(),
-            "{python} is missing: scripts/test.sh creates it (scripts/ai.sh venv)"
-        );
-        let port = free_port();
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("{}ai.log", app.prefix)))
-            .unwrap();
-        let child = Command::new(python)
-            .args(["-m", "ai_inference"])
-            .current_dir(std::env::temp_dir())
-            .env("PYTHONPATH", format!("{root}/ai-inference"))
-            .env("CJ_AI_DATABASE_URL", &app.db.url)
-            .env("CJ_KAFKA_BROKERS", brokers())
-            .env("CJ_KAFKA_TOPIC_PREFIX", &app.prefix)
-            .env(
-                "CJ_AI_CONSUMER_GROUP",
-                format!("{}ai-inference", app.prefix),
-            )
-            .env("CJ_AI_SESSION_TIMEOUT_MS", "6000")
-            .env("CJ_AI_PORT", port.to_string())
-            .env(
-                "CJ_AI_INGEST_URL",
-                format!("http://{}", app.addrs[&Service::Ingestion]),
-            )
-            .env(
-                "CJ_JWT_SECRET",
-                "chain-test-secret-of-at-least-32-characters",
-            )
-            .env("CJ_LOG_FORMAT", "text")
-            .env("CJ_LOG_LEVEL", "warning")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start the sidecar");
-        Self { child, port }
-    }
-
-    async fn wait_healthy(&self, http: &reqwest::Client) {
-        let url = format!("http://127.0.0.1:{}/health", self.port);
-        eventually(Duration::from_secs(60), || async {
-            let r = http.get(&url).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn reading(device: &str, value: f64) -> Value {
     json!({"event_type": "sensor.reading", "aggregate_id": device,
@@ -92,7 +28,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn an_outlier_reading_becomes_a_signed_webhook() {
     let app = TestApp::spawn(&[Service::Ingestion, Service::Actions]).await;
     app.wait_ready().await;
-    let sidecar = Sidecar::start(&app);
+    let sidecar = Sidecar::start(&app, &brokers());
     let receiver = Receiver::ok().await;
     let r = app
         .http

@@ -241,3 +241,93 @@ pub fn commit_now(consumer: &ObservedConsumer) {
         }
     }
 }
+
+/// How many partitions `topic` has, `None` when the broker does not know it. Blocking: call it
+/// on the blocking pool.
+pub fn partition_count<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<usize>, KafkaError> {
+    let metadata = client.fetch_metadata(Some(topic), timeout)?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len()))
+}
+
+/// A client that reads a consumer group's committed offsets without joining the group.
+pub struct GroupOffsets {
+    pub group: String,
+    consumer: BaseConsumer,
+}
+
+impl GroupOffsets {
+    pub async fn new(cfg: &KafkaConfig, group: &str) -> anyhow::Result<Self> {
+        let mut c = base(cfg);
+        c.set("group.id", group).set("enable.auto.commit", "false");
+        let consumer = tokio::task::spawn_blocking(move || c.create::<BaseConsumer>()).await??;
+        Ok(Self {
+            group: group.to_string(),
+            consumer,
+        })
+    }
+
+    /// The committed offset of each of `partitions` partitions of `topic` (0 where the group has
+    /// committed nothing). Blocking: call it on the blocking pool.
+    pub fn committed(
+        &self,
+        topic: &str,
+        partitions: usize,
+        timeout: Duration,
+    ) -> Result<Vec<i64>, KafkaError> {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(topic, p as i32);
+        }
+        let got = self.consumer.committed_offsets(tpl, timeout)?;
+        Ok((0..partitions)
+            .map(
+                |p| match got.find_partition(topic, p as i32).map(|e| e.offset()) {
+                    Some(rdkafka::Offset::Offset(o)) => o,
+                    _ => 0,
+                },
+            )
+            .collect())
+    }
+}
+
+/// The headers of an event's bus message (SPEC §5): `event_type`, `event_id`, the trace context
+/// when there is one, then `extra` (a replay's marker). One builder for every publisher.
+pub fn event_headers(
+    event_type: &str,
+    event_id: &str,
+    traceparent: Option<&str>,
+    extra: &[(&str, &str)],
+) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "event_type",
+            value: Some(event_type),
+        })
+        .insert(Header {
+            key: "event_id",
+            value: Some(event_id),
+        });
+    if let Some(tp) = traceparent {
+        headers = headers.insert(Header {
+            key: "traceparent",
+            value: Some(tp),
+        });
+    }
+    for (key, value) in extra {
+        headers = headers.insert(Header {
+            key,
+            value: Some(*value),
+        });
+    }
+    headers
+}

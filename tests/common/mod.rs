@@ -2,6 +2,7 @@
 //! port 0, a fresh database and unique topic and group names per test.
 #![allow(dead_code)]
 
+pub mod sidecar;
 pub mod webhook;
 
 use std::collections::HashMap;

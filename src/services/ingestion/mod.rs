@@ -5,6 +5,7 @@ mod api;
 mod error;
 pub mod mqtt;
 pub mod processor;
+pub mod recovery;
 pub mod replay;
 pub mod retention;
 pub mod writer;
@@ -171,16 +172,27 @@ async fn start_processor(
     // Exported from the start, so a dashboard shows 0 rather than nothing.
     metrics::counter!("cj_outbox_publish_failures_total").increment(0);
     let topics = kafka.topics.clone();
-    // The broker may be down at startup; the processor recreates topics when a publish says so.
+    // The broker may be down at startup; the first batch's bus check creates them then.
     if let Err(e) = bus::ensure_topics(&kafka, &topics.all()).await {
         tracing::warn!(error = %e, "Could not create topics at startup; will retry on publish.");
     }
+    let recovery = Arc::new(recovery::Recovery::new(
+        state.pool.clone(),
+        producer.clone(),
+        &state.config,
+    ));
+    tracker.spawn(
+        recovery
+            .clone()
+            .watch(state.config.outbox.bus_watch_interval, shutdown.clone()),
+    );
     let processor = processor::Processor {
         pool: state.pool.clone(),
         producer,
         topics,
         kafka,
         cfg: state.config.outbox.clone(),
+        recovery,
     };
     let workers = state.config.outbox.worker_count;
     tracker.spawn(processor::listen(

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::postgres::PgListener;
@@ -35,11 +34,14 @@ pub enum ProcessError {
     Db(#[from] sqlx::Error),
     #[error("publish failed: {0}")]
     Publish(KafkaError, FailedProducer),
+    #[error("bus recovery: {0}")]
+    Recovery(#[from] super::recovery::RecoveryError),
 }
 
 /// One claimed outbox row.
 struct Row_ {
     outbox_id: Uuid,
+    shard: i16,
     body: String,
     aggregate_id: String,
     event_type: String,
@@ -54,12 +56,15 @@ pub struct Processor {
     pub topics: Topics,
     pub kafka: KafkaConfig,
     pub cfg: OutboxConfig,
+    pub recovery: Arc<super::recovery::Recovery>,
 }
 
 impl Processor {
     /// Claims, publishes and moves one batch from the given shards. Returns how many rows moved;
     /// 0 when there was nothing to do (or every shard was held by another worker).
     pub async fn process_batch(&self, shards: &[i16]) -> Result<usize, ProcessError> {
+        // Held until the batch has moved: a bus recovery waits for it, and it for a recovery.
+        let _publishing = self.recovery.permit().await?;
         let mut tx = self.pool.begin().await?;
         // One shard per batch: the first of `shards` (the caller rotates them) that has rows and
         // that no other worker holds. A single shard is an index range scan on
@@ -71,7 +76,7 @@ impl Processor {
                    AND pg_try_advisory_xact_lock($2::int4, t.s::int4)
                  ORDER BY n
                  LIMIT 1)
-             SELECT outbox_id, event_payload::text AS body,
+             SELECT outbox_id, shard, event_payload::text AS body,
                     event_payload->>'aggregate_id' AS aggregate_id,
                     event_payload->>'event_type' AS event_type,
                     event_payload->>'event_id' AS event_id,
@@ -90,6 +95,7 @@ impl Processor {
         .into_iter()
         .map(|r| Row_ {
             outbox_id: r.get("outbox_id"),
+            shard: r.get("shard"),
             body: r.get("body"),
             aggregate_id: r.get("aggregate_id"),
             event_type: r.get("event_type"),
@@ -104,28 +110,54 @@ impl Processor {
 
         let ids: Vec<Uuid> = rows.iter().map(|r| r.outbox_id).collect();
         let started = Instant::now();
-        if let Err(e) = self.publish(&rows).await {
-            drop(tx);
-            self.record_failure(&ids, &e).await;
-            return Err(e);
-        }
+        let acked = match self.publish(&rows).await {
+            Ok(acked) => acked,
+            Err(e) => {
+                drop(tx);
+                self.record_failure(&ids, &e).await;
+                return Err(e);
+            }
+        };
         metrics::histogram!("cj_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
 
         // One statement moves the batch: the event store insert absorbs a republished duplicate.
         // The event store's key is (event_id, ingested_at) since it is partitioned by ingest day
         // (V4); a duplicate carries the same ingested_at (it is in the envelope), so it conflicts.
+        // publish_seq is drawn in outbox order (the order just published), and the highest
+        // acknowledged offsets are recorded for the bus recovery (recovery.rs), all in the same
+        // transaction as the delete.
+        let (topics, partitions, offsets): (Vec<&str>, Vec<i32>, Vec<i64>) =
+            acked.iter().map(|(t, p, o)| (*t, *p, *o)).collect();
         sqlx::query(
             "WITH moved AS (
-                 DELETE FROM ingestion.outbox WHERE outbox_id = ANY($1) RETURNING event_payload AS p)
-             INSERT INTO ingestion.event_store
-                 (event_id, event_type, aggregate_id, event_time, ingested_at, payload, metadata)
-             SELECT (p->>'event_id')::uuid, p->>'event_type', p->>'aggregate_id',
-                    (p->>'event_time')::timestamptz, (p->>'ingested_at')::timestamptz,
-                    p->'payload', p->'metadata'
-             FROM moved
-             ON CONFLICT (event_id, ingested_at) DO NOTHING",
+                 DELETE FROM ingestion.outbox WHERE outbox_id = ANY($1)
+                 RETURNING outbox_id, event_payload AS p),
+             stored AS (
+                 INSERT INTO ingestion.event_store
+                     (event_id, event_type, aggregate_id, event_time, ingested_at, payload,
+                      metadata, publish_seq)
+                 SELECT (p->>'event_id')::uuid, p->>'event_type', p->>'aggregate_id',
+                        (p->>'event_time')::timestamptz, (p->>'ingested_at')::timestamptz,
+                        p->'payload', p->'metadata', nextval('ingestion.publish_seq')
+                 FROM (SELECT * FROM moved ORDER BY outbox_id) AS m
+                 ON CONFLICT (event_id, ingested_at) DO NOTHING
+                 RETURNING publish_seq),
+             marks AS (
+                 INSERT INTO ingestion.bus_offsets
+                     (shard, topic, \"partition\", max_offset, last_seq)
+                 SELECT $2, t, p, o, (SELECT COALESCE(max(publish_seq), 0) FROM stored)
+                 FROM unnest($3::text[], $4::int4[], $5::int8[]) AS u(t, p, o)
+                 ON CONFLICT (topic, \"partition\", shard)
+                 DO UPDATE SET max_offset = GREATEST(bus_offsets.max_offset, EXCLUDED.max_offset),
+                               last_seq = GREATEST(bus_offsets.last_seq, EXCLUDED.last_seq)
+                 RETURNING 1)
+             SELECT (SELECT count(*) FROM stored), (SELECT count(*) FROM marks)",
         )
         .bind(&ids)
+        .bind(rows[0].shard)
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&offsets)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -133,10 +165,13 @@ impl Processor {
         Ok(rows.len())
     }
 
-    async fn publish(&self, rows: &[Row_]) -> Result<(), ProcessError> {
+    /// Publishes the rows in order and waits for every acknowledgement; returns the highest
+    /// acknowledged offset per (topic, partition).
+    async fn publish(&self, rows: &[Row_]) -> Result<Vec<(&str, i32, i64)>, ProcessError> {
         let timeout = self.kafka.message_timeout;
         let producer = self.producer.get();
         let mut deliveries = Vec::with_capacity(rows.len());
+        let mut acked: Vec<(&str, i32, i64)> = Vec::new();
         // One span per event from enqueue to broker ack, when traces are on; its context is the
         // bus header, so consumers continue from the publish.
         let mut spans = Vec::new();
@@ -146,21 +181,8 @@ impl Processor {
                 telemetry::event_span("outbox.publish", r.traceparent.as_deref(), &r.event_id);
             let traceparent = telemetry::traceparent_of(&span).or_else(|| r.traceparent.clone());
             spans.push(span);
-            let mut headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "event_type",
-                    value: Some(r.event_type.as_str()),
-                })
-                .insert(Header {
-                    key: "event_id",
-                    value: Some(r.event_id.as_str()),
-                });
-            if let Some(tp) = &traceparent {
-                headers = headers.insert(Header {
-                    key: "traceparent",
-                    value: Some(tp.as_str()),
-                });
-            }
+            let headers =
+                bus::event_headers(&r.event_type, &r.event_id, traceparent.as_deref(), &[]);
             let mut record = FutureRecord::to(topic)
                 .key(r.aggregate_id.as_str())
                 .payload(r.body.as_str())
@@ -170,7 +192,7 @@ impl Processor {
             loop {
                 match producer.send_result(record) {
                     Ok(f) => {
-                        deliveries.push(f);
+                        deliveries.push((topic, f));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec))
@@ -184,9 +206,17 @@ impl Processor {
             }
         }
         let mut first_err = None;
-        for d in deliveries {
+        for (topic, d) in deliveries {
             match d.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(delivery)) => {
+                    match acked
+                        .iter_mut()
+                        .find(|(t, p, _)| *t == topic && *p == delivery.partition)
+                    {
+                        Some(a) => a.2 = a.2.max(delivery.offset),
+                        None => acked.push((topic, delivery.partition, delivery.offset)),
+                    }
+                }
                 Ok(Err((e, _))) => {
                     first_err.get_or_insert(e);
                 }
@@ -197,7 +227,7 @@ impl Processor {
         }
         drop(spans);
         match first_err {
-            None => Ok(()),
+            None => Ok(acked),
             Some(e) => Err(ProcessError::Publish(e, FailedProducer(producer))),
         }
     }
@@ -287,17 +317,33 @@ impl Processor {
             ProcessError::Db(err) if db::is_unavailable(err) => {
                 tracing::warn!(worker, failures, error = %err, "Outbox database unavailable; retrying.");
             }
+            ProcessError::Recovery(err) => {
+                tracing::warn!(worker, failures, error = %err, "Checking the bus failed; nothing is published until it succeeds.");
+                // The oldest waiting rows could not be attempted: count it against them, so the
+                // backlog shows (retry_count, last_error, /health) why nothing moves.
+                let r = sqlx::query(
+                    "UPDATE ingestion.outbox
+                     SET retry_count = retry_count + 1, last_error = $2, last_attempt_at = now()
+                     WHERE outbox_id IN (SELECT outbox_id FROM ingestion.outbox
+                                         ORDER BY outbox_id LIMIT $1)",
+                )
+                .bind(self.cfg.batch_size)
+                .bind(e.to_string())
+                .execute(&self.pool)
+                .await;
+                if let Err(db) = r {
+                    tracing::debug!(error = %db, "Could not record the failed attempt.");
+                }
+            }
             ProcessError::Db(_) => {
                 tracing::warn!(worker, failures, error = %e, "Outbox batch failed; it stays in the outbox and is retried.");
             }
             ProcessError::Publish(_, FailedProducer(failed)) => {
                 tracing::warn!(worker, failures, error = %e, "Publishing failed; the batch stays in the outbox and is retried.");
-                // A broker that restarted empty (Tansu in memory) has lost the topics, and
-                // librdkafka reports that only as a timeout: recreating them is cheap and
-                // idempotent, so do it after any publish failure.
-                if let Err(err) = bus::ensure_topics(&self.kafka, &self.topics.all()).await {
-                    tracing::debug!(worker, error = %err, "Could not ensure topics yet.");
-                }
+                // A broker that restarted empty (Tansu in memory) has lost the topics and what
+                // was on them, and librdkafka reports that only as a timeout. The check before
+                // the next batch recreates the topics and republishes what was lost (recovery.rs).
+                self.recovery.suspect();
                 self.producer.replace(failed, &self.kafka).await;
             }
         }

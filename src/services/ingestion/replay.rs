@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -23,6 +22,20 @@ pub struct ReplayFilter {
 }
 
 const PAGE: i64 = 1000;
+
+/// The bus body of a stored event re-assembled from the event store's columns (the JSON object
+/// the processor published), with `metadata` as the given SQL expression. Used by the replay and
+/// by the bus recovery.
+pub(crate) fn envelope_sql(metadata: &str) -> String {
+    format!(
+        "jsonb_build_object(
+           'event_id', event_id, 'event_type', event_type, 'aggregate_id', aggregate_id,
+           'event_time', to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           'ingested_at', to_char(ingested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           'payload', payload,
+           'metadata', {metadata})::text"
+    )
+}
 
 /// Counts what a replay would send.
 pub async fn count(pool: &PgPool, f: &ReplayFilter) -> Result<i64, sqlx::Error> {
@@ -53,14 +66,9 @@ pub async fn replay(
     let mut after: Option<(DateTime<Utc>, Uuid)> = None;
     let mut sent = 0u64;
     loop {
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "SELECT event_id, event_type, aggregate_id, event_time,
-                    jsonb_build_object(
-                      'event_id', event_id, 'event_type', event_type, 'aggregate_id', aggregate_id,
-                      'event_time', to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                      'ingested_at', to_char(ingested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                      'payload', payload,
-                      'metadata', metadata || '{\"source\": \"replay\"}'::jsonb)::text AS body,
+                    {} AS body,
                     metadata->>'traceparent' AS traceparent
              FROM ingestion.event_store
              WHERE ($1::timestamptz IS NULL OR event_time >= $1) AND ($2::timestamptz IS NULL OR event_time < $2)
@@ -68,7 +76,8 @@ pub async fn replay(
                AND ($5::timestamptz IS NULL OR (event_time, event_id) > ($5, $6))
              ORDER BY event_time, event_id
              LIMIT $7",
-        )
+            envelope_sql("metadata || '{\"source\": \"replay\"}'::jsonb")
+        ))
         .bind(f.since)
         .bind(f.until)
         .bind(&f.aggregate_id)
@@ -90,25 +99,7 @@ pub async fn replay(
             let body: &str = r.get("body");
             let traceparent: Option<&str> = r.get("traceparent");
             let id = event_id.to_string();
-            let mut headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "event_type",
-                    value: Some(event_type),
-                })
-                .insert(Header {
-                    key: "event_id",
-                    value: Some(id.as_str()),
-                })
-                .insert(Header {
-                    key: "cj-replay",
-                    value: Some("1"),
-                });
-            if let Some(tp) = &traceparent {
-                headers = headers.insert(Header {
-                    key: "traceparent",
-                    value: Some(*tp),
-                });
-            }
+            let headers = bus::event_headers(event_type, &id, traceparent, &[("cj-replay", "1")]);
             let record = FutureRecord::to(kafka.topics.for_event_type(event_type))
                 .key(aggregate_id)
                 .payload(body)
