@@ -330,7 +330,10 @@ async fn partitions_exist_ahead_after_startup_and_maintenance_is_idempotent_and_
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(indexes, 4, "primary key and the three secondary indexes");
+    assert_eq!(
+        indexes, 5,
+        "primary key, the three secondary indexes and the publish_seq BRIN (V6)"
+    );
     // A lookup by event_id still finds exactly one row.
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ingestion.event_store WHERE event_id = $1")
