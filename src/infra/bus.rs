@@ -331,3 +331,24 @@ pub fn event_headers(
     }
     headers
 }
+
+/// Enqueues `record` now (so records are sent in the order they are enqueued), waiting for room
+/// while librdkafka's local queue is full, up to `deadline`.
+pub async fn enqueue<'a>(
+    producer: &FutureProducer,
+    mut record: rdkafka::producer::FutureRecord<'a, str, str>,
+    deadline: std::time::Instant,
+) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec))
+                if std::time::Instant::now() < deadline =>
+            {
+                record = rec;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureRecord;
-use rdkafka::types::RDKafkaErrorCode;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
@@ -183,26 +182,14 @@ impl Processor {
             spans.push(span);
             let headers =
                 bus::event_headers(&r.event_type, &r.event_id, traceparent.as_deref(), &[]);
-            let mut record = FutureRecord::to(topic)
+            let record = FutureRecord::to(topic)
                 .key(r.aggregate_id.as_str())
                 .payload(r.body.as_str())
                 .headers(headers);
             // Enqueue strictly in order; a full local queue waits rather than reordering.
-            let deadline = Instant::now() + timeout;
-            loop {
-                match producer.send_result(record) {
-                    Ok(f) => {
-                        deliveries.push((topic, f));
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec))
-                        if Instant::now() < deadline =>
-                    {
-                        record = rec;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    Err((e, _)) => return Err(ProcessError::Publish(e, FailedProducer(producer))),
-                }
+            match bus::enqueue(&producer, record, Instant::now() + timeout).await {
+                Ok(f) => deliveries.push((topic, f)),
+                Err(e) => return Err(ProcessError::Publish(e, FailedProducer(producer))),
             }
         }
         let mut first_err = None;

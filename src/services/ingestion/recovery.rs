@@ -31,7 +31,6 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
 use sqlx::{PgPool, Row};
 use tokio::sync::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
@@ -270,26 +269,15 @@ impl Recovery {
                     r.get("traceparent"),
                     &[("cj-redelivery", "bus-recovery")],
                 );
-                let mut record = FutureRecord::to(topic)
+                let record = FutureRecord::to(topic)
                     .key(aggregate_id)
                     .payload(r.get::<&str, _>("body"))
                     .headers(headers);
-                // Enqueued synchronously, strictly in order; a full queue waits.
-                loop {
-                    match producer.send_result(record) {
-                        Ok(f) => {
-                            deliveries.push((topic, shard, seq, f));
-                            break;
-                        }
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), rec)) => {
-                            record = rec;
-                            tokio::time::sleep(Duration::from_millis(2)).await;
-                        }
-                        Err((e, _)) => {
-                            return Err(RecoveryError::Broker(format!("republish failed: {e}")));
-                        }
-                    }
-                }
+                let deadline = std::time::Instant::now() + self.kafka.message_timeout;
+                let f = bus::enqueue(&producer, record, deadline)
+                    .await
+                    .map_err(|e| RecoveryError::Broker(format!("republish failed: {e}")))?;
+                deliveries.push((topic, shard, seq, f));
             }
             for (topic, shard, seq, d) in deliveries {
                 let delivery = d
