@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -115,17 +115,40 @@ async fn the_platform_survives_two_broker_restarts_and_republishes_what_the_brok
     let accepted = accepted.lock().unwrap().clone();
     assert!(accepted.len() > 200, "load ran: {}", accepted.len());
     let want: HashSet<Uuid> = accepted.iter().map(|(_, id)| *id).collect();
+    let mut latest: HashMap<String, Uuid> = HashMap::new();
+    for (d, id) in &accepted {
+        latest.insert(format!("restart-{d}"), *id);
+    }
 
     let pool = app.pool().await;
-    // Every accepted event is stored exactly once and the outbox drains: nothing was lost or
-    // stuck on the producer side, and the platform is alive to answer.
-    eventually(Duration::from_secs(120), || async {
-        let store = ids_in(&pool, "SELECT event_id FROM ingestion.event_store").await;
-        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM ingestion.outbox")
-            .fetch_one(&pool)
+    let missing = |got: &HashSet<Uuid>| want.difference(got).count();
+    // Every accepted event in the event store, the time series, the webhook deliveries, and each
+    // device's projection at its last accepted reading; the outbox drained.
+    eventually(Duration::from_secs(120), || {
+        let (pool, latest) = (&pool, &latest);
+        async move {
+            let store = ids_in(pool, "SELECT event_id FROM ingestion.event_store").await;
+            let tsdb = ids_in(pool, "SELECT event_id FROM tsdb.sensor_readings").await;
+            let actions = ids_in(pool, "SELECT event_id FROM actions.deliveries").await;
+            let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM ingestion.outbox")
+                .fetch_one(pool)
+                .await
+                .ok()?;
+            let projections: HashMap<String, Uuid> = sqlx::query_as::<_, (String, Uuid)>(
+                "SELECT aggregate_id, last_event_id FROM eventhandler.projections
+                 WHERE projection_type = 'sensor_state'",
+            )
+            .fetch_all(pool)
             .await
-            .ok()?;
-        (want.is_subset(&store) && outbox == 0).then_some(())
+            .ok()?
+            .into_iter()
+            .collect();
+            let missing = [missing(&store), missing(&tsdb), missing(&actions)];
+            if missing != [0; 3] {
+                eprintln!("still missing (store, tsdb, webhooks): {missing:?}");
+            }
+            (missing == [0; 3] && outbox == 0 && projections == *latest).then_some(())
+        }
     })
     .await;
     for svc in [Service::Ingestion, Service::Query] {

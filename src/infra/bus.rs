@@ -75,6 +75,11 @@ impl SharedProducer {
     }
 }
 
+/// How long a consumer holds offset commits back after losing the brokers (see
+/// [`ConsumerState::commits_held`]): longer than a restarted broker takes to get the platform's
+/// topics back and the consumer to notice their new ids.
+pub const COMMIT_HOLD: Duration = Duration::from_secs(30);
+
 /// What a consumer knows about itself, for `/health` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct ConsumerState {
@@ -82,6 +87,8 @@ pub struct ConsumerState {
     /// (topic, partition) → lag, from librdkafka's statistics.
     pub lag: Mutex<HashMap<(String, i32), i64>>,
     pub last_error: Mutex<Option<String>>,
+    /// When the client last lost its connection to the brokers.
+    pub broker_lost_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl ConsumerState {
@@ -93,6 +100,18 @@ impl ConsumerState {
             .filter(|l| **l > 0)
             .sum()
     }
+    /// Whether offset commits are held back: for [`COMMIT_HOLD`] after the brokers were lost.
+    /// A broker that comes back empty (memory storage) would otherwise receive positions of the
+    /// topics it lost, from messages fetched before the loss and handled after it, before the
+    /// client notices that the topics were recreated; the next owner of such a partition would
+    /// start past the head of the new log. Holding commits costs only redelivery.
+    pub fn commits_held(&self) -> bool {
+        self.broker_lost_at
+            .lock()
+            .expect("broker lock")
+            .is_some_and(|t| t.elapsed() < COMMIT_HOLD)
+    }
+
     pub fn assigned_count(&self) -> usize {
         self.assigned.lock().expect("assigned lock").len()
     }
@@ -122,6 +141,13 @@ impl ClientContext for ObservedContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(group = %self.group, error = %error, reason, "Kafka client error.");
         *self.state.last_error.lock().expect("error lock") = Some(format!("{error}: {reason}"));
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            *self.state.broker_lost_at.lock().expect("broker lock") =
+                Some(std::time::Instant::now());
+        }
     }
 }
 
@@ -234,6 +260,9 @@ pub async fn reachable(producer: Arc<FutureProducer>) -> Result<usize, String> {
 
 /// Commits stored offsets synchronously; used once on shutdown.
 pub fn commit_now(consumer: &ObservedConsumer) {
+    if consumer.context().state.commits_held() {
+        return;
+    }
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         // Nothing stored since the last commit is the common case on shutdown.
         if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {

@@ -217,21 +217,51 @@ impl<S: Sink> Worker<S> {
             if !self.handle(&batch, &shutdown).await {
                 break; // shut down mid-batch: nothing stored, the next owner re-reads it
             }
-            for m in &batch {
-                if let Err(e) = self
-                    .consumer
-                    .store_offset(m.topic(), m.partition(), m.offset())
-                {
-                    // A revoked partition: its new owner re-reads from the last commit.
-                    tracing::debug!(error = %e, "Could not store an offset.");
-                }
-            }
-            if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Async) {
+            self.store_offsets(&batch);
+            if self.consumer.context().state.commits_held() {
+                tracing::debug!(group = %self.group, "Brokers were lost recently; holding the offset commit.");
+            } else if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Async) {
                 tracing::debug!(error = %e, "Offset commit was not sent.");
             }
         }
         let consumer = self.consumer.clone();
         let _ = tokio::task::spawn_blocking(move || super::bus::commit_now(&consumer)).await;
+    }
+
+    /// Stores the batch's offsets for the next commit, except on a partition whose position moved
+    /// behind the batch meanwhile: its topic was recreated (the patched librdkafka resets such
+    /// partitions to the beginning, vendor/rdkafka-sys/PATCHES.md), and an offset of the old
+    /// topic committed into the new one would make the next owner skip the new log's head.
+    fn store_offsets(&self, batch: &[OwnedMessage]) {
+        let mut last: Vec<(&str, i32, i64)> = Vec::new();
+        for m in batch {
+            match last
+                .iter_mut()
+                .find(|(t, p, _)| *t == m.topic() && *p == m.partition())
+            {
+                Some(l) => l.2 = l.2.max(m.offset()),
+                None => last.push((m.topic(), m.partition(), m.offset())),
+            }
+        }
+        let positions = self.consumer.position().ok();
+        for (topic, partition, offset) in last {
+            let position = positions
+                .as_ref()
+                .and_then(|tpl| tpl.find_partition(topic, partition))
+                .map(|e| e.offset());
+            let Some(position) = position else {
+                continue; // revoked meanwhile: its new owner re-reads from the last commit
+            };
+            if !matches!(position, rdkafka::Offset::Offset(p) if p > offset) {
+                tracing::warn!(group = %self.group, topic, partition, offset, ?position,
+                    "The partition was reset while its batch was applied; not storing the old offset.");
+                continue;
+            }
+            if let Err(e) = self.consumer.store_offset(topic, partition, offset) {
+                // A revoked partition: its new owner re-reads from the last commit.
+                tracing::debug!(error = %e, "Could not store an offset.");
+            }
+        }
     }
 
     /// Handles a batch until it is durably applied; false only when shut down first.

@@ -364,19 +364,17 @@ impl Recovery {
                 .map(|(r, _)| r.clone())
                 .collect();
             let t = topic.clone();
-            // Per partition, the least any group has committed (the next offset it will read).
+            let ceiling = ceiling(&marks, &topic, n);
             let committed = tokio::task::spawn_blocking(move || {
-                let mut least = vec![i64::MAX; n];
-                for r in &readers {
-                    for (l, c) in least.iter_mut().zip(r.committed(&t, n, BROKER_TIMEOUT)?) {
-                        *l = (*l).min(c);
-                    }
-                }
-                Ok::<_, KafkaError>(least)
+                readers
+                    .iter()
+                    .map(|r| r.committed(&t, n, BROKER_TIMEOUT))
+                    .collect::<Result<Vec<_>, KafkaError>>()
             })
             .await
             .map_err(|e| RecoveryError::Broker(e.to_string()))?
             .map_err(|e| RecoveryError::Broker(e.to_string()))?;
+            let committed = least_committed(&committed, &ceiling, n);
             for (shard, upto) in consumed(&marks, &topic, &committed) {
                 sqlx::query(
                     "INSERT INTO ingestion.bus_progress (topic, shard, consumed_seq)
@@ -395,6 +393,38 @@ impl Recovery {
         }
         Ok(())
     }
+}
+
+/// Per partition of `topic`, one past the highest offset the platform recorded publishing: no
+/// consumer can genuinely have read further.
+fn ceiling(marks: &[Mark], topic: &str, partitions: usize) -> Vec<i64> {
+    let mut c = vec![0; partitions];
+    for m in marks.iter().filter(|m| m.topic == topic) {
+        if let Some(x) = c.get_mut(m.partition as usize) {
+            *x = (*x).max(m.max_offset + 1);
+        }
+    }
+    c
+}
+
+/// Per partition, the least offset any group has committed (the next offset it will read). A
+/// commit past `ceiling` counts as nothing: it is a position of the topic before it was lost,
+/// committed into the new one by a consumer that had not noticed yet, and says nothing about
+/// what the new log's consumers have read.
+fn least_committed(per_group: &[Vec<i64>], ceiling: &[i64], partitions: usize) -> Vec<i64> {
+    let mut least = vec![i64::MAX; partitions];
+    for committed in per_group {
+        for (p, l) in least.iter_mut().enumerate() {
+            let c = committed.get(p).copied().unwrap_or(0);
+            let c = if c > ceiling.get(p).copied().unwrap_or(0) {
+                0
+            } else {
+                c
+            };
+            *l = (*l).min(c);
+        }
+    }
+    least
 }
 
 /// The shards of `topic` whose every recorded offset the groups have consumed (`committed` is
@@ -453,6 +483,19 @@ mod tests {
             max_offset,
             last_seq,
         }
+    }
+
+    #[test]
+    fn a_commit_past_what_was_published_counts_as_nothing() {
+        let marks = [mark(0, 0, 9, 40), mark(1, 1, 4, 41)];
+        let ceiling = ceiling(&marks, "t", 3);
+        assert_eq!(ceiling, vec![10, 5, 0]);
+        // Group a read everything; group b committed 500 on partition 0, a stale position.
+        let least = least_committed(&[vec![10, 5, 0], vec![500, 5, 0]], &ceiling, 3);
+        assert_eq!(least, vec![0, 5, 0]);
+        assert_eq!(consumed(&marks, "t", &least), vec![(1, 41)]);
+        // No group reads the topic: nothing holds it back.
+        assert_eq!(least_committed(&[], &ceiling, 2), vec![i64::MAX; 2]);
     }
 
     #[test]

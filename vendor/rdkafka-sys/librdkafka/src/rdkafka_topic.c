@@ -1428,6 +1428,54 @@ rd_kafka_topic_metadata_update(rd_kafka_topic_t *rkt,
                     mdt->partition_cnt > rkt->rkt_partition_cnt)
                         upd += rd_kafka_topic_partition_cnt_update(
                             rkt, mdt->partition_cnt);
+                if (different_topic_id &&
+                    !RD_KAFKA_UUID_IS_ZERO(rkt->rkt_topic_id) &&
+                    rk->rk_type == RD_KAFKA_CONSUMER) {
+                        /* cornjacket patch: the topic was deleted and
+                         * recreated (a broker on memory storage that
+                         * restarted, say). Positions and stored offsets of
+                         * the old topic mean nothing in the new one: a
+                         * broker that answers a fetch past the end with an
+                         * empty response instead of OFFSET_OUT_OF_RANGE
+                         * (Tansu) would otherwise leave the consumer waiting
+                         * for the new log to reach its old position, and a
+                         * commit of the old stored offset would skip the new
+                         * log's head for the next owner. Reset every
+                         * partition as auto.offset.reset says. */
+                        int32_t k;
+                        for (k = 0; k < rkt->rkt_partition_cnt; k++) {
+                                rd_kafka_toppar_t *rktp =
+                                    rd_kafka_toppar_get(rkt, k, 0);
+                                rd_kafka_fetch_pos_t err_pos;
+                                if (!rktp)
+                                        continue;
+                                rd_kafka_toppar_lock(rktp);
+                                rktp->rktp_stored_pos = RD_KAFKA_FETCH_POS(
+                                    RD_KAFKA_OFFSET_INVALID, -1);
+                                /* And the application's position, so an
+                                 * application that stores offsets itself
+                                 * can tell (rd_kafka_position()) that
+                                 * messages it is still handling came from
+                                 * the old topic. */
+                                rktp->rktp_app_pos = RD_KAFKA_FETCH_POS(
+                                    RD_KAFKA_OFFSET_INVALID, -1);
+                                if (RD_KAFKA_TOPPAR_FETCH_IS_STARTED(
+                                        rktp->rktp_fetch_state)) {
+                                        err_pos = rktp->rktp_offsets.fetch_pos;
+                                        rktp->rktp_offsets.fetch_pos =
+                                            RD_KAFKA_FETCH_POS(
+                                                RD_KAFKA_OFFSET_INVALID, -1);
+                                        rktp->rktp_lo_offset = -1;
+                                        rd_kafka_offset_reset(
+                                            rktp, RD_KAFKA_NODEID_UA, err_pos,
+                                            RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_ID,
+                                            "topic was recreated with a new "
+                                            "topic id");
+                                }
+                                rd_kafka_toppar_unlock(rktp);
+                                rd_kafka_toppar_destroy(rktp);
+                        }
+                }
                 if (different_topic_id) {
                         /* FIXME: an offset reset must be triggered.
                          * when rkt_topic_id wasn't zero.
