@@ -519,6 +519,14 @@ async fn a_client_over_its_rate_gets_429_with_retry_after_and_health_stays_open(
         e.insert("CJ_API_RATE_BURST".into(), "2".into());
     })
     .await;
+    // Until the schemas it reads exist the query API answers 503 (outside the limit); wait on
+    // /health, which is never limited, so the three requests below meet a ready service.
+    let health = app.url(Service::Query, "/health");
+    eventually(Duration::from_secs(30), || async {
+        let r = app.http.get(&health).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
     for (svc, path) in [
         (Service::Query, "/api/v1/query/events"),
         (Service::Actions, "/api/v1/actions/endpoints"),
