@@ -31,6 +31,9 @@ from ai_inference.state import ServiceState
 
 log = logging.getLogger(__name__)
 
+# How long commits are held after the brokers were lost (see InferenceConsumer._on_error).
+COMMIT_HOLD_S = 30.0
+
 T = TypeVar("T")
 
 BATCH = 100
@@ -57,6 +60,10 @@ def kafka_config(settings: Settings) -> dict[str, object]:
         "fetch.wait.max.ms": settings.fetch_wait_max_ms,
         "socket.keepalive.enable": True,
         "reconnect.backoff.max.ms": 2000,
+        # A consumer that rejoins a restarted broker before the platform has recreated the topic
+        # is assigned nothing, and librdkafka looks at the topic again only on the next metadata
+        # refresh (5 minutes by default). The platform's Rust clients use the same value.
+        "topic.metadata.refresh.interval.ms": 5000,
     }
 
 
@@ -108,6 +115,7 @@ class InferenceConsumer:
         self._thread = threading.Thread(target=self._run, name="consumer", daemon=True)
         self._db: psycopg.Connection | None = None
         self._consumer: Consumer | None = None
+        self._broker_lost_at: float | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -328,6 +336,16 @@ class InferenceConsumer:
 
     def _store_offset(self, msg: Message) -> None:
         assert self._consumer is not None
+        # A position behind the message means its partition was reset while it was handled (its
+        # topic was recreated; the patched librdkafka resets such partitions): its offset belongs
+        # to the old topic and must not be stored for the new one.
+        pos = self._consumer.position([TopicPartition(msg.topic(), msg.partition())])
+        if not pos or pos[0].offset <= msg.offset():
+            log.warning(
+                "The partition was reset while its message was handled; not storing the old offset.",
+                extra={"partition": msg.partition(), "offset": msg.offset()},
+            )
+            return
         try:
             self._consumer.store_offsets(message=msg)
         except KafkaException as e:
@@ -336,6 +354,10 @@ class InferenceConsumer:
 
     def _commit(self) -> None:
         assert self._consumer is not None
+        if self._commits_held():
+            # See _on_error: positions of a lost topic must not reach the broker that lost it.
+            log.debug("Brokers were lost recently; holding the offset commit.")
+            return
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as e:
@@ -369,6 +391,17 @@ class InferenceConsumer:
 
     def _on_error(self, err: KafkaError) -> None:
         log.warning("Kafka client error.", extra={"error": str(err)})
+        if err.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+            # A broker that comes back empty (memory storage) would otherwise be sent positions
+            # of the topics it lost, from messages fetched before and handled after the loss,
+            # before the client notices the topics were recreated; the next owner would start
+            # past the head of the new log. Holding commits costs only redelivery. The Rust
+            # consumers do the same (ConsumerState::commits_held, COMMIT_HOLD).
+            self._broker_lost_at = time.monotonic()
+
+    def _commits_held(self) -> bool:
+        lost = self._broker_lost_at
+        return lost is not None and time.monotonic() - lost < COMMIT_HOLD_S
 
     def _on_stats(self, raw: str) -> None:
         try:

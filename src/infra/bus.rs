@@ -22,7 +22,11 @@ fn base(cfg: &KafkaConfig) -> ClientConfig {
         .set("client.id", "cornjacket")
         .set("socket.keepalive.enable", "true")
         // Reconnect quickly after a broker restart; the default backs off to 10 s.
-        .set("reconnect.backoff.max.ms", "2000");
+        .set("reconnect.backoff.max.ms", "2000")
+        // A consumer that rejoins a restarted broker before the processor has recreated the
+        // topics is assigned nothing, and librdkafka looks at a topic again only on the next
+        // metadata refresh (5 minutes by default): the consumer would sit idle that long.
+        .set("topic.metadata.refresh.interval.ms", "5000");
     c
 }
 
