@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::infra::{auth, db, telemetry};
 use crate::services::Service;
 use crate::services::eventhandler::{rebuild, store};
-use crate::services::ingestion::replay;
+use crate::services::ingestion::{quarantine, replay};
 
 #[derive(Parser, Debug)]
 #[command(name = "cornjacket", version, about = "Cornjacket event platform", long_about = None)]
@@ -34,6 +34,11 @@ pub enum Command {
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
+    },
+    /// The ingestion outbox: its quarantine of rows that could never move.
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxAction,
     },
     /// Republish events from the event store to their topics (refills a bus that lost them).
     Replay {
@@ -111,6 +116,33 @@ pub enum MigratableService {
     Eventhandler,
     Tsdb,
     Actions,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OutboxAction {
+    /// Rows the processor quarantined (each alone, with the error that no retry could fix).
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuarantineAction {
+    /// List quarantined rows as JSON lines, oldest first.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Put a quarantined row (or all of them) back at the end of its shard of the outbox.
+    Requeue {
+        #[arg(required_unless_present = "all")]
+        seq: Option<i64>,
+        #[arg(long, conflicts_with = "seq")]
+        all: bool,
+    },
+    /// Drop a quarantined row for good (its event never reaches the event store or the bus).
+    Discard { seq: i64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -205,6 +237,15 @@ pub async fn main() -> i32 {
         Command::Retention {
             action: RetentionAction::Run { dry_run },
         } => report(retention_cmd(&config, dry_run).await),
+        Command::Outbox {
+            action: OutboxAction::Quarantine { action },
+        } => match quarantine_cmd(&config, action).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("cornjacket: {e:#}");
+                1
+            }
+        },
         Command::Dlq { action } => match dlq(&config, action).await {
             Ok(code) => code,
             Err(e) => {
@@ -350,6 +391,44 @@ fn token(config: &Config, sub: &str, scopes: &str, ttl: std::time::Duration) -> 
         Err(e) => {
             eprintln!("cornjacket: {e}");
             1
+        }
+    }
+}
+
+async fn quarantine_cmd(config: &Config, action: QuarantineAction) -> anyhow::Result<i32> {
+    let pool = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
+    match action {
+        QuarantineAction::List { limit } => {
+            for row in quarantine::list(&pool, limit).await? {
+                println!("{}", serde_json::to_string(&row)?);
+            }
+            Ok(0)
+        }
+        QuarantineAction::Requeue { seq, all } => {
+            let seqs = if all {
+                quarantine::seqs(&pool).await?
+            } else {
+                seq.into_iter().collect()
+            };
+            let mut missing = 0;
+            for seq in seqs {
+                if quarantine::requeue(&pool, seq).await? {
+                    println!("{seq}: requeued");
+                } else {
+                    missing += 1;
+                    println!("{seq}: no quarantined row with this seq");
+                }
+            }
+            Ok(if missing > 0 { 1 } else { 0 })
+        }
+        QuarantineAction::Discard { seq } => {
+            if quarantine::discard(&pool, seq).await? {
+                println!("{seq}: discarded");
+                Ok(0)
+            } else {
+                println!("{seq}: no quarantined row with this seq");
+                Ok(1)
+            }
         }
     }
 }

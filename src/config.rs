@@ -95,8 +95,16 @@ pub struct KafkaConfig {
     pub message_timeout: Duration,
     /// `CJ_KAFKA_FETCH_WAIT_MAX_MS`: the longest a consumer's fetch waits for data.
     pub fetch_wait_max_ms: u32,
+    /// `CJ_KAFKA_MESSAGE_MAX_BYTES`: the largest message the producer sends (librdkafka's
+    /// `message.max.bytes`; default 1,000,000, within Kafka's and Redpanda's default topic limit of
+    /// 1 MiB). Must leave room for the largest event ingestion admits ([`ENVELOPE_OVERHEAD`]).
+    pub message_max_bytes: usize,
     pub topics: Topics,
 }
+
+/// What an envelope adds to the client's body at most, besides its subject: ids, times,
+/// metadata and the JSON around them (a few hundred bytes), with room to spare.
+pub const ENVELOPE_OVERHEAD: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
@@ -589,6 +597,12 @@ impl Config {
             linger_ms: v.ranged("CJ_KAFKA_PRODUCER_LINGER_MS", 5, 0, 10_000)?,
             fetch_wait_max_ms: v.ranged("CJ_KAFKA_FETCH_WAIT_MAX_MS", 10, 1, 10_000)?,
             message_timeout: v.duration("CJ_KAFKA_MESSAGE_TIMEOUT", Duration::from_secs(10))?,
+            message_max_bytes: v.ranged(
+                "CJ_KAFKA_MESSAGE_MAX_BYTES",
+                1_000_000,
+                1000,
+                1_000_000_000,
+            )?,
             topic_prefix,
             topics: topics.clone(),
         };
@@ -640,6 +654,21 @@ impl Config {
             commit_concurrency: v.ranged("CJ_INGESTION_COMMIT_CONCURRENCY", 4, 1, 64)?,
             request_timeout: v.duration("CJ_INGESTION_REQUEST_TIMEOUT", Duration::from_secs(10))?,
         };
+
+        // An event admitted through the door must fit through the bus, or it would be accepted
+        // and then never published (it would be quarantined, but the client was told 202).
+        if ingestion.max_body_bytes + ENVELOPE_OVERHEAD > kafka.message_max_bytes {
+            return Err(Vars::err(
+                "CJ_INGESTION_MAX_BODY_BYTES",
+                &ingestion.max_body_bytes.to_string(),
+                &format!(
+                    "at most CJ_KAFKA_MESSAGE_MAX_BYTES ({}) minus {ENVELOPE_OVERHEAD} bytes of \
+                     envelope, so that every admitted event fits in a bus message; lower it or \
+                     raise CJ_KAFKA_MESSAGE_MAX_BYTES (and the broker's limit)",
+                    kafka.message_max_bytes
+                ),
+            ));
+        }
 
         let all_topics: Vec<String> = topics.all().iter().map(|t| t.to_string()).collect();
         let poison_delays = [0, 1, 2].map(Duration::from_secs);

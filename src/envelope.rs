@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -284,7 +284,16 @@ pub fn validate_request(
         Some(Value::String(s)) => match DateTime::parse_from_rfc3339(s) {
             Ok(t) => {
                 let t = truncate_micros(t.with_timezone(&Utc));
-                if t > now + MAX_FUTURE_SKEW {
+                if !storable_time(&t) {
+                    fe(
+                        &mut errors,
+                        "event_time",
+                        format!(
+                            "outside the range the event store accepts: {STORABLE_TIMES}, and \
+                             no more than 5 minutes in the future"
+                        ),
+                    );
+                } else if t > now + MAX_FUTURE_SKEW {
                     fe(
                         &mut errors,
                         "event_time",
@@ -511,6 +520,22 @@ fn check_catalogue(
         ),
         _ => {}
     }
+}
+
+/// The event times the event store (PostgreSQL `timestamptz`, written in [`format_time`]'s form)
+/// accepts, for messages.
+pub const STORABLE_TIMES: &str = "0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z (UTC)";
+
+/// Whether the event store can hold this time: a four-digit year of the common era in UTC.
+/// PostgreSQL has no year 0, and [`format_time`] writes other years in forms it refuses. The
+/// outbox processor applies the same rule (to the stored text) before publishing.
+pub fn storable_time(t: &DateTime<Utc>) -> bool {
+    (1..=9999).contains(&t.year())
+}
+
+/// [`storable_time`] of an envelope's textual event time; false when it does not parse.
+pub fn storable_time_text(s: &str) -> bool {
+    DateTime::parse_from_rfc3339(s).is_ok_and(|t| storable_time(&t.with_timezone(&Utc)))
 }
 
 /// RFC 3339 with microseconds and `Z`, the one textual form of time on the platform.

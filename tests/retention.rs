@@ -69,7 +69,7 @@ async fn exists(pool: &PgPool, sql: &str, id: impl ToString) -> bool {
 async fn client_id_known(pool: &PgPool, id: Uuid) -> bool {
     exists(
         pool,
-        "SELECT 1 FROM ingestion.client_event_ids WHERE event_id = $1::uuid",
+        "SELECT 1 FROM ingestion.event_ids WHERE event_id = $1::uuid",
         id,
     )
     .await
@@ -154,7 +154,7 @@ async fn old_partitions_rows_and_idempotency_records_go_and_newer_ones_stay() {
     // Their idempotency records were written then too (the database stamps them with its own
     // clock, which a test cannot move).
     let then = now - TimeDelta::days(10);
-    sqlx::query("UPDATE ingestion.client_event_ids SET created_at = $1 WHERE event_id = ANY($2)")
+    sqlx::query("UPDATE ingestion.event_ids SET created_at = $1 WHERE event_id = ANY($2)")
         .bind(then)
         .bind([old_a, old_b])
         .execute(&pool)
@@ -230,7 +230,7 @@ async fn old_partitions_rows_and_idempotency_records_go_and_newer_ones_stay() {
     );
     let removed = |table| metric(&m, "cj_retention_removed_total", &[("table", table)]);
     assert_eq!(removed("ingestion.event_store_default"), 1.0);
-    assert_eq!(removed("ingestion.client_event_ids"), 2.0);
+    assert_eq!(removed("ingestion.event_ids"), 2.0);
     assert_eq!(removed("ingestion.idempotency_keys"), 1.0);
     assert_eq!(
         metric(&m, "cj_event_store_partitions", &[]),
@@ -482,7 +482,7 @@ async fn the_cli_reports_what_is_due_then_removes_it() {
         "ingestion.event_store_default: 1 row(s) would be deleted",
         "eventhandler.projections: 1 row(s) would be deleted",
         "eventhandler.dlq: 1 row(s) would be deleted",
-        "ingestion.client_event_ids: 0 row(s) would be deleted",
+        "ingestion.event_ids: 0 row(s) would be deleted",
     ] {
         assert!(out.contains(line), "{line}\n{out}");
     }

@@ -326,7 +326,8 @@ async fn idempotency_key_header_returns_the_first_event_id() {
             .json(&reading("ik", v))
             .send()
     };
-    let answers = futures::future::join_all((0..20).map(|i| post("key-1", i as f64))).await;
+    // Twenty concurrent retries of one request: one event, one answer.
+    let answers = futures::future::join_all((0..20).map(|_| post("key-1", 1.0))).await;
     let mut ids = HashSet::new();
     for r in answers {
         let r = r.unwrap();
@@ -335,6 +336,14 @@ async fn idempotency_key_header_returns_the_first_event_id() {
         ids.insert(v["event_id"].as_str().unwrap().to_string());
     }
     assert_eq!(ids.len(), 1, "every repeat answers the first event_id");
+    // The same key for something else is refused, never silently answered with the old event.
+    let reused = post("key-1", 2.0).await.unwrap();
+    assert_eq!(reused.status(), 409);
+    let v: Value = reused.json().await.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("Idempotency-Key"),
+        "{v}"
+    );
     let other: Value = post("key-2", 1.0).await.unwrap().json().await.unwrap();
     assert!(!ids.contains(other["event_id"].as_str().unwrap()));
     let pool = app.pool().await;

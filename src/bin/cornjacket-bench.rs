@@ -2085,10 +2085,9 @@ async fn row_ingest_baseline(ctx: &mut Ctx) -> anyhow::Result<()> {
         async move {
             let (shard, json) = &rows[(seq % rows.len() as u64) as usize];
             sqlx::query(
-                "INSERT INTO bench.outbox (outbox_id, shard, event_id, event_payload)
-                 VALUES ($1, $2, $3, $4::jsonb)",
+                "INSERT INTO bench.outbox (shard, event_id, event_payload)
+                 VALUES ($1, $2, $3::jsonb)",
             )
-            .bind(Uuid::now_v7())
             .bind(*shard)
             .bind(Uuid::now_v7())
             .bind(json.as_str())
@@ -2140,25 +2139,23 @@ async fn row_db_ceiling(ctx: &mut Ctx) -> anyhow::Result<()> {
     let load = db_loop(conns, a.warmup(), a.duration(), move |seq| {
         let (p, pool_rows) = (p.clone(), pool_rows.clone());
         async move {
-            let (mut ids, mut shards, mut eids, mut payloads) = (
-                Vec::with_capacity(rows),
+            let (mut shards, mut eids, mut payloads) = (
                 Vec::with_capacity(rows),
                 Vec::with_capacity(rows),
                 Vec::with_capacity(rows),
             );
             for i in 0..rows as u64 {
-                let (shard, json) = &pool_rows[((seq * rows as u64 + i) % pool_rows.len() as u64) as usize];
-                ids.push(Uuid::now_v7());
+                let (shard, json) =
+                    &pool_rows[((seq * rows as u64 + i) % pool_rows.len() as u64) as usize];
                 shards.push(*shard);
                 eids.push(Uuid::now_v7());
                 payloads.push(json.as_str());
             }
             sqlx::query(
-                "INSERT INTO bench.outbox (outbox_id, shard, event_id, event_payload)
-                 SELECT u.id, u.shard, u.eid, u.payload::jsonb
-                 FROM UNNEST($1::uuid[], $2::int2[], $3::uuid[], $4::text[]) AS u(id, shard, eid, payload)",
+                "INSERT INTO bench.outbox (shard, event_id, event_payload)
+                 SELECT u.shard, u.eid, u.payload::jsonb
+                 FROM UNNEST($1::int2[], $2::uuid[], $3::text[]) AS u(shard, eid, payload)",
             )
-            .bind(&ids)
             .bind(&shards)
             .bind(&eids)
             .bind(&payloads)

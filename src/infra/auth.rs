@@ -21,7 +21,9 @@ use crate::infra::http::error_body;
 pub const SCOPE_INGEST: &str = "ingest:write";
 pub const SCOPE_QUERY: &str = "query:read";
 pub const SCOPE_ACTIONS: &str = "actions:admin";
-pub const SCOPES: &[&str] = &[SCOPE_INGEST, SCOPE_QUERY, SCOPE_ACTIONS];
+/// The outbox quarantine (`/api/v1/outbox/…`): operators only.
+pub const SCOPE_OUTBOX: &str = "outbox:admin";
+pub const SCOPES: &[&str] = &[SCOPE_INGEST, SCOPE_QUERY, SCOPE_ACTIONS, SCOPE_OUTBOX];
 
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_S: u64 = 5;
@@ -94,6 +96,8 @@ pub fn required_scope(method: &Method, path: &str) -> Option<&'static str> {
         (method == Method::GET || method == Method::HEAD).then_some(SCOPE_QUERY)
     } else if under("/api/v1/actions") {
         Some(SCOPE_ACTIONS)
+    } else if under("/api/v1/outbox") {
+        Some(SCOPE_OUTBOX)
     } else {
         None
     }

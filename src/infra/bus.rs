@@ -39,6 +39,7 @@ pub async fn producer(cfg: &KafkaConfig) -> anyhow::Result<FutureProducer> {
         .set("linger.ms", cfg.linger_ms.to_string())
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
+        .set("message.max.bytes", cfg.message_max_bytes.to_string())
         .set(
             "message.timeout.ms",
             cfg.message_timeout.as_millis().to_string(),

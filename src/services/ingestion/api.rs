@@ -8,14 +8,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::AppState;
 use super::error::IngestError;
-use super::writer::{Pending, WriteError};
-use crate::envelope::{self, Envelope, Rules, Source, Submission};
+use super::writer::{Outcome, Pending, WriteError};
+use crate::envelope::{self, Rules, Source, Submission};
 use crate::infra::auth::Subject;
 
 /// Every route this module serves, for the OpenAPI agreement test.
@@ -24,6 +25,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/events"),
     ("post", "/api/v1/ingest/batch"),
     ("get", "/internal/auth/verify"),
+    ("get", "/api/v1/outbox/quarantine"),
+    ("post", "/api/v1/outbox/quarantine/{seq}/requeue"),
+    ("delete", "/api/v1/outbox/quarantine/{seq}"),
 ];
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -44,24 +48,113 @@ pub fn router(state: &AppState) -> Router<AppState> {
         )
 }
 
-/// Checks shared by both endpoints, cheapest first: media type, size, JSON. (The per-client
-/// rate limit runs before, as the shared middleware on these routes.)
-fn admit(
+/// Checks shared by both endpoints, cheapest first: media type, size. (The per-client rate
+/// limit runs before, as the shared middleware on these routes.)
+fn admit_bytes(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
     limit: usize,
-) -> Result<Value, IngestError> {
+) -> Result<Bytes, IngestError> {
     if !crate::infra::http::is_json(headers) {
         return Err(IngestError::UnsupportedMediaType);
     }
-    let body = body.map_err(|r| {
+    body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             IngestError::TooLarge(limit)
         } else {
             IngestError::BadRequest(format!("could not read the body: {r}"))
         }
-    })?;
+    })
+}
+
+/// [`admit_bytes`], then the body as one JSON value.
+fn admit(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Value, IngestError> {
+    let body = admit_bytes(headers, body, limit)?;
     serde_json::from_slice(&body).map_err(|e| IngestError::InvalidJson(e.to_string()))
+}
+
+/// The `events` of a batch body, each still as the client's text (borrowed, not built). Parsing
+/// stops at the first item past `max`: a body of millions of tiny items is refused after reading
+/// `max + 1` of them, with nothing but their positions held. Other top-level fields are skipped.
+fn parse_batch(body: &[u8], max: usize) -> Result<Vec<&RawValue>, IngestError> {
+    use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    const TOO_MANY: &str = "cj-too-many-events";
+    const NOT_ARRAY: &str = "cj-events-array";
+
+    struct Body(usize);
+    struct Items(usize);
+    impl<'de> DeserializeSeed<'de> for Body {
+        type Value = Option<Vec<&'de RawValue>>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Body {
+        type Value = Option<Vec<&'de RawValue>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object with an events array")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut events = None;
+            while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                if k == "events" {
+                    events = Some(m.next_value_seed(Items(self.0))?);
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(events)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Items {
+        type Value = Vec<&'de RawValue>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Items {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(NOT_ARRAY)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = s.next_element::<&'de RawValue>()? {
+                if items.len() == self.0 {
+                    return Err(de::Error::custom(TOO_MANY));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    let not_array = || {
+        IngestError::Validation(vec![envelope::FieldError {
+            field: "events".into(),
+            message: "required: an array of events".into(),
+        }])
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    match Body(max)
+        .deserialize(&mut de)
+        .and_then(|v| de.end().map(|()| v))
+    {
+        Ok(Some(items)) => Ok(items),
+        Ok(None) => Err(not_array()),
+        Err(e) if e.to_string().contains(TOO_MANY) => Err(IngestError::TooManyEvents(format!(
+            "the batch has more than {max} events; the limit is {max}"
+        ))),
+        Err(e) if e.to_string().contains(NOT_ARRAY) => Err(not_array()),
+        Err(e) if e.is_data() => Err(IngestError::BadRequest(format!(
+            "the body must be a JSON object with an events array: {e}"
+        ))),
+        Err(e) => Err(IngestError::InvalidJson(e.to_string())),
+    }
 }
 
 fn submission(headers: &HeaderMap, subject: Option<Extension<Subject>>) -> Submission {
@@ -107,16 +200,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, IngestError> {
     Ok(Some(s.to_string()))
 }
 
-fn pending(e: Envelope, body: &Value, key: Option<String>) -> Pending {
-    let client_event_id = body.get("event_id").is_some_and(|v| !v.is_null());
-    Pending {
-        envelope: e,
-        client_event_id,
-        idempotency_key: key,
-    }
-}
-
-async fn commit(state: &AppState, events: Vec<Pending>) -> Result<Vec<Uuid>, IngestError> {
+async fn commit(state: &AppState, events: Vec<Pending>) -> Result<Vec<Outcome>, IngestError> {
     if !state.is_ready() {
         return Err(IngestError::Starting);
     }
@@ -132,9 +216,18 @@ async fn commit(state: &AppState, events: Vec<Pending>) -> Result<Vec<Uuid>, Ing
     )
     .await
     {
-        Ok(Ok(ids)) => {
-            metrics::counter!("cj_events_accepted_total", "source" => "http").increment(n);
-            Ok(ids)
+        Ok(Ok(outcomes)) => {
+            let conflicts = outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Conflict(_)))
+                .count() as u64;
+            metrics::counter!("cj_events_accepted_total", "source" => "http")
+                .increment(n - conflicts);
+            if conflicts > 0 {
+                metrics::counter!("cj_ingest_rejected_total", "reason" => "conflict")
+                    .increment(conflicts);
+            }
+            Ok(outcomes)
         }
         Ok(Err(WriteError::Unavailable)) | Err(_) => Err(IngestError::Unavailable),
         Ok(Err(e)) => Err(IngestError::Internal(e.into())),
@@ -161,11 +254,18 @@ async fn ingest(
         metrics::counter!("cj_ingest_rejected_total", "reason" => "invalid").increment(1);
         IngestError::Validation(errs)
     })?;
-    let ids = commit(&state, vec![pending(env, &value, key)]).await?;
-    tracing::Span::current().record("event_id", tracing::field::display(ids[0]));
+    let outcome = commit(&state, vec![Pending::new(env, &value, key)])
+        .await?
+        .pop()
+        .expect("one outcome per event");
+    let id = match outcome {
+        Outcome::Accepted(id) => id,
+        Outcome::Conflict(c) => return Err(c.into()),
+    };
+    tracing::Span::current().record("event_id", tracing::field::display(id));
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "event_id": ids[0], "status": "accepted" })),
+        Json(json!({ "event_id": id, "status": "accepted" })),
     )
         .into_response())
 }
@@ -178,20 +278,9 @@ async fn ingest_batch(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
     let limit = state.config.ingestion.max_batch_body_bytes;
-    let value = admit(&headers, body, limit)?;
-    let Some(items) = value.get("events").and_then(Value::as_array) else {
-        return Err(IngestError::Validation(vec![envelope::FieldError {
-            field: "events".into(),
-            message: "required: an array of events".into(),
-        }]));
-    };
+    let bytes = admit_bytes(&headers, body, limit)?;
     let max = state.config.ingestion.max_batch_events;
-    if items.len() > max {
-        return Err(IngestError::TooManyEvents(format!(
-            "the batch has {} events; the limit is {max}",
-            items.len()
-        )));
-    }
+    let items = parse_batch(&bytes, max)?;
     if items.is_empty() {
         return Err(IngestError::BadRequest(
             "events must hold at least one event".into(),
@@ -204,19 +293,29 @@ async fn ingest_batch(
     let mut results: Vec<Value> = Vec::with_capacity(items.len());
     let mut valid = Vec::new();
     let mut valid_at = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let checked = if serde_json::to_vec(item).map(|b| b.len()).unwrap_or(0) > single_limit {
+    for (i, raw) in items.iter().enumerate() {
+        // Each item is measured as the client wrote it, before it is built.
+        let item = if raw.get().len() > single_limit {
             Err(vec![envelope::FieldError {
                 field: format!("events[{i}]"),
                 message: format!("larger than the {single_limit}-byte limit of one event"),
             }])
         } else {
-            envelope::validate_request(item, &sub, rules, now)
+            serde_json::from_str::<Value>(raw.get()).map_err(|e| {
+                vec![envelope::FieldError {
+                    field: format!("events[{i}]"),
+                    message: format!("invalid JSON: {e}"),
+                }]
+            })
         };
+        let checked = item.and_then(|item| {
+            envelope::validate_request(&item, &sub, rules, now).map(|env| (env, item))
+        });
+        let checked = checked.map(|(env, item)| Pending::new(env, &item, None));
         match checked {
-            Ok(env) => {
+            Ok(pending) => {
                 valid_at.push(i);
-                valid.push(pending(env, item, None));
+                valid.push(pending);
                 results.push(Value::Null);
             }
             Err(details) => results.push(json!({
@@ -229,21 +328,40 @@ async fn ingest_batch(
         metrics::counter!("cj_ingest_rejected_total", "reason" => "invalid")
             .increment(rejected as u64);
     }
-    let accepted = valid.len();
-    if accepted > 0 {
-        let ids = commit(&state, valid).await?;
-        for (i, id) in valid_at.into_iter().zip(ids) {
-            results[i] = json!({ "index": i, "status": "accepted", "event_id": id });
+    let mut accepted = 0;
+    let mut conflicts = 0;
+    if !valid.is_empty() {
+        let outcomes = commit(&state, valid).await?;
+        for (i, outcome) in valid_at.into_iter().zip(outcomes) {
+            results[i] = match outcome {
+                Outcome::Accepted(id) => {
+                    accepted += 1;
+                    json!({ "index": i, "status": "accepted", "event_id": id })
+                }
+                Outcome::Conflict(c) => {
+                    conflicts += 1;
+                    json!({ "index": i, "status": "rejected", "error": c.to_string(), "details": [] })
+                }
+            };
         }
     }
+    let rejected = rejected + conflicts;
+    // Nothing accepted: 409 when every refusal was a conflict (the request was well formed and
+    // a retry of it will not help), 400 otherwise.
     let status = if accepted > 0 {
         StatusCode::ACCEPTED
+    } else if conflicts == rejected {
+        StatusCode::CONFLICT
     } else {
         StatusCode::BAD_REQUEST
     };
     let mut body = json!({ "accepted": accepted, "rejected": rejected, "results": results });
     if accepted == 0 {
-        body["error"] = json!("no event in the batch is valid");
+        body["error"] = json!(if status == StatusCode::CONFLICT {
+            "every event in the batch conflicts with one accepted before"
+        } else {
+            "no event in the batch is valid"
+        });
     }
     Ok((status, Json(body)).into_response())
 }

@@ -22,6 +22,8 @@ pub enum IngestError {
     TooManyEvents(String),
     #[error("unsupported media type: send the body as JSON with Content-Type: application/json")]
     UnsupportedMediaType,
+    #[error("{0}")]
+    Conflict(#[from] super::writer::Conflict),
     #[error("the database is unavailable; the event was not accepted, retry later")]
     Unavailable,
     #[error("the service is starting (waiting for its database); retry later")]
@@ -48,6 +50,7 @@ impl IntoResponse for IngestError {
             IngestError::TooLarge(_) | IngestError::TooManyEvents(_) => {
                 error_body(StatusCode::PAYLOAD_TOO_LARGE, msg, json!([]))
             }
+            IngestError::Conflict(_) => error_body(StatusCode::CONFLICT, msg, json!([])),
             IngestError::UnsupportedMediaType => {
                 error_body(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg, json!([]))
             }

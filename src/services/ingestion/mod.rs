@@ -5,6 +5,7 @@ mod api;
 mod error;
 pub mod mqtt;
 pub mod processor;
+pub mod quarantine;
 pub mod recovery;
 pub mod replay;
 pub mod retention;
@@ -91,6 +92,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
 
     let router = Router::new()
         .merge(crate::infra::http::limited(api::router(&state), limit))
+        .merge(quarantine::router())
         .route("/health", get(health))
         .route("/internal/auth/verify", get(verify))
         .merge(
@@ -193,6 +195,7 @@ async fn start_processor(
         kafka,
         cfg: state.config.outbox.clone(),
         recovery,
+        narrowing: Default::default(),
     };
     let workers = state.config.outbox.worker_count;
     tracker.spawn(processor::listen(
@@ -213,13 +216,15 @@ async fn start_processor(
 }
 
 /// Samples the outbox backlog into its gauges (also reported by `/health`).
-async fn outbox_gauges(state: &AppState) -> Result<(i64, f64, i64), sqlx::Error> {
+async fn outbox_gauges(state: &AppState) -> Result<(i64, f64, i64, i64), sqlx::Error> {
     let max = state.config.outbox.max_retries;
     let (n, age, stuck) = processor::backlog(&state.pool, max).await?;
+    let quarantined = quarantine::count(&state.pool).await?;
     metrics::gauge!("cj_outbox_backlog").set(n as f64);
     metrics::gauge!("cj_outbox_oldest_age_seconds").set(age);
     metrics::gauge!("cj_outbox_over_retry_limit").set(stuck as f64);
-    Ok((n, age, stuck))
+    metrics::gauge!("cj_outbox_quarantined").set(quarantined as f64);
+    Ok((n, age, stuck, quarantined))
 }
 
 /// Refreshes the sampled gauges before `/metrics` renders, so a scrape never shows a backlog
@@ -256,15 +261,18 @@ async fn health(State(state): State<AppState>) -> Response {
         ));
     } else {
         let outbox = match outbox_gauges(&state).await {
-            Ok((n, age, stuck)) => {
-                let status = if stuck > 0 {
+            Ok((n, age, stuck, quarantined)) => {
+                // A quarantined row is an accepted event that no consumer has: an operator must
+                // look at it (`cornjacket outbox quarantine list`).
+                let status = if stuck > 0 || quarantined > 0 {
                     Status::Degraded
                 } else {
                     Status::Healthy
                 };
                 Check::new(
                     status,
-                    json!({ "backlog": n, "oldest_age_seconds": age, "over_retry_limit": stuck }),
+                    json!({ "backlog": n, "oldest_age_seconds": age, "over_retry_limit": stuck,
+                            "quarantined": quarantined }),
                 )
             }
             Err(e) => Check::new(Status::Unhealthy, json!({ "error": e.to_string() })),

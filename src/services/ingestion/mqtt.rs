@@ -15,7 +15,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::writer::{Pending, WriteError, Writer};
+use super::writer::{Outcome, Pending, WriteError, Writer};
 use crate::config::MqttConfig;
 use crate::envelope::{self, Clock, FieldError, Rules, Source, Submission};
 
@@ -93,11 +93,26 @@ impl Subscriber {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // Validated and handed to the writer here, one message after the other,
+                        // so the outbox receives them in arrival order; only the waiting for
+                        // their commits runs concurrently.
+                        let first = match this.prepare(&p, &client) {
+                            Ok((env, body)) => {
+                                let ticket = this.writer.send(vec![Pending::new(env.clone(), &body, None)]).await;
+                                Ok((env, body, ticket))
+                            }
+                            Err(handled) => Err(handled),
+                        };
                         let this = this.clone();
                         let stop = shutdown.clone();
                         let reporter = client.clone();
                         pending.push_back(Box::pin(async move {
-                            let handled = this.handle(&p, &reporter, &stop).await;
+                            let handled = match first {
+                                Ok((env, body, ticket)) => {
+                                    this.commit(&p, env, body, ticket, &reporter, &stop).await
+                                }
+                                Err(handled) => handled,
+                            };
                             (p, handled)
                         }));
                     }
@@ -145,19 +160,18 @@ impl Subscriber {
         metrics::counter!("cj_mqtt_messages_total", "outcome" => outcome).increment(1);
     }
 
-    /// Validates and commits one message. Database outages are waited out (the message stays
-    /// unacknowledged meanwhile, which also stops the broker from sending more than `inflight`).
-    async fn handle(
+    /// Validates one message into an envelope (and the body the device sent); a refusal is
+    /// reported to the device.
+    fn prepare(
         &self,
         p: &Publish,
         client: &AsyncClient,
-        shutdown: &CancellationToken,
-    ) -> Handled {
+    ) -> Result<(envelope::Envelope, Value), Handled> {
         let device = match device_of(&self.cfg.topic, &p.topic) {
             Some(d) => d,
             None => {
                 tracing::warn!(topic = %p.topic, "MQTT message on an unexpected topic; dropped.");
-                return Handled::Rejected;
+                return Err(Handled::Rejected);
             }
         };
         let checked = serde_json::from_slice::<Value>(&p.payload)
@@ -178,25 +192,50 @@ impl Subscriber {
                     .map(|env| (env, body))
                     .map_err(|errs: Vec<FieldError>| ("validation failed".to_string(), json!(errs)))
             });
-        let (env, body) = match checked {
-            Ok(ok) => ok,
-            Err((error, details)) => {
-                metrics::counter!("cj_ingest_rejected_total", "reason" => "invalid_mqtt")
-                    .increment(1);
-                tracing::warn!(device = %device, error = %error, details = %details, "MQTT message rejected.");
-                report(client, &p.topic, &error, details);
-                return Handled::Rejected;
-            }
-        };
-        let client_event_id = body.get("event_id").is_some_and(|v| !v.is_null());
+        checked.map_err(|(error, details)| {
+            metrics::counter!("cj_ingest_rejected_total", "reason" => "invalid_mqtt").increment(1);
+            tracing::warn!(device = %device, error = %error, details = %details, "MQTT message rejected.");
+            report(client, &p.topic, &error, details);
+            Handled::Rejected
+        })
+    }
+
+    /// Waits for a message's commit (the first attempt was sent with `ticket`). Database
+    /// outages are waited out (the message stays unacknowledged meanwhile, which also stops the
+    /// broker from sending more than `inflight`).
+    async fn commit(
+        &self,
+        p: &Publish,
+        env: envelope::Envelope,
+        body: Value,
+        ticket: Result<super::writer::Ticket, WriteError>,
+        client: &AsyncClient,
+        shutdown: &CancellationToken,
+    ) -> Handled {
+        let device = env.aggregate_id.clone();
         let mut backoff = Duration::from_millis(100);
+        let mut attempt = Some(ticket);
         loop {
-            let event = Pending {
-                envelope: env.clone(),
-                client_event_id,
-                idempotency_key: None,
+            let result = match attempt.take() {
+                Some(Ok(ticket)) => ticket.wait().await,
+                Some(Err(e)) => Err(e),
+                None => {
+                    self.writer
+                        .submit(vec![Pending::new(env.clone(), &body, None)])
+                        .await
+                }
             };
-            match self.writer.submit(vec![event]).await {
+            match result {
+                Ok(o) if matches!(o.first(), Some(Outcome::Conflict(_))) => {
+                    let Some(Outcome::Conflict(c)) = o.into_iter().next() else {
+                        unreachable!()
+                    };
+                    metrics::counter!("cj_ingest_rejected_total", "reason" => "conflict")
+                        .increment(1);
+                    tracing::warn!(device = %device, error = %c, "MQTT message refused.");
+                    report(client, &p.topic, &c.to_string(), json!([]));
+                    return Handled::Rejected;
+                }
                 Ok(_) => {
                     metrics::counter!("cj_events_accepted_total", "source" => "mqtt").increment(1);
                     return Handled::Accepted;

@@ -3,8 +3,12 @@
 //!
 //! Ordering: rows carry `shard = hash(aggregate_id) % 16`. A worker takes a transaction-scoped
 //! advisory lock per shard before claiming that shard's rows, so exactly one worker in the whole
-//! cluster publishes a shard at a time, in `outbox_id` order, and waits for every delivery before
-//! the next claim. An aggregate lives in one shard, so its events reach their partition in order
+//! cluster publishes a shard at a time, in `seq` order, and waits for every delivery before the
+//! next claim. The writer draws `seq` under its own lock of the shard (migration V7), so a
+//! committed row never has an uncommitted one of its shard below it: nothing is skipped.
+//!
+//! No row can block its shard: a batch refused for what it holds (not for an outage) is narrowed
+//! down row by row, and the row that fails alone goes to `ingestion.outbox_quarantine`. An aggregate lives in one shard, so its events reach their partition in order
 //! however many workers and processes run.
 
 use std::sync::Arc;
@@ -16,10 +20,10 @@ use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::writer::SHARDS;
 use crate::config::{KafkaConfig, OutboxConfig, Topics};
+use crate::envelope;
 use crate::infra::{bus, db, telemetry};
 
 /// Namespace of the shard advisory locks (the other key is the shard). Whoever holds
@@ -39,13 +43,93 @@ pub enum ProcessError {
 
 /// One claimed outbox row.
 struct Row_ {
-    outbox_id: Uuid,
+    seq: i64,
     shard: i16,
     body: String,
     aggregate_id: String,
     event_type: String,
     event_id: String,
+    event_time: String,
     traceparent: Option<String>,
+}
+
+/// Shards being narrowed down after a batch failed for a reason waiting will not fix: their next
+/// rows go one per batch, so that the row at fault fails alone and is quarantined, and the rest
+/// of the shard moves on in order.
+#[derive(Default)]
+pub struct Narrowing(std::sync::Mutex<std::collections::HashMap<i16, (usize, Instant)>>);
+
+impl Narrowing {
+    /// How long a shard stays narrowed without progress (another process may have drained it).
+    const FOR: Duration = Duration::from_secs(60);
+
+    fn start(&self, shard: i16, rows: usize) {
+        let mut m = self.0.lock().expect("narrowing lock");
+        m.insert(shard, (rows, Instant::now()));
+    }
+
+    fn shards(&self, among: &[i16]) -> Vec<i16> {
+        let mut m = self.0.lock().expect("narrowing lock");
+        m.retain(|_, (_, since)| since.elapsed() < Self::FOR);
+        among
+            .iter()
+            .copied()
+            .filter(|s| m.contains_key(s))
+            .collect()
+    }
+
+    /// One row of the shard moved (or was quarantined): one fewer to go singly.
+    fn advance(&self, shard: i16, quarantined: bool) {
+        let mut m = self.0.lock().expect("narrowing lock");
+        if quarantined {
+            m.remove(&shard);
+        } else if let Some((left, since)) = m.get_mut(&shard) {
+            *left = left.saturating_sub(1);
+            *since = Instant::now();
+            if *left == 0 {
+                m.remove(&shard);
+            }
+        }
+    }
+}
+
+/// Why a batch failed, as far as deciding between waiting and narrowing goes.
+enum Failure {
+    /// The bus or the database is away or overloaded: the batch waits and is retried whole.
+    Transient,
+    /// Something about one of the rows (a value the database refuses, a message the broker
+    /// refuses): retrying the batch as it is would fail forever.
+    Permanent,
+}
+
+/// A broker refusal that no retry can change: the message itself is what it refuses.
+fn publish_failure(e: &KafkaError) -> Failure {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTimestamp
+            | C::InvalidRequest,
+        ) => Failure::Permanent,
+        _ => Failure::Transient,
+    }
+}
+
+/// A database refusal of the move: data exceptions (22…), integrity violations (23…) and program
+/// limits (54…) are about a row; everything else is the environment and is waited out.
+fn move_failure(e: &sqlx::Error) -> Failure {
+    match e {
+        sqlx::Error::Database(d) => match d.code() {
+            Some(c) if c.starts_with("22") || c.starts_with("23") || c.starts_with("54") => {
+                Failure::Permanent
+            }
+            _ => Failure::Transient,
+        },
+        _ => Failure::Transient,
+    }
 }
 
 #[derive(Clone)]
@@ -56,49 +140,76 @@ pub struct Processor {
     pub kafka: KafkaConfig,
     pub cfg: OutboxConfig,
     pub recovery: Arc<super::recovery::Recovery>,
+    pub narrowing: Arc<Narrowing>,
 }
 
 impl Processor {
-    /// Claims, publishes and moves one batch from the given shards. Returns how many rows moved;
-    /// 0 when there was nothing to do (or every shard was held by another worker).
+    /// Claims, publishes and moves one batch from the given shards. Returns how many rows moved
+    /// (or were quarantined); 0 when there was nothing to do (or every shard was held by another
+    /// worker).
     pub async fn process_batch(&self, shards: &[i16]) -> Result<usize, ProcessError> {
+        let narrowed = self.narrowing.shards(shards);
+        if !narrowed.is_empty() {
+            let n = self.batch(&narrowed, 1).await?;
+            if n > 0 {
+                return Ok(n);
+            }
+        }
+        let wide: Vec<i16> = shards
+            .iter()
+            .copied()
+            .filter(|s| !narrowed.contains(s))
+            .collect();
+        if wide.is_empty() {
+            return Ok(0);
+        }
+        self.batch(&wide, self.cfg.batch_size).await
+    }
+
+    async fn batch(&self, shards: &[i16], limit: i64) -> Result<usize, ProcessError> {
         // Held until the batch has moved: a bus recovery waits for it, and it for a recovery.
         let _publishing = self.recovery.permit().await?;
         let mut tx = self.pool.begin().await?;
         // One shard per batch: the first of `shards` (the caller rotates them) that has rows and
-        // that no other worker holds. A single shard is an index range scan on
-        // (shard, outbox_id); several at once would sort the whole backlog on every claim.
-        let rows: Vec<Row_> = sqlx::query(
+        // that no other worker holds. A single shard is an index range scan on (shard, seq);
+        // several at once would sort the whole backlog on every claim. FOR UPDATE, though the
+        // advisory lock already makes this worker the shard's only publisher: the statement's
+        // snapshot can predate the commit of the worker that held the lock just before, and
+        // FOR UPDATE re-checks each row, dropping those that worker moved meanwhile (else they
+        // would be published twice). Never SKIP LOCKED: skipping a row would reorder the shard.
+        let mut rows: Vec<Row_> = sqlx::query(
             "WITH chosen AS MATERIALIZED (
                  SELECT s FROM unnest($1::int2[]) WITH ORDINALITY AS t(s, n)
                  WHERE EXISTS (SELECT 1 FROM ingestion.outbox o WHERE o.shard = t.s)
                    AND pg_try_advisory_xact_lock($2::int4, t.s::int4)
                  ORDER BY n
                  LIMIT 1)
-             SELECT outbox_id, shard, event_payload::text AS body,
+             SELECT seq, shard, event_payload::text AS body,
                     event_payload->>'aggregate_id' AS aggregate_id,
                     event_payload->>'event_type' AS event_type,
                     event_payload->>'event_id' AS event_id,
+                    event_payload->>'event_time' AS event_time,
                     event_payload->'metadata'->>'traceparent' AS traceparent
              FROM ingestion.outbox
              WHERE shard = (SELECT s FROM chosen)
-             ORDER BY outbox_id
+             ORDER BY seq
              LIMIT $3
-             FOR UPDATE SKIP LOCKED",
+             FOR UPDATE",
         )
         .bind(shards)
         .bind(LOCK_NAMESPACE)
-        .bind(self.cfg.batch_size)
+        .bind(limit)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
         .map(|r| Row_ {
-            outbox_id: r.get("outbox_id"),
+            seq: r.get("seq"),
             shard: r.get("shard"),
             body: r.get("body"),
             aggregate_id: r.get("aggregate_id"),
             event_type: r.get("event_type"),
             event_id: r.get("event_id"),
+            event_time: r.get::<Option<String>, _>("event_time").unwrap_or_default(),
             traceparent: r.get("traceparent"),
         })
         .collect();
@@ -106,62 +217,198 @@ impl Processor {
             tx.commit().await?;
             return Ok(0);
         }
+        let shard = rows[0].shard;
 
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.outbox_id).collect();
-        let started = Instant::now();
-        let acked = match self.publish(&rows).await {
-            Ok(acked) => acked,
-            Err(e) => {
-                drop(tx);
-                self.record_failure(&ids, &e).await;
-                return Err(e);
+        // The event store takes only what validation admits (envelope::storable_time); a row
+        // from before that rule, or written around it, is quarantined as soon as it is first,
+        // and the rows before it move now. It never reaches the bus.
+        if let Some(bad) = rows
+            .iter()
+            .position(|r| !envelope::storable_time_text(&r.event_time))
+        {
+            if bad == 0 {
+                let why = format!(
+                    "event_time {:?} is outside what the event store accepts ({})",
+                    rows[0].event_time,
+                    envelope::STORABLE_TIMES
+                );
+                self.quarantine(&mut tx, shard, rows[0].seq, &why).await?;
+                tx.commit().await?;
+                self.narrowing.advance(shard, true);
+                return Ok(1);
             }
-        };
-        metrics::histogram!("cj_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
+            rows.truncate(bad);
+        }
 
-        // One statement moves the batch: the event store insert absorbs a republished duplicate.
-        // The event store's key is (event_id, ingested_at) since it is partitioned by ingest day
-        // (V4); a duplicate carries the same ingested_at (it is in the envelope), so it conflicts.
-        // publish_seq is drawn in outbox order (the order just published), and the highest
-        // acknowledged offsets are recorded for the bus recovery (recovery.rs), all in the same
-        // transaction as the delete.
-        let (topics, partitions, offsets): (Vec<&str>, Vec<i32>, Vec<i64>) =
-            acked.iter().map(|(t, p, o)| (*t, *p, *o)).collect();
-        sqlx::query(
-            "WITH moved AS (
-                 DELETE FROM ingestion.outbox WHERE outbox_id = ANY($1)
-                 RETURNING outbox_id, event_payload AS p),
-             stored AS (
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        // Everything the batch does is in a savepoint, so that a refusal can be recorded (or its
+        // row quarantined) while this worker still holds the shard.
+        let mut sp = sqlx::Acquire::begin(&mut *tx).await?;
+
+        // The event store first, before anything reaches the bus: a row the database refuses
+        // is never published. Its key is (event_id, ingested_at) since it is partitioned by
+        // ingest day (V4); a republished duplicate carries the same ingested_at (it is in the
+        // envelope), so it conflicts and is skipped. publish_seq is drawn in outbox order, the
+        // order about to be published (recovery.rs).
+        let stored = sqlx::query_scalar::<_, Option<i64>>(
+            "WITH stored AS (
                  INSERT INTO ingestion.event_store
                      (event_id, event_type, aggregate_id, event_time, ingested_at, payload,
                       metadata, publish_seq)
                  SELECT (p->>'event_id')::uuid, p->>'event_type', p->>'aggregate_id',
                         (p->>'event_time')::timestamptz, (p->>'ingested_at')::timestamptz,
                         p->'payload', p->'metadata', nextval('ingestion.publish_seq')
-                 FROM (SELECT * FROM moved ORDER BY outbox_id) AS m
+                 FROM (SELECT event_payload AS p FROM ingestion.outbox
+                       WHERE shard = $2 AND seq = ANY($1) ORDER BY seq) AS m
                  ON CONFLICT (event_id, ingested_at) DO NOTHING
-                 RETURNING publish_seq),
+                 RETURNING publish_seq)
+             SELECT max(publish_seq) FROM stored",
+        )
+        .bind(&seqs)
+        .bind(shard)
+        .fetch_one(&mut *sp)
+        .await;
+        let last_seq = match stored {
+            Ok(s) => s.unwrap_or(0),
+            Err(e) => {
+                sp.rollback().await?;
+                let failure = move_failure(&e);
+                let e = ProcessError::Db(e);
+                if self.settle_failure(tx, shard, &seqs, failure, &e).await? {
+                    return Ok(1);
+                }
+                return Err(e);
+            }
+        };
+
+        let started = Instant::now();
+        let acked = match self.publish(&rows).await {
+            Ok(acked) => acked,
+            Err(e) => {
+                sp.rollback().await?;
+                let ProcessError::Publish(k, _) = &e else {
+                    unreachable!("publish fails with Publish")
+                };
+                let failure = publish_failure(k);
+                if self.settle_failure(tx, shard, &seqs, failure, &e).await? {
+                    return Ok(1);
+                }
+                return Err(e);
+            }
+        };
+        metrics::histogram!("cj_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
+
+        // Acknowledged: the rows leave the outbox, and the highest acknowledged offsets are
+        // recorded for the bus recovery (recovery.rs), in the same transaction.
+        let (topics, partitions, offsets): (Vec<&str>, Vec<i32>, Vec<i64>) =
+            acked.iter().map(|(t, p, o)| (*t, *p, *o)).collect();
+        let moved = sqlx::query(
+            "WITH moved AS (
+                 DELETE FROM ingestion.outbox WHERE shard = $2 AND seq = ANY($1) RETURNING 1),
              marks AS (
                  INSERT INTO ingestion.bus_offsets
                      (shard, topic, \"partition\", max_offset, last_seq)
-                 SELECT $2, t, p, o, (SELECT COALESCE(max(publish_seq), 0) FROM stored)
+                 SELECT $2, t, p, o, $6
                  FROM unnest($3::text[], $4::int4[], $5::int8[]) AS u(t, p, o)
                  ON CONFLICT (topic, \"partition\", shard)
                  DO UPDATE SET max_offset = GREATEST(bus_offsets.max_offset, EXCLUDED.max_offset),
                                last_seq = GREATEST(bus_offsets.last_seq, EXCLUDED.last_seq)
                  RETURNING 1)
-             SELECT (SELECT count(*) FROM stored), (SELECT count(*) FROM marks)",
+             SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM marks)",
         )
-        .bind(&ids)
-        .bind(rows[0].shard)
+        .bind(&seqs)
+        .bind(shard)
         .bind(&topics)
         .bind(&partitions)
         .bind(&offsets)
-        .execute(&mut *tx)
-        .await?;
+        .bind(last_seq)
+        .execute(&mut *sp)
+        .await;
+        match moved {
+            Ok(_) => sp.commit().await?,
+            Err(e) => {
+                sp.rollback().await?;
+                let failure = move_failure(&e);
+                let e = ProcessError::Db(e);
+                if self.settle_failure(tx, shard, &seqs, failure, &e).await? {
+                    return Ok(1);
+                }
+                return Err(e);
+            }
+        }
         tx.commit().await?;
+        if self.narrowing.shards(&[shard]).contains(&shard) {
+            self.narrowing.advance(shard, false);
+        }
         metrics::counter!("cj_outbox_published_total").increment(rows.len() as u64);
         Ok(rows.len())
+    }
+
+    /// Records a failed batch while this worker still holds the shard (no other worker can claim
+    /// its later rows meanwhile): a row that failed alone for a reason waiting will not fix is
+    /// quarantined, a larger batch that did so is narrowed down, and any other failure counts
+    /// as an attempt on every row of the batch. True when the row was quarantined (the shard
+    /// moved on).
+    async fn settle_failure(
+        &self,
+        mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+        shard: i16,
+        seqs: &[i64],
+        failure: Failure,
+        e: &ProcessError,
+    ) -> Result<bool, ProcessError> {
+        let quarantined = matches!((&failure, seqs), (Failure::Permanent, [_]));
+        match (failure, seqs) {
+            (Failure::Permanent, [seq]) => {
+                self.quarantine(&mut tx, shard, *seq, &e.to_string())
+                    .await?;
+                self.narrowing.advance(shard, true);
+            }
+            (failure, _) => {
+                if let Failure::Permanent = failure {
+                    tracing::warn!(shard, rows = seqs.len(), error = %e, "A batch was refused for what it holds; narrowing it down row by row.");
+                    self.narrowing.start(shard, seqs.len());
+                }
+                metrics::counter!("cj_outbox_publish_failures_total").increment(1);
+                sqlx::query(
+                    "UPDATE ingestion.outbox
+                     SET retry_count = retry_count + 1, last_error = $3, last_attempt_at = now()
+                     WHERE shard = $1 AND seq = ANY($2)",
+                )
+                .bind(shard)
+                .bind(seqs)
+                .bind(e.to_string())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(quarantined)
+    }
+
+    /// Moves one outbox row to the quarantine, with why.
+    async fn quarantine(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        shard: i16,
+        seq: i64,
+        why: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "WITH q AS (DELETE FROM ingestion.outbox WHERE shard = $3 AND seq = $1
+                        RETURNING seq, shard, event_id, created_at, event_payload, retry_count)
+             INSERT INTO ingestion.outbox_quarantine
+                 (seq, shard, event_id, created_at, event_payload, retry_count, error)
+             SELECT seq, shard, event_id, created_at, event_payload, retry_count + 1, $2 FROM q",
+        )
+        .bind(seq)
+        .bind(why)
+        .bind(shard)
+        .execute(&mut **tx)
+        .await?;
+        metrics::counter!("cj_outbox_quarantined_total").increment(1);
+        tracing::error!(seq, error = %why, "An outbox row can never move; it was quarantined so that its shard goes on. List it with `cornjacket outbox quarantine list`.");
+        Ok(())
     }
 
     /// Publishes the rows in order and waits for every acknowledgement; returns the highest
@@ -216,22 +463,6 @@ impl Processor {
         match first_err {
             None => Ok(acked),
             Some(e) => Err(ProcessError::Publish(e, FailedProducer(producer))),
-        }
-    }
-
-    async fn record_failure(&self, ids: &[Uuid], e: &ProcessError) {
-        metrics::counter!("cj_outbox_publish_failures_total").increment(1);
-        let r = sqlx::query(
-            "UPDATE ingestion.outbox
-             SET retry_count = retry_count + 1, last_error = $2, last_attempt_at = now()
-             WHERE outbox_id = ANY($1)",
-        )
-        .bind(ids)
-        .bind(e.to_string())
-        .execute(&self.pool)
-        .await;
-        if let Err(db) = r {
-            tracing::debug!(error = %db, "Could not record the failed attempt.");
         }
     }
 
@@ -311,8 +542,8 @@ impl Processor {
                 let r = sqlx::query(
                     "UPDATE ingestion.outbox
                      SET retry_count = retry_count + 1, last_error = $2, last_attempt_at = now()
-                     WHERE outbox_id IN (SELECT outbox_id FROM ingestion.outbox
-                                         ORDER BY outbox_id LIMIT $1)",
+                     WHERE (shard, seq) IN (SELECT shard, seq FROM ingestion.outbox
+                                            ORDER BY seq LIMIT $1)",
                 )
                 .bind(self.cfg.batch_size)
                 .bind(e.to_string())
@@ -324,6 +555,9 @@ impl Processor {
             }
             ProcessError::Db(_) => {
                 tracing::warn!(worker, failures, error = %e, "Outbox batch failed; it stays in the outbox and is retried.");
+            }
+            ProcessError::Publish(k, _) if matches!(publish_failure(k), Failure::Permanent) => {
+                tracing::warn!(worker, failures, error = %e, "The broker refused a message of the batch; narrowing the batch down to it.");
             }
             ProcessError::Publish(_, FailedProducer(failed)) => {
                 tracing::warn!(worker, failures, error = %e, "Publishing failed; the batch stays in the outbox and is retried.");

@@ -271,7 +271,7 @@ pub async fn enforce(
     for (table, column, cutoff) in [
         ("ingestion.event_store_default", "ingested_at", horizon),
         ("ingestion.idempotency_keys", "created_at", records),
-        ("ingestion.client_event_ids", "created_at", records),
+        ("ingestion.event_ids", "created_at", records),
     ] {
         let n = delete_before(pool, table, column, cutoff, dry_run, shutdown).await?;
         report.rows.push((table, n));
@@ -360,7 +360,7 @@ pub async fn run(
                     partitions_dropped = ?r.dropped.iter().map(|p| &p.name).collect::<Vec<_>>(),
                     default_partition_rows = rows("ingestion.event_store_default"),
                     idempotency_keys = rows("ingestion.idempotency_keys"),
-                    client_event_ids = rows("ingestion.client_event_ids"),
+                    event_ids = rows("ingestion.event_ids"),
                     "Ingestion retention run changed the event store."
                 );
             }

@@ -9,6 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -67,10 +69,64 @@ impl NotifyPacer {
 /// An event ready for the outbox.
 pub struct Pending {
     pub envelope: Envelope,
-    /// The client chose the event_id: a repeat of it, concurrent or late, stores nothing.
+    /// The client chose the event_id: a repeat of it is recognised and never stored twice.
     pub client_event_id: bool,
-    /// An `Idempotency-Key` header value.
+    /// An `Idempotency-Key` header value, scoped to the envelope's subject.
     pub idempotency_key: Option<String>,
+    /// What the client asked for, to tell a retry (same fingerprint) from a reuse of its id or key
+    /// for something else (see [`fingerprint`]).
+    pub fingerprint: [u8; 32],
+}
+
+impl Pending {
+    /// `body` is the request as the client sent it (which fields it set).
+    pub fn new(envelope: Envelope, body: &Value, idempotency_key: Option<String>) -> Self {
+        let client_event_id = body.get("event_id").is_some_and(|v| !v.is_null());
+        let time_given = body.get("event_time").is_some_and(|v| !v.is_null());
+        let fingerprint = fingerprint(&envelope, time_given);
+        Self {
+            envelope,
+            client_event_id,
+            idempotency_key,
+            fingerprint,
+        }
+    }
+
+    fn subject(&self) -> &str {
+        self.envelope.metadata.subject.as_deref().unwrap_or("")
+    }
+}
+
+/// SHA-256 of what identifies a submission: its type, aggregate, payload and, when the client
+/// gave one, its event time (as an instant, so `+02:00` and `Z` spellings agree). The event_id is
+/// left out on purpose: a client that resends what it was answered, now with the event_id it was
+/// given, is retrying, not sending something new. serde_json's map is ordered by key, so the JSON
+/// below is canonical whatever order the client wrote its fields in.
+pub fn fingerprint(e: &Envelope, event_time_given: bool) -> [u8; 32] {
+    let canonical = serde_json::json!({
+        "t": e.event_type,
+        "a": e.aggregate_id,
+        "p": e.payload,
+        "e": event_time_given.then(|| crate::envelope::format_time(&e.event_time)),
+    });
+    Sha256::digest(canonical.to_string().as_bytes()).into()
+}
+
+/// What became of one submitted event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored now, or a retry of an event stored before: the event_id the client should see.
+    Accepted(Uuid),
+    /// The event_id or Idempotency-Key was already used for a different event; nothing stored.
+    Conflict(Conflict),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    #[error("event_id {0} was already accepted with a different body")]
+    EventId(Uuid),
+    #[error("the Idempotency-Key was already used with a different body (for event {0})")]
+    IdempotencyKey(Uuid),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +149,9 @@ impl From<sqlx::Error> for WriteError {
 
 struct Job {
     events: Vec<Pending>,
-    reply: oneshot::Sender<Result<Vec<Uuid>, WriteError>>,
+    /// The shards the job writes, one bit each.
+    shards: u16,
+    reply: oneshot::Sender<Result<Vec<Outcome>, WriteError>>,
 }
 
 /// The handle requests use; cloning is cheap. The collector stops when every handle is dropped,
@@ -116,20 +174,47 @@ impl Writer {
             pool,
             wakers,
             pacer: NotifyPacer(Mutex::new(None)),
+            busy: Mutex::new(0),
+            freed: Notify::new(),
         });
         tracker.spawn(collect(ctx, rx, max_rows, concurrency, tracker.clone()));
         Self { tx }
     }
 
-    /// Commits the events and returns, per event, the event_id the client should see (the
-    /// original one for an idempotent repeat).
-    pub async fn submit(&self, events: Vec<Pending>) -> Result<Vec<Uuid>, WriteError> {
+    /// Commits the events, in order, and says per event what became of it. Events submitted
+    /// earlier (an earlier call that has returned or is still waiting) are committed before
+    /// later ones of the same shard, so the outbox order of an aggregate is submission order.
+    pub async fn submit(&self, events: Vec<Pending>) -> Result<Vec<Outcome>, WriteError> {
+        self.send(events).await?.wait().await
+    }
+
+    /// Hands the events to the collector and returns at once with a ticket for the outcome:
+    /// a caller that must keep an order (MQTT's arrival order) sends one message after the
+    /// other and waits for the tickets concurrently. (Sending from concurrent futures instead
+    /// would let tokio's cooperative budget swap two neighbours.)
+    pub async fn send(&self, events: Vec<Pending>) -> Result<Ticket, WriteError> {
         let (reply, rx) = oneshot::channel();
+        let shards = events
+            .iter()
+            .fold(0u16, |m, p| m | 1 << shard_of(&p.envelope.aggregate_id));
         self.tx
-            .send(Job { events, reply })
+            .send(Job {
+                events,
+                shards,
+                reply,
+            })
             .await
             .map_err(|_| WriteError::Unavailable)?;
-        rx.await.map_err(|_| WriteError::Unavailable)?
+        Ok(Ticket(rx))
+    }
+}
+
+/// The outcome of events handed to [`Writer::send`].
+pub struct Ticket(oneshot::Receiver<Result<Vec<Outcome>, WriteError>>);
+
+impl Ticket {
+    pub async fn wait(self) -> Result<Vec<Outcome>, WriteError> {
+        self.0.await.map_err(|_| WriteError::Unavailable)?
     }
 }
 
@@ -137,8 +222,22 @@ struct CommitCtx {
     pool: PgPool,
     wakers: Wakers,
     pacer: NotifyPacer,
+    /// Shards with a commit in flight, one bit each.
+    busy: Mutex<u16>,
+    /// Signalled whenever a commit finishes and frees its shards.
+    freed: Notify,
 }
 
+impl CommitCtx {
+    fn busy(&self) -> u16 {
+        *self.busy.lock().expect("busy lock")
+    }
+}
+
+/// Takes jobs in arrival order and commits them in group commits. Commits run concurrently only
+/// when they write disjoint shards: a job that shares a shard with a commit in flight waits for
+/// it (and every later job waits behind it), because two concurrent transactions on one shard
+/// could commit in either order, and the outbox order of a shard is its commit order.
 async fn collect(
     ctx: Arc<CommitCtx>,
     mut rx: mpsc::Receiver<Job>,
@@ -147,6 +246,7 @@ async fn collect(
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
+    let mut held: Option<Job> = None;
     loop {
         // Take a commit slot first: while all are busy, arrivals accumulate into the next batch.
         let permit = slots
@@ -154,22 +254,46 @@ async fn collect(
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        let Some(first) = rx.recv().await else { break };
+        let first = match held.take() {
+            Some(j) => j,
+            None => match rx.recv().await {
+                Some(j) => j,
+                None => break,
+            },
+        };
+        // Wait until the first job's shards are free (registering before checking, so that a
+        // commit finishing in between is not missed).
+        loop {
+            let freed = ctx.freed.notified();
+            if ctx.busy() & first.shards == 0 {
+                break;
+            }
+            freed.await;
+        }
         let mut rows = first.events.len();
+        let mut mask = first.shards;
         let mut jobs = vec![first];
         while rows < max_rows {
             match rx.try_recv() {
-                Ok(j) => {
+                Ok(j) if ctx.busy() & j.shards == 0 => {
                     rows += j.events.len();
+                    mask |= j.shards;
                     jobs.push(j);
+                }
+                Ok(j) => {
+                    held = Some(j);
+                    break;
                 }
                 Err(_) => break,
             }
         }
+        *ctx.busy.lock().expect("busy lock") |= mask;
         metrics::histogram!("cj_outbox_group_commit_rows").record(rows as f64);
         let ctx = ctx.clone();
         tracker.spawn(async move {
             commit_jobs(&ctx, jobs).await;
+            *ctx.busy.lock().expect("busy lock") &= !mask;
+            ctx.freed.notify_waiters();
             drop(permit);
         });
     }
@@ -187,11 +311,11 @@ async fn commit_jobs(ctx: &CommitCtx, jobs: Vec<Job>) {
     };
     let result = write(&ctx.pool, &events, ctx.pacer.due()).await;
     match result {
-        Ok(ids) => {
+        Ok(outcomes) => {
             ctx.wakers.wake_all();
-            let mut ids = ids.into_iter();
+            let mut outcomes = outcomes.into_iter();
             for (n, reply) in shape {
-                let _ = reply.send(Ok(ids.by_ref().take(n).collect()));
+                let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
             }
         }
         Err(e) => {
@@ -210,103 +334,249 @@ async fn commit_jobs(ctx: &CommitCtx, jobs: Vec<Job>) {
     }
 }
 
-/// One statement: client-chosen ids claim their row in `client_event_ids` first, and only rows
-/// that are new there (or whose id the platform chose) reach the outbox. The `notify` variant also
-/// NOTIFYs other processes' processors, inside the same transaction.
-const INSERT_OUTBOX: &str = "
-    WITH u AS (
-        SELECT * FROM UNNEST($1::uuid[], $2::int2[], $3::uuid[], $4::text[], $5::bool[])
-            AS u(outbox_id, shard, event_id, payload, client_id)
-    ), claimed AS (
-        INSERT INTO ingestion.client_event_ids (event_id)
-        SELECT DISTINCT event_id FROM u WHERE client_id
-        ON CONFLICT (event_id) DO NOTHING
-        RETURNING event_id
-    )
-    , ins AS (
-        INSERT INTO ingestion.outbox (outbox_id, shard, event_id, event_payload)
-        SELECT u.outbox_id, u.shard, u.event_id, u.payload::jsonb
-        FROM u
-        WHERE NOT u.client_id OR u.event_id IN (SELECT event_id FROM claimed)
-        ON CONFLICT (event_id) DO NOTHING
-        RETURNING 1
-    )
-    SELECT CASE WHEN $6 THEN pg_notify('cj_outbox', '') END";
-
 /// How often a commit may carry a NOTIFY. PostgreSQL serialises committing transactions that
 /// NOTIFY (one global queue lock, held through the WAL flush), so notifying on every group commit
 /// would serialise the commits themselves; in-process processors are woken directly instead.
 const NOTIFY_EVERY: Duration = Duration::from_millis(5);
 
-async fn write(pool: &PgPool, events: &[Pending], notify: bool) -> Result<Vec<Uuid>, WriteError> {
-    let mut answer: Vec<Uuid> = events.iter().map(|p| p.envelope.event_id).collect();
-    let keyed = events.iter().any(|p| p.idempotency_key.is_some());
-    if !keyed {
-        // The common case is one statement: its implicit transaction commits the rows (and the
-        // NOTIFY, when due) together.
-        insert_rows(pool, events.iter().collect(), notify).await?;
-        return Ok(answer);
+/// (subject, Idempotency-Key).
+type KeyOf = (String, String);
+
+/// Where one event stands while a group commit is settled.
+#[derive(Clone, Copy)]
+enum Plan {
+    New,
+    /// A repeat of an earlier event of this group commit (same key or client event_id).
+    Follows(usize),
+    Done,
+}
+
+async fn write(
+    pool: &PgPool,
+    events: &[Pending],
+    notify: bool,
+) -> Result<Vec<Outcome>, WriteError> {
+    let mut out: Vec<Outcome> = events
+        .iter()
+        .map(|p| Outcome::Accepted(p.envelope.event_id))
+        .collect();
+    if !events
+        .iter()
+        .any(|p| p.idempotency_key.is_some() || p.client_event_id)
+    {
+        // The common case, one round trip: ids the platform drew itself (UUID v7) are new, and
+        // the function's implicit transaction commits the rows (and the NOTIFY, when due).
+        append(pool, events.iter().collect(), notify).await?;
+        return Ok(out);
     }
 
     let mut tx = pool.begin().await?;
-    // First occurrence of each key claims it; later ones in the same batch repeat it.
-    let mut first_of: HashMap<&str, usize> = HashMap::new();
+    let shards: Vec<i16> = events
+        .iter()
+        .map(|p| shard_of(&p.envelope.aggregate_id))
+        .collect();
+    // The shard locks before any row lock, as ingestion.append takes them, so no two writers
+    // can deadlock on a key or an event id.
+    sqlx::query("SELECT ingestion.lock_shards($1)")
+        .bind(&shards)
+        .execute(&mut *tx)
+        .await?;
+
+    // Repeats inside this group commit follow their first occurrence.
+    let mut plan = vec![Plan::New; events.len()];
+    let mut first_key: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut first_id: HashMap<Uuid, usize> = HashMap::new();
     for (i, p) in events.iter().enumerate() {
         if let Some(k) = &p.idempotency_key {
-            first_of.entry(k.as_str()).or_insert(i);
+            if let Some(&f) = first_key.get(&(p.subject(), k.as_str())) {
+                plan[i] = Plan::Follows(f);
+                continue;
+            }
+            first_key.insert((p.subject(), k.as_str()), i);
+        }
+        if p.client_event_id {
+            if let Some(&f) = first_id.get(&p.envelope.event_id) {
+                plan[i] = Plan::Follows(f);
+                continue;
+            }
+            first_id.insert(p.envelope.event_id, i);
         }
     }
-    let keys: Vec<String> = first_of.keys().map(|k| k.to_string()).collect();
-    let ids: Vec<Uuid> = first_of.values().map(|&i| answer[i]).collect();
-    let claimed: HashSet<String> = sqlx::query_scalar(
-        "INSERT INTO ingestion.idempotency_keys (key, event_id)
-         SELECT * FROM UNNEST($1::text[], $2::uuid[])
-         ON CONFLICT (key) DO NOTHING RETURNING key",
-    )
-    .bind(&keys)
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
-    let taken: Vec<String> = keys
-        .iter()
-        .filter(|k| !claimed.contains(*k))
-        .cloned()
+
+    // Keys: one already taken answers with its event (same body) or conflicts.
+    let keyed: Vec<usize> = (0..events.len())
+        .filter(|&i| matches!(plan[i], Plan::New) && events[i].idempotency_key.is_some())
         .collect();
-    let existing: HashMap<String, Uuid> = if taken.is_empty() {
-        HashMap::new()
-    } else {
-        sqlx::query_as::<_, (String, Uuid)>(
-            "SELECT key, event_id FROM ingestion.idempotency_keys WHERE key = ANY($1)",
+    let mut claimed_key = HashSet::new();
+    if !keyed.is_empty() {
+        let subjects: Vec<&str> = keyed.iter().map(|&i| events[i].subject()).collect();
+        let keys: Vec<&str> = keyed
+            .iter()
+            .map(|&i| events[i].idempotency_key.as_deref().unwrap_or_default())
+            .collect();
+        let ids: Vec<Uuid> = keyed.iter().map(|&i| events[i].envelope.event_id).collect();
+        let hashes: Vec<&[u8]> = keyed.iter().map(|&i| &events[i].fingerprint[..]).collect();
+        let claimed: Vec<(String, String)> = sqlx::query_as(
+            "INSERT INTO ingestion.idempotency_keys (subject, key, event_id, body_hash)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::bytea[])
+             ON CONFLICT (subject, key) DO NOTHING RETURNING subject, key",
         )
-        .bind(&taken)
+        .bind(&subjects)
+        .bind(&keys)
+        .bind(&ids)
+        .bind(&hashes)
         .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect()
-    };
-    let mut rows = Vec::with_capacity(events.len());
-    for (i, p) in events.iter().enumerate() {
-        match &p.idempotency_key {
-            None => rows.push(p),
-            Some(k) => {
-                if let Some(id) = existing.get(k) {
-                    answer[i] = *id;
-                } else if first_of[k.as_str()] == i {
-                    rows.push(p);
+        .await?;
+        claimed_key.extend(claimed);
+        let taken: Vec<usize> = keyed
+            .iter()
+            .copied()
+            .filter(|&i| {
+                !claimed_key.contains(&(
+                    events[i].subject().to_string(),
+                    events[i].idempotency_key.clone().unwrap_or_default(),
+                ))
+            })
+            .collect();
+        if !taken.is_empty() {
+            let existing: HashMap<KeyOf, (Uuid, Option<Vec<u8>>)> =
+                sqlx::query_as::<_, (String, String, Uuid, Option<Vec<u8>>)>(
+                    "SELECT k.subject, k.key, k.event_id, k.body_hash
+                     FROM ingestion.idempotency_keys k
+                     JOIN UNNEST($1::text[], $2::text[]) AS u(subject, key)
+                       ON k.subject = u.subject AND k.key = u.key",
+                )
+                .bind(
+                    taken
+                        .iter()
+                        .map(|&i| events[i].subject())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    taken
+                        .iter()
+                        .map(|&i| events[i].idempotency_key.as_deref().unwrap_or_default())
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|(s, k, id, h)| ((s, k), (id, h)))
+                .collect();
+            for i in taken {
+                let k = (
+                    events[i].subject().to_string(),
+                    events[i].idempotency_key.clone().unwrap_or_default(),
+                );
+                let Some((id, hash)) = existing.get(&k) else {
+                    // Trimmed by retention between the two statements: a key that is gone
+                    // cannot answer; refuse rather than guess.
+                    return Err(WriteError::Failed(sqlx::Error::RowNotFound));
+                };
+                out[i] = if hash.as_deref().is_none_or(|h| h == events[i].fingerprint) {
+                    Outcome::Accepted(*id)
                 } else {
-                    answer[i] = answer[first_of[k.as_str()]];
-                }
+                    Outcome::Conflict(Conflict::IdempotencyKey(*id))
+                };
+                plan[i] = Plan::Done;
             }
         }
     }
-    insert_rows(&mut *tx, rows, notify).await?;
+
+    // Client-chosen event ids: one already accepted (by the client or the platform) is a retry
+    // (same body) or a conflict.
+    let chosen: Vec<usize> = (0..events.len())
+        .filter(|&i| matches!(plan[i], Plan::New) && events[i].client_event_id)
+        .collect();
+    if !chosen.is_empty() {
+        let ids: Vec<Uuid> = chosen
+            .iter()
+            .map(|&i| events[i].envelope.event_id)
+            .collect();
+        let hashes: Vec<&[u8]> = chosen.iter().map(|&i| &events[i].fingerprint[..]).collect();
+        let claimed: HashSet<Uuid> = sqlx::query_scalar(
+            "INSERT INTO ingestion.event_ids (event_id, body_hash)
+             SELECT * FROM UNNEST($1::uuid[], $2::bytea[])
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        )
+        .bind(&ids)
+        .bind(&hashes)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let taken: Vec<Uuid> = ids
+            .iter()
+            .copied()
+            .filter(|i| !claimed.contains(i))
+            .collect();
+        if !taken.is_empty() {
+            let existing: HashMap<Uuid, Option<Vec<u8>>> = sqlx::query_as(
+                "SELECT event_id, body_hash FROM ingestion.event_ids WHERE event_id = ANY($1)",
+            )
+            .bind(&taken)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            let mut released = (Vec::new(), Vec::new());
+            for &i in &chosen {
+                let Some(hash) = existing.get(&events[i].envelope.event_id) else {
+                    continue;
+                };
+                plan[i] = Plan::Done;
+                if hash.as_deref().is_none_or(|h| h == events[i].fingerprint) {
+                    continue; // a retry: answered with its own id, nothing stored
+                }
+                out[i] = Outcome::Conflict(Conflict::EventId(events[i].envelope.event_id));
+                // A key claimed above for this refused event is given back.
+                if let Some(k) = &events[i].idempotency_key {
+                    released.0.push(events[i].subject());
+                    released.1.push(k.as_str());
+                }
+            }
+            if !released.0.is_empty() {
+                sqlx::query(
+                    "DELETE FROM ingestion.idempotency_keys k
+                     USING UNNEST($1::text[], $2::text[]) AS u(subject, key)
+                     WHERE k.subject = u.subject AND k.key = u.key",
+                )
+                .bind(&released.0)
+                .bind(&released.1)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+    }
+
+    for i in 0..events.len() {
+        if let Plan::Follows(f) = plan[i] {
+            let same = events[i].fingerprint == events[f].fingerprint;
+            out[i] = match (&out[f], same) {
+                (Outcome::Accepted(id), true) => Outcome::Accepted(*id),
+                (Outcome::Accepted(id), false) => Outcome::Conflict(
+                    if events[i].idempotency_key.is_some()
+                        && events[i].idempotency_key == events[f].idempotency_key
+                    {
+                        Conflict::IdempotencyKey(*id)
+                    } else {
+                        Conflict::EventId(*id)
+                    },
+                ),
+                (c @ Outcome::Conflict(_), _) => c.clone(),
+            };
+        }
+    }
+    let new: Vec<&Pending> = (0..events.len())
+        .filter(|&i| matches!(plan[i], Plan::New))
+        .map(|i| &events[i])
+        .collect();
+    append(&mut *tx, new, notify).await?;
     tx.commit().await?;
-    Ok(answer)
+    Ok(out)
 }
 
-async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
+async fn append<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     rows: Vec<&Pending>,
     notify: bool,
@@ -315,24 +585,21 @@ async fn insert_rows<'e, E: sqlx::PgExecutor<'e>>(
         return Ok(());
     }
     let n = rows.len();
-    let mut outbox_ids = Vec::with_capacity(n);
     let mut shards = Vec::with_capacity(n);
     let mut event_ids = Vec::with_capacity(n);
     let mut payloads = Vec::with_capacity(n);
-    let mut checks = Vec::with_capacity(n);
+    let mut hashes: Vec<&[u8]> = Vec::with_capacity(n);
     for p in rows {
-        outbox_ids.push(Uuid::now_v7());
         shards.push(shard_of(&p.envelope.aggregate_id));
         event_ids.push(p.envelope.event_id);
         payloads.push(p.envelope.to_json());
-        checks.push(p.client_event_id);
+        hashes.push(&p.fingerprint[..]);
     }
-    sqlx::query(INSERT_OUTBOX)
-        .bind(&outbox_ids)
+    sqlx::query("SELECT ingestion.append($1, $2, $3, $4, $5)")
         .bind(&shards)
         .bind(&event_ids)
         .bind(&payloads)
-        .bind(&checks)
+        .bind(&hashes)
         .bind(notify)
         .execute(exec)
         .await?;
