@@ -521,6 +521,22 @@ fn query_routes_answer_bad_input_with_4xx_json() {
                 ..get(format!("{path}{q}"))
             }),
     );
+    // The event handler's port, which also reports the tsdb-writer of this process.
+    drive(
+        &rt,
+        &app,
+        app.addrs[&Service::Eventhandler],
+        "event handler health port",
+        (
+            any_method(),
+            prop::sample::select(&["/health", "/metrics"][..]),
+            query(vec![]),
+        )
+            .prop_map(|(method, path, q)| Probe {
+                method,
+                ..get(format!("{path}{q}"))
+            }),
+    );
 }
 
 // ---- The action API ----
