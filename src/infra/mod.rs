@@ -4,5 +4,6 @@ pub mod auth;
 pub mod bus;
 pub mod consume;
 pub mod db;
+pub mod extract;
 pub mod http;
 pub mod telemetry;

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
-use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,9 +16,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::ApiState;
-use super::error::ActionsError;
+use super::error::{ActionsError, FieldError};
 use super::rules::{self, View};
 use crate::envelope::format_time;
+use crate::infra::extract::{NUL_REFUSED, Path, Query, json_nul};
 
 /// Every route this module serves, for the OpenAPI agreement test.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -81,8 +82,16 @@ fn json_body(headers: &HeaderMap, body: Body) -> Result<Value, ActionsError> {
     if !crate::infra::http::is_json(headers) {
         return Err(ActionsError::UnsupportedMediaType);
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| ActionsError::BadRequest(format!("the body is not valid JSON: {e}")))
+    let doc: Value = serde_json::from_slice(&body)
+        .map_err(|e| ActionsError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+    // Rules are stored as text and jsonb, which refuse a NUL anywhere in them.
+    match json_nul(&doc) {
+        Some(field) => Err(ActionsError::Invalid(vec![FieldError {
+            field,
+            message: NUL_REFUSED.into(),
+        }])),
+        None => Ok(doc),
+    }
 }
 
 fn uuid_param(name: &str, v: &str) -> Result<Uuid, ActionsError> {

@@ -5,7 +5,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::json;
 
+use super::ApiState;
 use crate::infra::db;
+use crate::infra::extract::{Rejection, Rejects};
 use crate::infra::http::error_body;
 
 /// One problem in a request, by field.
@@ -49,6 +51,22 @@ impl From<sqlx::Error> for ActionsError {
         }
         ActionsError::Internal(e.into())
     }
+}
+
+/// Path and query rejections (a NUL, text that is not UTF-8, a shape serde refuses) are the
+/// client's; a missing path parameter would be a routing bug.
+impl From<Rejection> for ActionsError {
+    fn from(r: Rejection) -> Self {
+        if r.status.is_client_error() {
+            ActionsError::BadRequest(r.message)
+        } else {
+            ActionsError::Internal(anyhow::anyhow!(r.message))
+        }
+    }
+}
+
+impl Rejects for ApiState {
+    type Error = ActionsError;
 }
 
 impl IntoResponse for ActionsError {

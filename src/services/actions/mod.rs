@@ -28,6 +28,7 @@ pub use api::ROUTES;
 use super::{ConsumerHealth, ServiceContext};
 use crate::infra::consume;
 use crate::infra::db;
+use crate::infra::extract::method_not_allowed;
 use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
 
 #[derive(Clone)]
@@ -61,7 +62,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     let api_router = Router::new()
-        .merge(crate::infra::http::limited(api::router(), limit))
+        .merge(crate::infra::http::limited(
+            api::router().method_not_allowed_fallback(method_not_allowed),
+            limit,
+        ))
         .fallback(not_found)
         .with_state(api_state)
         .layer(DefaultBodyLimit::max(api::MAX_BODY))
@@ -72,6 +76,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let health_router = Router::new()
         .route("/health", get(health))
         .merge(metrics_router())
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(health_state.clone());
     let tracker = TaskTracker::new();

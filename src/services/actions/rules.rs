@@ -29,6 +29,7 @@ const RESERVED_HEADERS: &[&str] = &[
     "traceparent",
 ];
 const MAX_TIMEOUT_S: f64 = 300.0;
+const MAX_URL_LEN: usize = 2048;
 const MAX_DEDUP_S: f64 = 7.0 * 86_400.0;
 
 static PATTERN: LazyLock<Regex> = LazyLock::new(|| {
@@ -305,11 +306,13 @@ pub fn validate(body: &Value) -> Result<RuleInput, Vec<FieldError>> {
                 fe(&mut errors, "webhook.url", "must name a host");
                 String::new()
             }
-            Ok(_) if u.len() > 2048 => {
+            // The stored (percent-encoded) form is what must fit: it keys the endpoint's
+            // breaker row, and a btree key cannot exceed about 2700 bytes.
+            Ok(url) if url.as_str().len() > MAX_URL_LEN => {
                 fe(
                     &mut errors,
                     "webhook.url",
-                    "must be at most 2048 characters",
+                    format!("must be at most {MAX_URL_LEN} characters once percent-encoded"),
                 );
                 String::new()
             }

@@ -62,6 +62,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                         sample_gauges,
                     )),
                 )
+                .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
                 .fallback(not_found)
                 .with_state(state.clone());
             tokio::spawn(serve(

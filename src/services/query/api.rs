@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use super::QueryState;
 use super::error::QueryError;
-use crate::envelope::{PROJECTION_TYPES, format_time};
+use crate::envelope::{MAX_AGGREGATE_ID_LEN, PROJECTION_TYPES, format_time};
+use crate::infra::extract::{Path, Query};
 
 /// Every route this module serves, for the OpenAPI agreement test.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -143,6 +144,21 @@ pub(super) fn only_known(q: &HashMap<String, String>, allowed: &[&str]) -> Resul
     }
 }
 
+/// A projection cursor is the last `aggregate_id` of a page, so anything ingestion could not
+/// have accepted as one (envelope: 1 to `MAX_AGGREGATE_ID_LEN` printable characters) is not a
+/// cursor but a client's mistake.
+fn projection_cursor(a: &str) -> Result<&str, QueryError> {
+    let n = a.chars().count();
+    if (1..=MAX_AGGREGATE_ID_LEN).contains(&n) && !a.chars().any(char::is_control) {
+        Ok(a)
+    } else {
+        Err(QueryError::BadRequest(format!(
+            "after must be the next_cursor of a previous page (an aggregate_id of 1 to \
+             {MAX_AGGREGATE_ID_LEN} printable characters)"
+        )))
+    }
+}
+
 #[tracing::instrument(skip_all, fields(projection_type = %ptype))]
 async fn list_projections(
     State(s): State<QueryState>,
@@ -153,7 +169,7 @@ async fn list_projections(
     only_known(&q, &["limit", "offset", "after"])?;
     let limit = int_param(&q, "limit", 20, 1, 100)?;
     let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
-    let after = q.get("after");
+    let after = q.get("after").map(|a| projection_cursor(a)).transpose()?;
     if after.is_some() && offset != 0 {
         return Err(QueryError::BadRequest(
             "use either offset or after (a cursor), not both".into(),

@@ -4,7 +4,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::QueryState;
 use crate::infra::db;
+use crate::infra::extract::{Rejection, Rejects};
 use crate::infra::http::error_body;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,22 @@ impl From<sqlx::Error> for QueryError {
         }
         QueryError::Internal(e.into())
     }
+}
+
+/// Path and query rejections (a NUL, text that is not UTF-8, a shape serde refuses) are the
+/// client's; a missing path parameter would be a routing bug.
+impl From<Rejection> for QueryError {
+    fn from(r: Rejection) -> Self {
+        if r.status.is_client_error() {
+            QueryError::BadRequest(r.message)
+        } else {
+            QueryError::Internal(anyhow::anyhow!(r.message))
+        }
+    }
+}
+
+impl Rejects for QueryState {
+    type Error = QueryError;
 }
 
 impl IntoResponse for QueryError {

@@ -39,11 +39,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         ctx.config.api_limit.burst,
         ctx.shutdown.clone(),
     );
-    let api = crate::infra::http::limited(api::router().merge(timeseries::router()), limit);
+    let api = api::router()
+        .merge(timeseries::router())
+        .method_not_allowed_fallback(crate::infra::extract::method_not_allowed);
+    let api = crate::infra::http::limited(api, limit);
     let router = Router::new()
         .merge(api)
         .route("/health", get(health))
         .merge(metrics_router())
+        .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
         .fallback(not_found)
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
@@ -17,6 +17,7 @@ use super::QueryState;
 use super::api::{Params, int_param, only_known, time_param};
 use super::error::QueryError;
 use crate::envelope::format_time;
+use crate::infra::extract::{Path, Query};
 
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/query/timeseries/{device_id}"),

@@ -31,6 +31,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             let router = Router::new()
                 .route("/health", get(health))
                 .merge(metrics_router())
+                .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
                 .fallback(not_found)
                 .with_state(state.clone());
             tokio::spawn(serve(
