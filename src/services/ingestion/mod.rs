@@ -102,6 +102,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             )),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(
             auth,
