@@ -327,6 +327,21 @@ async fn retention_cmd(config: &Config, dry_run: bool) -> anyhow::Result<i32> {
         }
     };
     let events = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
+    let projections = db::lazy_pool(config.database_url("eventhandler"), config, 2)?;
+    // The services' guard: no cutoff from a host clock the database disagrees with.
+    for (job, pool) in [("ingestion", &events), ("eventhandler", &projections)] {
+        let guard = crate::infra::clock_guard::ClockGuard {
+            job,
+            clock: std::sync::Arc::new(crate::envelope::SystemClock),
+            max_skew: config.retention.max_clock_skew,
+            state: Default::default(),
+        };
+        if guard.now(pool).await.is_none() {
+            anyhow::bail!(guard.state.refusal().unwrap_or_else(|| format!(
+                "retention does not run: the {job} database's clock could not be read"
+            )));
+        }
+    }
     let r = ingestion::retention::enforce(&events, now, config.retention.events, dry_run, &never)
         .await?;
     for name in &r.created {
@@ -348,7 +363,6 @@ async fn retention_cmd(config: &Config, dry_run: bool) -> anyhow::Result<i32> {
             verb("dropped")
         );
     }
-    let projections = db::lazy_pool(config.database_url("eventhandler"), config, 2)?;
     let eh = eventhandler::retention::enforce(
         &projections,
         now,

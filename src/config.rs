@@ -229,6 +229,9 @@ pub struct RetentionConfig {
     /// `CJ_RETENTION_ENABLED`: remove expired data at all (default true); the event store's
     /// daily partitions are created ahead either way.
     pub enabled: bool,
+    /// `CJ_RETENTION_MAX_CLOCK_SKEW`: a retention round removes nothing when the host clock and
+    /// the database's differ by more than this (60s; positive).
+    pub max_clock_skew: Duration,
 }
 
 /// The per-client rate limit of the query and action APIs (ingestion has its own).
@@ -729,6 +732,8 @@ impl Config {
             deliveries: v.positive_duration("CJ_RETENTION_DELIVERIES", week)?,
             interval: v.positive_duration("CJ_RETENTION_INTERVAL", Duration::from_secs(3600))?,
             enabled: v.bool("CJ_RETENTION_ENABLED", true)?,
+            max_clock_skew: v
+                .positive_duration("CJ_RETENTION_MAX_CLOCK_SKEW", Duration::from_secs(60))?,
         };
 
         let ingestion_port = v.port("CJ_INGESTION_PORT", 8080)?;
@@ -901,6 +906,7 @@ mod tests {
         assert_eq!(c.tsdb.topics, ["sensor-events"]);
         assert_eq!(c.retention.events, Duration::from_secs(7 * 86_400));
         assert_eq!(c.retention.interval, Duration::from_secs(3600));
+        assert_eq!(c.retention.max_clock_skew, Duration::from_secs(60));
         let limited = with(&[("CJ_ACTIONS_RATE_LIMIT", "3/2s")]).unwrap();
         assert_eq!(
             limited.actions.rate_limit,
@@ -966,6 +972,8 @@ mod tests {
             ("CJ_RETENTION_EVENTS", "0s", "positive duration"),
             ("CJ_RETENTION_INTERVAL", "hourly", "duration"),
             ("CJ_RETENTION_ENABLED", "perhaps", "true or false"),
+            ("CJ_RETENTION_MAX_CLOCK_SKEW", "0s", "positive duration"),
+            ("CJ_RETENTION_MAX_CLOCK_SKEW", "a bit", "duration"),
         ];
         for (var, value, expected) in cases {
             let err = with(&[(var, value)]).expect_err(var);

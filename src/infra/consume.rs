@@ -1,11 +1,19 @@
 //! The consume loop every bus consumer of the platform shares (SPEC §7, ADR-0004): gather what
 //! the broker has ready, apply it in one transaction, and only then store and commit offsets.
 //!
-//! Failures are sorted in two: a poison message (undecodable, invalid, or refused by the
-//! database) is retried after the configured delays and then dead-lettered into the consuming
-//! service's own `dlq` table, and its offset is committed; an infrastructure failure (the
-//! database is unreachable) blocks — nothing is committed, nothing is dead-lettered — and the
-//! same batch is retried with capped backoff until it lands.
+//! Failures are sorted by cause ([`Poison`], [`db::classify`]):
+//! - a message that is not one at all (no payload, not JSON, not an envelope) is dead-lettered
+//!   at once: decoding is deterministic, so retrying it cannot help;
+//! - a message refused by its handler, or whose write the database refuses for its data (a data
+//!   exception, an integrity violation), is retried after each configured delay (SPEC §7:
+//!   immediately, 1 s, 2 s) and only then dead-lettered;
+//! - everything else the database says is about the environment — unreachable, a privilege
+//!   revoked, a table renamed mid-rollout, a pooler's protocol error — and blocks: nothing is
+//!   committed, nothing is dead-lettered, `/health` says why, and the same batch is retried
+//!   with capped backoff until it lands.
+//!
+//! Dead letters are written in the consuming service's own `dlq` table, in the transaction that
+//! applies the batch's good messages; then the offsets are committed.
 //!
 //! What a consumer does with a message is its [`Sink`]; the services keep their tables and
 //! logic, this module only the delivery guarantees.
@@ -25,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::bus::{ConsumerState, ObservedConsumer};
-use super::db;
+use super::db::{self, Failure};
 use super::http::{Check, Status};
 use super::telemetry;
 
@@ -34,8 +42,8 @@ pub trait Sink: Send + Sync + 'static {
     type Item: Send + Sync;
 
     /// A message's meaning: `Ok(None)` when it is not for this consumer (skipped and committed),
-    /// `Err(reason)` when it is poison. Must be deterministic: retries call it again.
-    fn decode(&self, m: &OwnedMessage) -> Result<Option<Self::Item>, String>;
+    /// `Err` when it is poison. Must be deterministic: retries call it again.
+    fn decode(&self, m: &OwnedMessage) -> Result<Option<Self::Item>, Poison>;
 
     /// Applies items and dead letters atomically (one transaction).
     fn apply(
@@ -43,6 +51,18 @@ pub trait Sink: Send + Sync + 'static {
         items: &[Self::Item],
         letters: &[DeadLetter],
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+/// Why a message cannot become an item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Poison {
+    /// Not a message of the platform at all: no payload, not JSON, not an envelope.
+    /// Dead-lettered without retries.
+    #[error("{0}")]
+    Undecodable(String),
+    /// A well-formed message its handler refuses: retried on the schedule, then dead-lettered.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Why a consumer is not making progress, for `/health`.
@@ -276,18 +296,22 @@ impl<S: Sink> Worker<S> {
         } else {
             Vec::new()
         };
+        let mut letters: Vec<DeadLetter> = Vec::new();
         for (i, m) in batch.iter().enumerate() {
             match self.sink.decode(m) {
                 Ok(Some(item)) => items.push((i, item)),
                 Ok(None) => skipped += 1,
-                Err(e) => poison.push((i, e)),
+                Err(Poison::Undecodable(e)) => {
+                    letters.push(DeadLetter::of(&self.group, m, e, 0));
+                }
+                Err(Poison::Refused(e)) => poison.push((i, e)),
             }
         }
         if skipped > 0 {
             metrics::counter!("cj_events_skipped_total", "consumer" => self.group.clone())
                 .increment(skipped);
         }
-        // ADR-0004: retry poison messages after each configured delay before dead-lettering.
+        // ADR-0004: retry refused messages after each configured delay before dead-lettering.
         let mut retries = 0;
         for delay in &self.retry_delays {
             if poison.is_empty() {
@@ -308,42 +332,53 @@ impl<S: Sink> Worker<S> {
                 }
                 Ok(None) => false,
                 Err(e) => {
-                    *err = e;
+                    *err = e.to_string();
                     true
                 }
             });
         }
         // Poison retried into items joined at the end: restore message order.
         items.sort_by_key(|(i, _)| *i);
-        let mut letters: Vec<DeadLetter> = poison
-            .into_iter()
-            .map(|(i, error)| DeadLetter::of(&self.group, &batch[i], error, retries))
-            .collect();
+        letters.extend(
+            poison
+                .into_iter()
+                .map(|(i, error)| DeadLetter::of(&self.group, &batch[i], error, retries)),
+        );
         let (sources, items): (Vec<usize>, Vec<S::Item>) = items.into_iter().unzip();
 
         let mut backoff = Duration::from_millis(100);
         let applied = loop {
             let result = match self.sink.apply(&items, &letters).await {
-                Err(e) if !db::is_unavailable(&e) => {
+                Err(e) if db::classify(&e) == Failure::Refusal => {
                     // The batch holds a write the database refuses: isolate it, one by one.
                     tracing::warn!(group = %self.group, error = %e, "Batch refused; applying one by one.");
-                    self.apply_one_by_one(batch, &sources, &items, &mut letters)
+                    match self
+                        .apply_one_by_one(batch, &sources, &items, &mut letters, shutdown)
                         .await
+                    {
+                        Some(result) => result,
+                        None => return false,
+                    }
                 }
                 other => other.map(|()| items.len()),
             };
             match result {
                 Ok(n) => break n,
                 Err(e) => {
-                    let unavailable = db::is_unavailable(&e);
-                    if unavailable {
-                        self.blocked.set(Some(format!("database unavailable: {e}")));
+                    if db::classify(&e) == Failure::Outage {
+                        self.blocked.set(Some(outage_reason(&e)));
                         metrics::counter!("cj_consumer_blocked_total", "consumer" => self.group.clone())
                             .increment(1);
-                        tracing::warn!(group = %self.group, error = %e, retry_in = ?backoff,
-                            "Database unavailable; holding the batch (no commit) until it returns.");
+                        if db::is_unavailable(&e) {
+                            tracing::warn!(group = %self.group, error = %e, retry_in = ?backoff,
+                                "Database unavailable; holding the batch (no commit) until it returns.");
+                        } else {
+                            // A grant, a relation, a pooler: it does not come back by itself.
+                            tracing::error!(group = %self.group, error = %e, sqlstate = ?sqlstate(&e), retry_in = ?backoff,
+                                "The database refuses the batch for a reason that is not the messages' (privileges, schema, pooler); holding it (no commit, nothing dead-lettered) until that is fixed.");
+                        }
                     } else {
-                        tracing::error!(group = %self.group, error = %e, "Could not apply or dead-letter a batch; retrying.");
+                        tracing::error!(group = %self.group, error = %e, "Could not dead-letter refused messages; retrying.");
                     }
                     if shutdown
                         .run_until_cancelled(tokio::time::sleep(backoff))
@@ -389,33 +424,71 @@ impl<S: Sink> Worker<S> {
         )
     }
 
-    /// Applies items one transaction each; a refused one is dead-lettered. Returns how many
-    /// were applied.
+    /// Applies items one transaction each, in order; one the database refuses is retried after
+    /// each configured delay, then dead-lettered. Returns how many were applied, an outage to
+    /// block on, or None when shut down first.
     async fn apply_one_by_one(
         &self,
         batch: &[OwnedMessage],
         sources: &[usize],
         items: &[S::Item],
         letters: &mut Vec<DeadLetter>,
-    ) -> Result<usize, sqlx::Error> {
+        shutdown: &CancellationToken,
+    ) -> Option<Result<usize, sqlx::Error>> {
         let mut refused = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            match self.sink.apply(std::slice::from_ref(item), &[]).await {
-                Ok(()) => {}
-                Err(e) if db::is_unavailable(&e) => return Err(e),
-                Err(e) => refused.push(DeadLetter::of(
-                    &self.group,
-                    &batch[sources[i]],
-                    format!("write refused: {e}"),
-                    0,
-                )),
+            let mut delays = self.retry_delays.iter();
+            let mut retries = 0;
+            loop {
+                let e = match self.sink.apply(std::slice::from_ref(item), &[]).await {
+                    Ok(()) => break,
+                    Err(e) if db::classify(&e) == Failure::Outage => return Some(Err(e)),
+                    Err(e) => e,
+                };
+                let Some(delay) = delays.next() else {
+                    refused.push(DeadLetter::of(
+                        &self.group,
+                        &batch[sources[i]],
+                        format!("write refused: {e}{}", sqlstate_suffix(&e)),
+                        retries,
+                    ));
+                    break;
+                };
+                tracing::debug!(group = %self.group, error = %e, retry_in = ?delay, "Write refused; retrying it.");
+                shutdown
+                    .run_until_cancelled(tokio::time::sleep(*delay))
+                    .await?;
+                retries += 1;
             }
         }
         let applied = items.len() - refused.len();
         let mut all = letters.clone();
         all.extend(refused);
-        self.sink.apply(&[], &all).await?;
+        if let Err(e) = self.sink.apply(&[], &all).await {
+            return Some(Err(e));
+        }
         *letters = all;
-        Ok(applied)
+        Some(Ok(applied))
     }
+}
+
+/// The SQLSTATE of a database error, when it has one.
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
+fn sqlstate_suffix(e: &sqlx::Error) -> String {
+    sqlstate(e).map_or_else(String::new, |c| format!(" (SQLSTATE {c})"))
+}
+
+/// What `/health` says while an outage blocks the consumer.
+fn outage_reason(e: &sqlx::Error) -> String {
+    let cause = if db::is_unavailable(e) {
+        "database unavailable"
+    } else {
+        "the database refuses every write for a reason that is not the messages'"
+    };
+    format!("{cause}: {e}{}", sqlstate_suffix(e))
 }

@@ -195,6 +195,50 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// What a failed statement of a consumer says about the message it carried (ADR-0004).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Not the message's fault: the database, the way to it or its setup cannot take this
+    /// write now (unreachable, shutting down, out of resources, a privilege revoked, a relation
+    /// missing mid-rollout, a pooler that does not speak the protocol, an internal error). Every
+    /// other message would fail the same way: block and retry, never dead-letter.
+    Outage,
+    /// The message's own data is refused (a data exception or an integrity violation): other
+    /// messages may pass. Retried on the consumer's schedule, then dead-lettered.
+    Refusal,
+}
+
+/// Sorts a database error by cause, by SQLSTATE class where there is one. Only the classes that
+/// are about the values a statement carries are refusals: anything else, including codes this
+/// table does not know, is an outage, because dead-lettering a message for an environment fault
+/// loses it from the stream, while blocking on a refusal only delays the partition until the
+/// schedule runs out.
+pub fn classify(e: &sqlx::Error) -> Failure {
+    match e {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => classify_sqlstate(&code),
+            None => Failure::Outage,
+        },
+        // A value of the message that cannot be sent as a parameter.
+        sqlx::Error::Encode(_) => Failure::Refusal,
+        // Io, Tls, Protocol, PoolTimedOut, PoolClosed, WorkerCrashed, Configuration, and decode
+        // or type errors (the schema is not what the code expects: a rollout in progress).
+        _ => Failure::Outage,
+    }
+}
+
+/// [`classify`] for a SQLSTATE code.
+pub fn classify_sqlstate(code: &str) -> Failure {
+    match code.get(..2) {
+        // 22: data exception (bad text representation, out of range, NUL bytes, bad encoding);
+        // 23: integrity constraint violation (not null, foreign key, unique, check, exclusion).
+        Some("22" | "23") => Failure::Refusal,
+        // 54000: program limit exceeded, the one the values cause (an index row too large).
+        _ if code == "54000" => Failure::Refusal,
+        _ => Failure::Outage,
+    }
+}
+
 /// Pings a pool with a deadline, for health checks.
 pub async fn ping(pool: &PgPool) -> Result<(), String> {
     match tokio::time::timeout(
@@ -206,5 +250,180 @@ pub async fn ping(pool: &PgPool) -> Result<(), String> {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out after 2s".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with only a SQLSTATE, as a server or a pooler would send it.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn sqlstates_from_the_environment_are_outages_and_the_messages_data_are_refusals() {
+        use Failure::{Outage, Refusal};
+        let table: &[(&str, Failure, &str)] = &[
+            ("42501", Outage, "insufficient_privilege: a grant revoked"),
+            (
+                "42P01",
+                Outage,
+                "undefined_table: a relation renamed mid-rollout",
+            ),
+            (
+                "42703",
+                Outage,
+                "undefined_column: a migration not applied yet",
+            ),
+            ("42883", Outage, "undefined_function"),
+            (
+                "42804",
+                Outage,
+                "datatype_mismatch: a column's type changed",
+            ),
+            (
+                "42601",
+                Outage,
+                "syntax_error: a bug in the code, not in the message",
+            ),
+            (
+                "3D000",
+                Outage,
+                "invalid_catalog_name: the database is gone",
+            ),
+            ("3F000", Outage, "invalid_schema_name"),
+            ("28000", Outage, "invalid_authorization_specification"),
+            ("28P01", Outage, "invalid_password: rotated credentials"),
+            ("08000", Outage, "connection_exception"),
+            ("08003", Outage, "connection_does_not_exist"),
+            ("08006", Outage, "connection_failure"),
+            ("08P01", Outage, "protocol_violation (a pooler)"),
+            ("57P01", Outage, "admin_shutdown"),
+            ("57P03", Outage, "cannot_connect_now: starting up"),
+            ("57014", Outage, "query_canceled: statement timeout"),
+            ("53100", Outage, "disk_full"),
+            ("53200", Outage, "out_of_memory"),
+            ("53300", Outage, "too_many_connections"),
+            ("58000", Outage, "system_error"),
+            ("58030", Outage, "io_error"),
+            ("XX000", Outage, "internal_error"),
+            ("XX001", Outage, "data_corrupted"),
+            (
+                "0A000",
+                Outage,
+                "feature_not_supported (pgbouncer, a cached plan)",
+            ),
+            (
+                "26000",
+                Outage,
+                "invalid_sql_statement_name: a pooler lost the statement",
+            ),
+            ("42P05", Outage, "duplicate_prepared_statement: a pooler"),
+            (
+                "25006",
+                Outage,
+                "read_only_sql_transaction: a demoted primary",
+            ),
+            ("25P02", Outage, "in_failed_sql_transaction"),
+            ("40001", Outage, "serialization_failure"),
+            ("40P01", Outage, "deadlock_detected"),
+            ("55P03", Outage, "lock_not_available"),
+            ("55006", Outage, "object_in_use"),
+            ("54001", Outage, "statement_too_complex"),
+            ("P0001", Outage, "raise_exception: not ours to judge"),
+            ("ZZ999", Outage, "unknown: never a reason to drop a message"),
+            ("22P02", Refusal, "invalid_text_representation"),
+            ("22003", Refusal, "numeric_value_out_of_range"),
+            (
+                "22021",
+                Refusal,
+                "character_not_in_repertoire: a NUL in text",
+            ),
+            (
+                "22P05",
+                Refusal,
+                "untranslatable_character: \\u0000 in jsonb",
+            ),
+            ("22007", Refusal, "invalid_datetime_format"),
+            ("22008", Refusal, "datetime_field_overflow"),
+            ("22001", Refusal, "string_data_right_truncation"),
+            ("23502", Refusal, "not_null_violation"),
+            ("23503", Refusal, "foreign_key_violation"),
+            ("23505", Refusal, "unique_violation"),
+            ("23514", Refusal, "check_violation"),
+            ("23P01", Refusal, "exclusion_violation"),
+            (
+                "54000",
+                Refusal,
+                "program_limit_exceeded: an index row too large",
+            ),
+        ];
+        for (code, want, why) in table {
+            let e = sqlx::Error::Database(Box::new(Coded(code)));
+            assert_eq!(classify(&e), *want, "{code} ({why})");
+        }
+    }
+
+    #[test]
+    fn errors_without_a_sqlstate_are_outages_except_a_value_that_cannot_be_encoded() {
+        let io = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let outages = [
+            sqlx::Error::Io(io()),
+            sqlx::Error::Protocol("unexpected message from a pooler".into()),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+            sqlx::Error::Tls(Box::new(io())),
+            sqlx::Error::Configuration(Box::new(io())),
+            sqlx::Error::TypeNotFound {
+                type_name: "projection_state".into(),
+            },
+            sqlx::Error::ColumnNotFound("state".into()),
+            sqlx::Error::ColumnDecode {
+                index: "0".into(),
+                source: Box::new(io()),
+            },
+            sqlx::Error::Decode(Box::new(io())),
+            sqlx::Error::RowNotFound,
+        ];
+        for e in &outages {
+            assert_eq!(classify(e), Failure::Outage, "{e:?}");
+        }
+        assert_eq!(
+            classify(&sqlx::Error::Encode(Box::new(io()))),
+            Failure::Refusal
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod clock_guard;
 pub mod consume;
 pub mod db;
 pub mod extract;

@@ -126,6 +126,8 @@ pub struct ConsumerHealth {
     pub group: String,
     pub consumer: Arc<tokio::sync::OnceCell<Arc<crate::infra::bus::ConsumerState>>>,
     pub blocked: Arc<crate::infra::consume::Blocked>,
+    /// Whether the service's retention job refuses to trust the host clock.
+    pub retention: Arc<crate::infra::clock_guard::ClockSkew>,
 }
 
 impl ConsumerHealth {
@@ -136,6 +138,7 @@ impl ConsumerHealth {
             group: group.to_string(),
             consumer: Default::default(),
             blocked: Default::default(),
+            retention: Default::default(),
         }
     }
 
@@ -152,6 +155,7 @@ impl ConsumerHealth {
             self.consumer.get(),
             &self.blocked,
         ));
+        checks.extend(self.retention.check().map(|c| ("retention", c)));
         checks
     }
 

@@ -7,10 +7,10 @@ pub mod condition;
 pub mod deliver;
 mod error;
 mod record;
+mod retention;
 pub mod rules;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -20,12 +20,12 @@ use axum::routing::get;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use api::ROUTES;
 
 use super::{ConsumerHealth, ServiceContext};
+use crate::infra::clock_guard::ClockGuard;
 use crate::infra::consume;
 use crate::infra::db;
 use crate::infra::extract::method_not_allowed;
@@ -45,6 +45,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         health_listener,
         shutdown,
         auth,
+        clock,
         ..
     } = ctx;
     let listener = listener.context("the action API needs its own port")?;
@@ -112,8 +113,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         // Deliveries recorded before a restart are sent whether or not the bus is up.
         tracker.spawn(deliverer.run(shutdown.clone()));
         if config.retention.enabled {
-            tracker.spawn(retention(
+            let guard = ClockGuard {
+                job: "actions",
+                clock: clock.clone(),
+                max_skew: config.retention.max_clock_skew,
+                state: health_state.retention.clone(),
+            };
+            tracker.spawn(retention::run(
                 pool.clone(),
+                guard,
                 config.retention.deliveries,
                 config.retention.interval,
                 shutdown.clone(),
@@ -186,38 +194,4 @@ async fn health(State(s): State<ConsumerHealth>) -> Response {
         }
     }
     health_response(checks)
-}
-
-/// Finished deliveries older than the retention window go (SPEC §13), in slices.
-async fn retention(pool: PgPool, keep: Duration, every: Duration, shutdown: CancellationToken) {
-    loop {
-        let removed = crate::infra::db::delete_in_slices(
-            &pool,
-            "actions.deliveries",
-            "status NOT IN ('pending', 'delivering') AND updated_at < $1",
-            chrono::Utc::now()
-                .checked_sub_signed(
-                    chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX),
-                )
-                .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC),
-            &shutdown,
-        )
-        .await;
-        match removed {
-            Ok(0) => {}
-            Ok(n) => {
-                metrics::counter!("cj_retention_removed_total", "table" => "actions.deliveries")
-                    .increment(n);
-                tracing::info!(removed = n, "Delivery retention: old deliveries removed.");
-            }
-            Err(e) => tracing::warn!(error = %e, "Delivery retention failed; next run retries."),
-        }
-        if shutdown
-            .run_until_cancelled(tokio::time::sleep(every))
-            .await
-            .is_none()
-        {
-            return;
-        }
-    }
 }

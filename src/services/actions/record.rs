@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::condition::Condition;
 use super::rules::{self, Rule};
 use crate::envelope::Envelope;
-use crate::infra::consume::{DeadLetter, Sink, insert_dead_letters};
+use crate::infra::consume::{DeadLetter, Poison, Sink, insert_dead_letters};
 
 pub struct Event {
     pub event_id: Uuid,
@@ -54,11 +54,14 @@ fn header(m: &OwnedMessage, name: &str) -> Option<String> {
 impl Sink for Recorder {
     type Item = Event;
 
-    fn decode(&self, m: &OwnedMessage) -> Result<Option<Event>, String> {
-        let bytes = m.payload().ok_or("empty message")?;
-        let env = Envelope::decode(bytes)?;
-        let body = String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())?;
-        let json: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+    fn decode(&self, m: &OwnedMessage) -> Result<Option<Event>, Poison> {
+        let undecodable = |e: String| Poison::Undecodable(e);
+        let bytes = m
+            .payload()
+            .ok_or_else(|| undecodable("empty message".into()))?;
+        let env = Envelope::decode(bytes).map_err(undecodable)?;
+        let body = String::from_utf8(bytes.to_vec()).map_err(|e| undecodable(e.to_string()))?;
+        let json: Value = serde_json::from_str(&body).map_err(|e| undecodable(e.to_string()))?;
         let traceparent = header(m, "traceparent").or_else(|| {
             json.pointer("/metadata/traceparent")
                 .and_then(Value::as_str)

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use super::handlers::{self, Entry, ProjectionWrite};
 use super::store;
 use crate::envelope::Envelope;
-use crate::infra::consume::{DeadLetter, Sink, insert_dead_letters};
+use crate::infra::consume::{DeadLetter, Poison, Sink, insert_dead_letters};
 
 pub struct Projections {
     pub pool: PgPool,
@@ -32,14 +32,16 @@ impl Projections {
 impl Sink for Projections {
     type Item = ProjectionWrite;
 
-    fn decode(&self, m: &OwnedMessage) -> Result<Option<ProjectionWrite>, String> {
-        let bytes = m.payload().ok_or("empty message")?;
-        let env = Envelope::decode(bytes)?;
+    fn decode(&self, m: &OwnedMessage) -> Result<Option<ProjectionWrite>, Poison> {
+        let bytes = m
+            .payload()
+            .ok_or_else(|| Poison::Undecodable("empty message".into()))?;
+        let env = Envelope::decode(bytes).map_err(Poison::Undecodable)?;
         match self.registry.get(env.event_type.as_str()) {
             None => Ok(None),
             Some(entry) => (entry.handler)(&env)
                 .map(Some)
-                .map_err(|e| format!("{}: {e}", env.event_type)),
+                .map_err(|e| Poison::Refused(format!("{}: {e}", env.event_type))),
         }
     }
 

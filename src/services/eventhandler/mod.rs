@@ -17,6 +17,7 @@ use axum::response::Response;
 use axum::routing::get;
 
 use super::{ConsumerHealth, ServiceContext};
+use crate::infra::clock_guard::ClockGuard;
 use crate::infra::consume;
 use crate::infra::db;
 use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
@@ -107,9 +108,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             return Ok(None);
         }
         if config.retention.enabled {
+            let guard = ClockGuard {
+                job: "eventhandler",
+                clock: clock.clone(),
+                max_skew: config.retention.max_clock_skew,
+                state: state.consumer.retention.clone(),
+            };
             tokio::spawn(retention::run(
                 pool.clone(),
-                clock.clone(),
+                guard,
                 config.retention.projections,
                 config.retention.interval,
                 shutdown.clone(),

@@ -8,14 +8,13 @@
 //! upsert a non-HOT update that rewrites all the table's indexes, to speed up an hourly job.
 //! Each slice scans the table instead (one row per aggregate, and usually a single slice).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::Clock;
+use crate::infra::clock_guard::ClockGuard;
 
 /// The tables and the rows of each that go once older than the cutoff.
 const TABLES: &[(&str, &str)] = &[
@@ -72,17 +71,23 @@ pub async fn enforce(
     Ok(report)
 }
 
-/// The hourly job: first run at once, then every `every` until shutdown.
+/// The hourly job: first run at once, then every `every` until shutdown; a round whose clock
+/// the guard does not trust removes nothing.
 pub async fn run(
     pool: PgPool,
-    clock: Arc<dyn Clock>,
+    guard: ClockGuard,
     keep: Duration,
     every: Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        match enforce(&pool, clock.now(), keep, false, &shutdown).await {
-            Ok(r) if r.removed_anything() => {
+        let round = match guard.now(&pool).await {
+            Some(now) => Some(enforce(&pool, now, keep, false, &shutdown).await),
+            None => None,
+        };
+        match round {
+            None => {}
+            Some(Ok(r)) if r.removed_anything() => {
                 let rows = |t: &str| r.rows.iter().find(|(n, _)| *n == t).map_or(0, |(_, n)| *n);
                 tracing::info!(
                     projections = rows("eventhandler.projections"),
@@ -90,8 +95,8 @@ pub async fn run(
                     "Event handler retention removed stale projections and resolved dead letters."
                 );
             }
-            Ok(_) => {}
-            Err(e) => {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "Event handler retention failed; the next run retries.")
             }
         }

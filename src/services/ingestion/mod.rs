@@ -43,6 +43,7 @@ pub struct AppState {
     mqtt: Option<Arc<mqtt::MqttState>>,
     auth: Arc<Auth>,
     wakers: writer::Wakers,
+    retention: Arc<crate::infra::clock_guard::ClockSkew>,
 }
 
 impl AppState {
@@ -88,6 +89,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             .as_ref()
             .map(|_| Arc::new(mqtt::MqttState::default())),
         auth: auth.clone(),
+        retention: Default::default(),
     };
 
     let router = Router::new()
@@ -127,9 +129,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             // Today's event store partition exists before the processor's first insert.
             retention::prepare(&state.pool, state.clock.now()).await;
             state.ready.set();
+            let guard = crate::infra::clock_guard::ClockGuard {
+                job: "ingestion",
+                clock: state.clock.clone(),
+                max_skew: state.config.retention.max_clock_skew,
+                state: state.retention.clone(),
+            };
             tracker.spawn(retention::run(
                 state.pool.clone(),
-                state.clock.clone(),
+                guard,
                 state.config.retention.clone(),
                 shutdown.clone(),
             ));
@@ -301,5 +309,6 @@ async fn health(State(state): State<AppState>) -> Response {
         };
         checks.push(("mqtt", check));
     }
+    checks.extend(state.retention.check().map(|c| ("retention", c)));
     health_response(checks)
 }

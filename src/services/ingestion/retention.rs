@@ -17,7 +17,6 @@
 //! and the next one retries (partitions exist days before they are needed). Instances serialise
 //! on an advisory lock, and creation is idempotent, so several of them can run the job at once.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
@@ -25,7 +24,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
-use crate::envelope::Clock;
+use crate::infra::clock_guard::ClockGuard;
 
 /// Days after today that always have a partition.
 pub const DAYS_AHEAD: u64 = 3;
@@ -335,22 +334,29 @@ pub async fn prepare(pool: &PgPool, now: DateTime<Utc>) {
 
 /// The hourly job: first run at once, then every `cfg.interval` until shutdown. Partitions are
 /// created ahead even when retention is disabled, so the event store never falls back to its
-/// default partition; only the removals depend on `cfg.enabled`.
+/// default partition; only the removals depend on `cfg.enabled`, and on the guard trusting the
+/// clock (partitions follow the host clock, which stamps `ingested_at`, either way).
 pub async fn run(
     pool: PgPool,
-    clock: Arc<dyn Clock>,
+    guard: ClockGuard,
     cfg: RetentionConfig,
     shutdown: CancellationToken,
 ) {
     loop {
-        let now = clock.now();
-        let result = if cfg.enabled {
+        let trusted = if cfg.enabled {
+            guard.now(&pool).await
+        } else {
+            None
+        };
+        let result = if let Some(now) = trusted {
             enforce(&pool, now, cfg.events, false, &shutdown).await
         } else {
-            create_ahead(&pool, now).await.map(|created| Report {
-                created,
-                ..Report::default()
-            })
+            create_ahead(&pool, guard.clock.now())
+                .await
+                .map(|created| Report {
+                    created,
+                    ..Report::default()
+                })
         };
         match result {
             Ok(r) if r.removed_anything() || !r.created.is_empty() => {

@@ -11,6 +11,7 @@ use axum::response::Response;
 use axum::routing::get;
 
 use super::{ConsumerHealth, ServiceContext};
+use crate::infra::clock_guard::ClockGuard;
 use crate::infra::consume;
 use crate::infra::db;
 use crate::infra::http::{Check, health_response, metrics_router, not_found, serve};
@@ -22,6 +23,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         shutdown,
         board,
+        clock,
         ..
     } = ctx;
     let cfg = config.tsdb.clone();
@@ -69,8 +71,15 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 false
             });
         if let (Some(keep), false) = (keep, policy) {
+            let guard = ClockGuard {
+                job: "tsdb",
+                clock: clock.clone(),
+                max_skew: config.retention.max_clock_skew,
+                state: state.retention.clone(),
+            };
             tokio::spawn(retention::run(
                 pool.clone(),
+                guard,
                 keep,
                 config.retention.interval,
                 shutdown.clone(),

@@ -5,15 +5,27 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub async fn run(pool: PgPool, keep: Duration, every: Duration, shutdown: CancellationToken) {
+use crate::infra::clock_guard::ClockGuard;
+
+/// The hourly job; a round whose clock the guard does not trust removes nothing.
+pub async fn run(
+    pool: PgPool,
+    guard: ClockGuard,
+    keep: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
-        match enforce(&pool, keep, &shutdown).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(removed = n, "tsdb retention: old readings removed."),
-            Err(e) => tracing::warn!(error = %e, "tsdb retention failed; next run retries."),
+        if let Some(now) = guard.now(&pool).await {
+            match enforce(&pool, now, keep, &shutdown).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "tsdb retention: old readings removed."),
+                Err(e) => tracing::warn!(error = %e, "tsdb retention failed; next run retries."),
+            }
         }
         if shutdown
             .run_until_cancelled(tokio::time::sleep(every))
@@ -64,15 +76,17 @@ pub async fn apply_policy(pool: &PgPool, keep: Option<Duration>) -> Result<bool,
     Ok(true)
 }
 
-/// Removes readings older than `keep` from the plain table, in slices; returns how many went.
+/// Removes readings older than `keep` at `now` from the plain table, in slices; returns how
+/// many went.
 pub async fn enforce(
     pool: &PgPool,
+    now: DateTime<Utc>,
     keep: Duration,
     shutdown: &CancellationToken,
 ) -> Result<u64, sqlx::Error> {
-    let cutoff = chrono::Utc::now()
+    let cutoff = now
         .checked_sub_signed(chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX))
-        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let n = crate::infra::db::delete_in_slices(
         pool,
         "tsdb.sensor_readings",

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::envelope::Envelope;
-use crate::infra::consume::{DeadLetter, Sink, insert_dead_letters};
+use crate::infra::consume::{DeadLetter, Poison, Sink, insert_dead_letters};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
@@ -49,14 +49,17 @@ pub struct Readings {
 impl Sink for Readings {
     type Item = Reading;
 
-    fn decode(&self, m: &OwnedMessage) -> Result<Option<Reading>, String> {
-        let env = Envelope::decode(m.payload().ok_or("empty message")?)?;
+    fn decode(&self, m: &OwnedMessage) -> Result<Option<Reading>, Poison> {
+        let bytes = m
+            .payload()
+            .ok_or_else(|| Poison::Undecodable("empty message".into()))?;
+        let env = Envelope::decode(bytes).map_err(Poison::Undecodable)?;
         if env.event_type != "sensor.reading" {
             return Ok(None);
         }
         reading(&env)
             .map(Some)
-            .map_err(|e| format!("sensor.reading: {e}"))
+            .map_err(|e| Poison::Refused(format!("sensor.reading: {e}")))
     }
 
     async fn apply(&self, rows: &[Reading], letters: &[DeadLetter]) -> Result<(), sqlx::Error> {

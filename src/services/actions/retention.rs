@@ -1,0 +1,60 @@
+//! Delivery retention (SPEC §13): finished deliveries (neither `pending` nor `delivering`) not
+//! updated within `CJ_RETENTION_DELIVERIES` go, in slices.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::infra::clock_guard::ClockGuard;
+
+/// The hourly job; a round whose clock the guard does not trust removes nothing.
+pub async fn run(
+    pool: PgPool,
+    guard: ClockGuard,
+    keep: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Some(now) = guard.now(&pool).await {
+            match enforce(&pool, now, keep, &shutdown).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "Delivery retention: old deliveries removed."),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Delivery retention failed; next run retries.")
+                }
+            }
+        }
+        if shutdown
+            .run_until_cancelled(tokio::time::sleep(every))
+            .await
+            .is_none()
+        {
+            return;
+        }
+    }
+}
+
+/// Removes the deliveries finished before `keep` at `now`; returns how many went.
+pub async fn enforce(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    keep: Duration,
+    shutdown: &CancellationToken,
+) -> Result<u64, sqlx::Error> {
+    let cutoff = now
+        .checked_sub_signed(chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let n = crate::infra::db::delete_in_slices(
+        pool,
+        "actions.deliveries",
+        "status NOT IN ('pending', 'delivering') AND updated_at < $1",
+        cutoff,
+        shutdown,
+    )
+    .await?;
+    metrics::counter!("cj_retention_removed_total", "table" => "actions.deliveries").increment(n);
+    Ok(n)
+}
