@@ -58,6 +58,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         router,
         ctx.shutdown,
+        ctx.config.http,
         ctx.config.shutdown_timeout,
     )
     .await
