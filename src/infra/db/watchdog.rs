@@ -49,6 +49,9 @@ pub struct Wire {
 pub struct Relay {
     dir: PathBuf,
     stop: CancellationToken,
+    /// Locked while the relay lives (and by the kernel until the process is gone), so a later
+    /// process can tell a directory left by a killed one from a live one.
+    _owner: std::fs::File,
 }
 
 impl Relay {
@@ -59,8 +62,10 @@ impl Relay {
         // The listener registers with, and the accept loop runs on, the caller's runtime.
         let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
         static NEXT: AtomicU64 = AtomicU64::new(0);
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| remove_abandoned(&std::env::temp_dir()));
         let dir = std::env::temp_dir().join(format!(
-            "cornjacket-db-{}-{}",
+            "{PREFIX}{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
@@ -74,9 +79,12 @@ impl Relay {
             std::fs::remove_dir_all(&dir)?;
             mkdir()?;
         }
+        let owner = std::fs::File::create(dir.join(OWNER))?;
+        owner.try_lock().map_err(std::io::Error::other)?;
         let relay = Self {
             dir,
             stop: CancellationToken::new(),
+            _owner: owner,
         };
         let listener = UnixListener::bind(relay.dir.join(format!(".s.PGSQL.{port}")))?;
         let target: Arc<str> = Arc::from(host);
@@ -94,6 +102,38 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.stop.cancel();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const PREFIX: &str = "cornjacket-db-";
+const OWNER: &str = "owner.lock";
+
+/// Removes the relay directories of processes that were killed before they could (their owner
+/// lock is free). A directory younger than a minute is left alone: its relay may be starting.
+fn remove_abandoned(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(PREFIX));
+        let settled = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(60));
+        if !ours || !settled {
+            continue;
+        }
+        if let Ok(lock) = std::fs::File::open(path.join(OWNER))
+            && lock.try_lock().is_ok()
+        {
+            let _ = std::fs::remove_dir_all(&path);
+        }
     }
 }
 
