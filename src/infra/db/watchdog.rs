@@ -64,21 +64,20 @@ impl Relay {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         static SWEPT: std::sync::Once = std::sync::Once::new();
         SWEPT.call_once(|| remove_abandoned(&std::env::temp_dir()));
-        let dir = std::env::temp_dir().join(format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
         // Only this user may connect: the socket reaches the database with this host's address.
-        let mkdir = || std::fs::DirBuilder::new().mode(0o700).create(&dir);
-        if let Err(e) = mkdir() {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                return Err(e);
+        let dir = loop {
+            let dir = std::env::temp_dir().join(format!(
+                "{PREFIX}{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => break dir,
+                // A process with the same pid had it (one killed, or in another pid namespace).
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
             }
-            // Left by an earlier process that had this pid: it is gone.
-            std::fs::remove_dir_all(&dir)?;
-            mkdir()?;
-        }
+        };
         let owner = std::fs::File::create(dir.join(OWNER))?;
         owner.try_lock().map_err(std::io::Error::other)?;
         let relay = Self {
