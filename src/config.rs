@@ -243,6 +243,106 @@ pub struct ApiLimitConfig {
     pub burst: u32,
 }
 
+/// What keeps a database that stops answering — without closing its connections — from holding
+/// the platform (`infra::db`). Applied to every pooled connection; migrations run on a connection
+/// of their own without the statement timeout (a migration may take long, and waits for another
+/// instance's migration).
+#[derive(Debug, Clone, Copy)]
+pub struct DbTimeouts {
+    /// `CJ_DB_STATEMENT_TIMEOUT`: PostgreSQL's `statement_timeout`, lock waits included (30s).
+    pub statement: Duration,
+    /// `CJ_DB_IDLE_IN_TRANSACTION_TIMEOUT`: PostgreSQL's `idle_in_transaction_session_timeout`, so
+    /// the session of a client that vanished mid-transaction gives its locks back (60s). Must
+    /// exceed `CJ_KAFKA_MESSAGE_TIMEOUT`: the outbox processor keeps its claim open while the
+    /// broker acknowledges.
+    pub idle_in_transaction: Duration,
+    /// `CJ_DB_RESPONSE_TIMEOUT`: how long the server may stay silent after the client sent it
+    /// something before the connection is dropped (default: the statement timeout plus 5s; must
+    /// exceed the statement timeout); `off` connects without the watching relay.
+    pub response: Option<Duration>,
+    /// `CJ_DB_TCP_KEEPALIVE`: idle time before TCP keepalive probes, on the platform's end and
+    /// asked of the server for its end; probes every third of it, three of them (10s).
+    pub keepalive: Duration,
+}
+
+impl DbTimeouts {
+    fn parse(v: &Vars, message_timeout: Duration) -> Result<Self, ConfigError> {
+        let statement = v.positive_duration("CJ_DB_STATEMENT_TIMEOUT", Duration::from_secs(30))?;
+        let idle_var = "CJ_DB_IDLE_IN_TRANSACTION_TIMEOUT";
+        let idle_in_transaction = v.positive_duration(idle_var, Duration::from_secs(60))?;
+        if idle_in_transaction <= message_timeout {
+            return Err(Vars::err(
+                idle_var,
+                &humantime::format_duration(idle_in_transaction).to_string(),
+                &format!(
+                    "a duration longer than CJ_KAFKA_MESSAGE_TIMEOUT ({})",
+                    humantime::format_duration(message_timeout)
+                ),
+            ));
+        }
+        let response = match v.raw(&["CJ_DB_RESPONSE_TIMEOUT"]) {
+            Some((_, off)) if off.eq_ignore_ascii_case("off") => None,
+            _ => {
+                let var = "CJ_DB_RESPONSE_TIMEOUT";
+                let d = v.duration(var, statement + Duration::from_secs(5))?;
+                if d <= statement {
+                    return Err(Vars::err(
+                        var,
+                        &humantime::format_duration(d).to_string(),
+                        "off, or a duration longer than CJ_DB_STATEMENT_TIMEOUT",
+                    ));
+                }
+                Some(d)
+            }
+        };
+        let keepalive = v.duration("CJ_DB_TCP_KEEPALIVE", Duration::from_secs(10))?;
+        if keepalive < Duration::from_secs(1) {
+            return Err(Vars::err(
+                "CJ_DB_TCP_KEEPALIVE",
+                &humantime::format_duration(keepalive).to_string(),
+                "a duration of at least 1s",
+            ));
+        }
+        Ok(Self {
+            statement,
+            idle_in_transaction,
+            response,
+            keepalive,
+        })
+    }
+}
+
+/// What every HTTP port enforces on its clients (`infra::http::serve`), so slow or idle clients
+/// cannot hold a port open; in `app` auth mode nothing in front of the platform does it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// `CJ_HTTP_HEADER_TIMEOUT`: a request's headers must be complete within this long of the
+    /// connection opening or of the request's first byte; the connection is closed otherwise (10s).
+    pub header_timeout: Duration,
+    /// `CJ_HTTP_BODY_TIMEOUT`: a request's whole body must arrive within this long of its headers;
+    /// 408 otherwise (60s).
+    pub body_timeout: Duration,
+    /// `CJ_HTTP_IDLE_TIMEOUT`: a keep-alive connection without a request for this long is closed
+    /// (120s: longer than a gateway keeps idle upstream connections — Traefik 90s — so the gateway
+    /// closes first and never sends a request on a connection being closed).
+    pub idle_timeout: Duration,
+    /// `CJ_HTTP_MAX_CONNECTIONS`: open connections per port; further clients wait in the listen
+    /// backlog until one closes (1024).
+    pub max_connections: usize,
+}
+
+impl HttpLimits {
+    fn parse(v: &Vars) -> Result<Self, ConfigError> {
+        Ok(Self {
+            header_timeout: v
+                .positive_duration("CJ_HTTP_HEADER_TIMEOUT", Duration::from_secs(10))?,
+            body_timeout: v.positive_duration("CJ_HTTP_BODY_TIMEOUT", Duration::from_secs(60))?,
+            idle_timeout: v.positive_duration("CJ_HTTP_IDLE_TIMEOUT", Duration::from_secs(120))?,
+            max_connections: v.ranged("CJ_HTTP_MAX_CONNECTIONS", 1024, 1, 1_000_000)?,
+        })
+    }
+}
+
 /// Where requests are authenticated (SPEC §11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
@@ -316,6 +416,8 @@ pub struct Config {
     pub db_max_connections: u32,
     /// `CJ_DB_ACQUIRE_TIMEOUT`: how long a request waits for a connection before 503.
     pub db_acquire_timeout: Duration,
+    pub db_timeouts: DbTimeouts,
+    pub http: HttpLimits,
     pub kafka: KafkaConfig,
     pub outbox: OutboxConfig,
     pub ingestion: IngestionConfig,
@@ -832,6 +934,8 @@ impl Config {
             databases,
             db_max_connections: v.ranged("CJ_DB_MAX_CONNECTIONS", 16, 1, 1000)?,
             db_acquire_timeout: v.duration("CJ_DB_ACQUIRE_TIMEOUT", Duration::from_secs(3))?,
+            db_timeouts: DbTimeouts::parse(v, kafka.message_timeout)?,
+            http: HttpLimits::parse(v)?,
             kafka,
             outbox,
             ingestion,
@@ -991,6 +1095,54 @@ mod tests {
     fn database_url_errors_never_print_the_password() {
         let err = with(&[("CJ_INGESTION_DATABASE_URL", "mysql://u:hunter2@h/db")]).unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn database_and_http_timeouts_have_defaults_and_are_checked_against_each_other() {
+        let c = with(&[]).unwrap();
+        let t = c.db_timeouts;
+        assert_eq!(t.statement, Duration::from_secs(30));
+        assert_eq!(t.idle_in_transaction, Duration::from_secs(60));
+        assert_eq!(t.response, Some(Duration::from_secs(35)));
+        assert_eq!(t.keepalive, Duration::from_secs(10));
+        assert_eq!(c.http.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.http.max_connections, 1024);
+        let short = with(&[("CJ_DB_STATEMENT_TIMEOUT", "2s")]).unwrap();
+        assert_eq!(short.db_timeouts.response, Some(Duration::from_secs(7)));
+        let off = with(&[("CJ_DB_RESPONSE_TIMEOUT", "off")]).unwrap();
+        assert_eq!(off.db_timeouts.response, None);
+
+        let cases: &[(&str, &str, &str)] = &[
+            ("CJ_DB_STATEMENT_TIMEOUT", "0s", "positive"),
+            ("CJ_DB_STATEMENT_TIMEOUT", "soon", "duration"),
+            (
+                "CJ_DB_IDLE_IN_TRANSACTION_TIMEOUT",
+                "10s",
+                "longer than CJ_KAFKA_MESSAGE_TIMEOUT (10s)",
+            ),
+            (
+                "CJ_DB_RESPONSE_TIMEOUT",
+                "30s",
+                "longer than CJ_DB_STATEMENT_TIMEOUT",
+            ),
+            ("CJ_DB_RESPONSE_TIMEOUT", "never", "duration"),
+            ("CJ_DB_TCP_KEEPALIVE", "500ms", "at least 1s"),
+            ("CJ_HTTP_HEADER_TIMEOUT", "0s", "positive"),
+            ("CJ_HTTP_BODY_TIMEOUT", "slow", "duration"),
+            ("CJ_HTTP_IDLE_TIMEOUT", "0s", "positive"),
+            ("CJ_HTTP_MAX_CONNECTIONS", "0", "integer from 1"),
+        ];
+        for (var, value, expected) in cases {
+            let err = with(&[(var, value)]).expect_err(var);
+            assert_eq!(&err.var, var);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(expected),
+                "{var}: '{msg}' should mention '{expected}'"
+            );
+        }
     }
 
     #[test]

@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, PgPool};
+use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::config::Config;
+
+mod watchdog;
 
 /// A service's migrations: its schema and the SQL files embedded from `migrations/<service>/`.
 pub struct Migrations {
@@ -71,26 +73,111 @@ pub enum MigrateError {
 
 /// A pool that connects on first use, so a service can start (and report unhealthy) while its
 /// database is still down.
+///
+/// Every connection carries the session timeouts of `CJ_DB_*` (sent in the startup packet, so
+/// they cost no round trip) and, unless `CJ_DB_RESPONSE_TIMEOUT=off`, runs through a
+/// [`watchdog::Relay`] that drops it once the server stops answering (why it takes a relay: see
+/// that module). A connection idle for a while is pinged, with a short deadline, before it is
+/// handed out, so one that died while it sat in the pool costs a second, not the response
+/// deadline.
 pub fn lazy_pool(url: &str, config: &Config, max: u32) -> anyhow::Result<PgPool> {
+    let t = config.db_timeouts;
     let opts: PgConnectOptions = url.parse()?;
-    let opts = opts
+    let mut opts = opts
         .application_name("cornjacket")
         .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1))
+        .options(session_settings(&t));
+    let relay = match t.response {
+        // A Unix socket to a local server has no network in between to lose.
+        Some(response) if opts.get_socket().is_none() && !opts.get_host().starts_with('/') => {
+            let wire = watchdog::Wire {
+                response,
+                keepalive: t.keepalive,
+                connect: config.db_acquire_timeout.max(Duration::from_secs(1)),
+            };
+            let relay = watchdog::Relay::start(opts.get_host(), opts.get_port(), wire)
+                .map_err(|e| anyhow::anyhow!("could not start the database relay: {e}"))?;
+            opts = opts.socket(relay.dir());
+            Some(relay)
+        }
+        _ => None,
+    };
     Ok(PgPoolOptions::new()
         .max_connections(max)
         .min_connections(0)
         .acquire_timeout(config.db_acquire_timeout)
         .idle_timeout(Duration::from_secs(300))
         .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            // The relay lives as long as the pool, which owns this closure.
+            let _ = &relay;
+            Box::pin(async move {
+                if meta.idle_for < PING_WHEN_IDLE_FOR {
+                    return Ok(true);
+                }
+                match tokio::time::timeout(PING_TIMEOUT, conn.ping()).await {
+                    Ok(Ok(())) => Ok(true),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => {
+                        tracing::info!(idle_for = ?meta.idle_for, "A pooled database connection did not answer a ping; discarding it.");
+                        Ok(false)
+                    }
+                }
+            })
+        })
         .connect_lazy_with(opts))
+}
+
+/// A pooled connection unused for this long is pinged before it is handed out. Under load
+/// connections are reused within milliseconds and skip the ping; after a quiet spell (or an
+/// outage, when nothing succeeds) the ping costs one round trip.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// A ping is one round trip with no work on the server: a healthy one answers in milliseconds.
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The server-side settings of every pooled session. `lock_timeout` is left alone: the statement
+/// timeout bounds lock waits too, and the waits this platform means to make (the bus recovery
+/// waiting for a batch's shard lock) would only fail sooner; retention's DDL sets its own.
+fn session_settings(t: &crate::config::DbTimeouts) -> [(&'static str, String); 5] {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let secs = |d: Duration| d.as_secs().max(1).to_string();
+    [
+        ("statement_timeout", ms(t.statement)),
+        (
+            "idle_in_transaction_session_timeout",
+            ms(t.idle_in_transaction),
+        ),
+        // The server's end: a backend whose client vanished exits instead of holding a
+        // connection slot for the kernel's two-hour default.
+        ("tcp_keepalives_idle", secs(t.keepalive)),
+        ("tcp_keepalives_interval", secs(t.keepalive / 3)),
+        ("tcp_keepalives_count", "3".to_string()),
+    ]
 }
 
 /// Applies one service's migrations. Two processes starting at once serialise on an advisory
 /// lock, so each migration runs exactly once; the history table lives in the service's schema so
 /// services sharing a database never collide.
 pub async fn migrate(url: &str, m: &Migrations) -> Result<refinery::Report, MigrateError> {
-    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let mut cfg: tokio_postgres::Config = url.parse().map_err(MigrateError::Unreachable)?;
+    // Its own connection, without the pools' statement timeout: a migration may take long, and
+    // waits for another instance's. A connect that gets no answer is given up and retried, and
+    // keepalives find a server that vanished meanwhile (unless the URL says otherwise).
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(Duration::from_secs(10));
+    }
+    if cfg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        cfg.keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(3))
+            .keepalives_retries(3);
+    }
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(Duration::from_secs(20));
+    }
+    let (mut client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
         .await
         .map_err(MigrateError::Unreachable)?;
     let conn_task = tokio::spawn(async move {

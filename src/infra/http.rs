@@ -1,7 +1,6 @@
 //! HTTP plumbing shared by every port: health reports, the metrics endpoint, serving with
 //! graceful shutdown, and the request-tracing layer.
 
-use std::future::IntoFuture;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -10,10 +9,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::telemetry;
+
+mod server;
+pub use server::serve;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -246,33 +247,4 @@ pub fn limited<S: Clone + Send + Sync + 'static>(
 /// The fallback for routes that do not exist, so clients get JSON and not an empty 404.
 pub async fn not_found() -> Response {
     error_body(StatusCode::NOT_FOUND, "no such route", json!([]))
-}
-
-/// Serves a router on an already-bound listener until `shutdown` fires, then drains in-flight
-/// requests (bounded by `drain`).
-pub async fn serve(
-    name: &'static str,
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-    drain: Duration,
-) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
-    tracing::info!(service = name, %addr, "Listening.");
-    let router = router.layer(axum::middleware::from_fn(telemetry::http_metrics));
-    let signal = shutdown.clone();
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { signal.cancelled().await })
-    .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r?,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
-            tracing::warn!(service = name, "HTTP drain deadline passed; closing open connections.");
-        }
-    }
-    Ok(())
 }

@@ -470,32 +470,53 @@ pub async fn produce_raw(topic: &str, key: &str, payload: &[u8]) {
     .expect("produce");
 }
 
-/// A TCP proxy that can be cut (all connections dropped, new ones refused) and restored, to
-/// simulate a database going away without touching the shared server.
+/// A TCP proxy that can be cut (all connections dropped, new ones refused) and restored, or
+/// blackholed, to simulate a database going away without touching the shared server.
 pub struct Proxy {
     pub addr: SocketAddr,
-    up: watch::Sender<bool>,
+    mode: watch::Sender<ProxyMode>,
     _alive: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyMode {
+    Up,
+    Cut,
+    Blackhole,
 }
 
 impl Proxy {
     pub async fn start(target: &str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (up, rx) = watch::channel(true);
+        let (mode, rx) = watch::channel(ProxyMode::Up);
         let target = target.to_string();
         let alive = Arc::new(AtomicBool::new(true));
         tokio::spawn(async move {
+            let mut closed = rx.clone();
             loop {
-                let Ok((inbound, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    // The proxy was dropped.
+                    _ = closed.wait_for(|_| false) => break,
+                };
+                let Ok((inbound, _)) = accepted else {
                     break;
                 };
-                if !*rx.borrow() {
-                    drop(inbound);
-                    continue;
-                }
-                let target = target.clone();
                 let mut rx = rx.clone();
+                let target = target.clone();
+                let now = *rx.borrow();
+                match now {
+                    ProxyMode::Cut => continue,
+                    ProxyMode::Blackhole => {
+                        tokio::spawn(async move {
+                            let _held = inbound;
+                            let _ = rx.wait_for(|m| *m == ProxyMode::Cut).await;
+                        });
+                        continue;
+                    }
+                    ProxyMode::Up => {}
+                }
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
@@ -503,30 +524,44 @@ impl Proxy {
                     let (mut ri, mut wi) = inbound.into_split();
                     let (mut ro, mut wo) = outbound.into_split();
                     tokio::select! {
-                        _ = tokio::io::copy(&mut ri, &mut wo) => {}
-                        _ = tokio::io::copy(&mut ro, &mut wi) => {}
-                        _ = rx.wait_for(|up| !*up) => {}
+                        _ = tokio::io::copy(&mut ri, &mut wo) => return,
+                        _ = tokio::io::copy(&mut ro, &mut wi) => return,
+                        _ = rx.wait_for(|m| *m != ProxyMode::Up) => {}
+                    }
+                    if *rx.borrow() == ProxyMode::Blackhole {
+                        // Both sockets stay open, and nothing crosses any more: not after a
+                        // restore either, as after a failover or a firewall that lost the flow.
+                        let _ = rx.wait_for(|m| *m == ProxyMode::Cut).await;
                     }
                 });
             }
         });
         Self {
             addr,
-            up,
+            mode,
             _alive: alive,
         }
     }
 
     pub fn cut(&self) {
-        self.up.send_replace(false);
+        self.mode.send_replace(ProxyMode::Cut);
     }
 
+    /// From now on no byte crosses any connection, old or new, and none is closed: a database
+    /// host that vanished, or a firewall that silently drops its packets. New connections are
+    /// accepted and then hang.
+    pub fn blackhole(&self) {
+        self.mode.send_replace(ProxyMode::Blackhole);
+    }
+
+    /// Lets new connections through again; connections blackholed before stay open and silent
+    /// until the proxy is cut or dropped, so only a client that gives up on them recovers.
     pub fn restore(&self) {
-        self.up.send_replace(true);
+        self.mode.send_replace(ProxyMode::Up);
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.borrow().to_owned()
+        *self.mode.borrow() == ProxyMode::Up
     }
 }
 

@@ -87,6 +87,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         api_router,
         shutdown.clone(),
+        config.http,
         drain,
     ));
     let health_http = tokio::spawn(serve(
@@ -94,6 +95,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         health_listener,
         health_router,
         shutdown.clone(),
+        config.http,
         drain,
     ));
 

@@ -62,6 +62,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         router,
         ctx.shutdown,
+        ctx.config.http,
         ctx.config.shutdown_timeout,
     )
     .await

@@ -41,6 +41,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 listener,
                 router,
                 shutdown.clone(),
+                config.http,
                 config.shutdown_timeout,
             ))
         }
