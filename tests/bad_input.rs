@@ -1,4 +1,4 @@
-//! Bad input is a 4xx with the JSON error body on every route of the query and action APIs and
+//! Bad input is a 4xx with the JSON error body on every route of the ingestion, query and action APIs and
 //! their health ports, never a 5xx: property tests put arbitrary text (NUL, percent-encodings
 //! that are not UTF-8, huge numbers, long and odd Unicode) in every path segment, query
 //! parameter and body field, against real PostgreSQL and the real broker.
@@ -915,6 +915,171 @@ fn action_routes_answer_bad_input_with_4xx_json() {
         (
             any_method(),
             prop::sample::select(&["/health", "/metrics"][..]),
+            query(vec![]),
+        )
+            .prop_map(|(method, path, q)| Probe {
+                method,
+                ..get(format!("{path}{q}"))
+            }),
+    );
+}
+
+// ---- The ingestion service ----
+
+fn base_event() -> Value {
+    json!({"event_type": "sensor.reading", "aggregate_id": "probe-1",
+           "payload": {"value": 1.5, "unit": "c"}})
+}
+
+/// A place in an event document and what to put there.
+fn event_edit() -> BoxedStrategy<(Vec<String>, Value)> {
+    let at = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    prop_oneof![
+        field_value().prop_map(move |v| (at(&["event_type"]), v)),
+        field_value().prop_map(move |v| (at(&["aggregate_id"]), v)),
+        json_any().prop_map(move |v| (at(&["payload"]), v)),
+        field_value().prop_map(move |v| (at(&["payload", "value"]), v)),
+        field_value().prop_map(move |v| (at(&["payload", "unit"]), v)),
+        prop_oneof![time().prop_map(Value::String), field_value()]
+            .prop_map(move |v| (at(&["event_time"]), v)),
+        prop_oneof![uuid().prop_map(Value::String), field_value()]
+            .prop_map(move |v| (at(&["event_id"]), v)),
+        field_value().prop_map(move |v| (at(&["trace_id"]), v)),
+        (nasty(), json_any()).prop_map(|(k, v)| (vec!["payload".into(), k], v)),
+        (nasty(), json_any()).prop_map(|(k, v)| (vec![k], v)),
+    ]
+    .boxed()
+}
+
+fn event_doc() -> BoxedStrategy<Value> {
+    prop::collection::vec(event_edit(), 1..3)
+        .prop_map(|edits| {
+            let mut doc = base_event();
+            for (path, v) in edits {
+                set(&mut doc, &path, v);
+            }
+            doc
+        })
+        .boxed()
+}
+
+/// An event with a field or two changed, or a body that is no event at all.
+fn event_body() -> BoxedStrategy<Option<(Option<String>, Vec<u8>)>> {
+    let raw: &[&[u8]] = &[
+        br#"{"event_type": "a.b", "aggregate_id": "\ud800", "payload": {}}"#,
+        br#"{"event_type": "a.b", "aggregate_id": "x", "payload": {"k": "\u0000"}}"#,
+        br#"{"event_type": "a.b", "aggregate_id": "x", "payload": {"v": 1e400}}"#,
+        b"{\"event_type\": \"\xff\"}",
+        b"",
+        b"null",
+    ];
+    prop_oneof![
+        8 => event_doc().prop_map(|v| json_body(&v)),
+        1 => json_any().prop_map(|v| json_body(&v)),
+        1 => prop::sample::select(raw).prop_map(|b| Some((Some("application/json".into()), b.to_vec()))),
+        1 => prop::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|b| Some((Some("application/json".into()), b))),
+        1 => prop::option::of(prop_oneof![
+                one_of(&["text/plain", "application/json; charset=utf-8",
+                         "application/cloudevents+json", "application/jsonx", ""]),
+                nasty(),
+            ])
+            .prop_map(|ct| Some((ct, serde_json::to_vec(&base_event()).unwrap()))),
+        1 => Just(None),
+    ]
+    .boxed()
+}
+
+/// A batch of edited events, or something that is not a batch.
+fn batch_body() -> BoxedStrategy<Option<(Option<String>, Vec<u8>)>> {
+    prop_oneof![
+        6 => prop::collection::vec(event_doc(), 0..5)
+            .prop_map(|events| json_body(&json!({ "events": events }))),
+        1 => json_any().prop_map(|v| json_body(&json!({ "events": v }))),
+        1 => (nasty(), json_any()).prop_map(|(k, v)| json_body(&json!({ k: v }))),
+        1 => event_body(),
+    ]
+    .boxed()
+}
+
+#[test]
+fn ingestion_routes_answer_bad_input_with_4xx_json() {
+    let rt = runtime();
+    let app = rt.block_on(async {
+        let app = TestApp::spawn(&[Service::Ingestion]).await;
+        app.wait_ready().await;
+        app
+    });
+    let addr = app.addrs[&Service::Ingestion];
+    for path in ["/api/v1/ingest", "/api/v1/events"] {
+        drive(
+            &rt,
+            &app,
+            addr,
+            &format!("POST {path}"),
+            event_body().prop_map(move |body| Probe {
+                method: "POST",
+                target: path.into(),
+                body,
+            }),
+        );
+    }
+    drive(
+        &rt,
+        &app,
+        addr,
+        "POST /api/v1/ingest/batch",
+        batch_body().prop_map(|body| Probe {
+            method: "POST",
+            target: "/api/v1/ingest/batch".into(),
+            body,
+        }),
+    );
+    drive(
+        &rt,
+        &app,
+        addr,
+        "GET outbox/quarantine",
+        query(vec![("limit", number(20_000))])
+            .prop_map(|q| get(format!("/api/v1/outbox/quarantine{q}"))),
+    );
+    drive(
+        &rt,
+        &app,
+        addr,
+        "POST outbox/quarantine/{seq}/requeue",
+        segment(number(u64::MAX)).prop_map(|seq| Probe {
+            method: "POST",
+            ..get(format!("/api/v1/outbox/quarantine/{seq}/requeue"))
+        }),
+    );
+    drive(
+        &rt,
+        &app,
+        addr,
+        "DELETE outbox/quarantine/{seq}",
+        segment(number(u64::MAX)).prop_map(|seq| Probe {
+            method: "DELETE",
+            ..get(format!("/api/v1/outbox/quarantine/{seq}"))
+        }),
+    );
+    drive(
+        &rt,
+        &app,
+        addr,
+        "any method on any route",
+        (
+            any_method(),
+            prop::sample::select(
+                &[
+                    "/api/v1/ingest",
+                    "/api/v1/ingest/batch",
+                    "/api/v1/outbox/quarantine",
+                    "/health",
+                    "/metrics",
+                    "/internal/auth/verify",
+                ][..],
+            ),
             query(vec![]),
         )
             .prop_map(|(method, path, q)| Probe {

@@ -362,6 +362,7 @@ async fn ingest_batch(
         } else {
             "no event in the batch is valid"
         });
+        body["details"] = json!([]);
     }
     Ok((status, Json(body)).into_response())
 }
