@@ -221,8 +221,11 @@ async fn commit(state: &AppState, events: Vec<Pending>) -> Result<Vec<Outcome>, 
                 .iter()
                 .filter(|o| matches!(o, Outcome::Conflict(_)))
                 .count() as u64;
-            metrics::counter!("cj_events_accepted_total", "source" => "http")
-                .increment(n - conflicts);
+            let accepted = outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Accepted(_)))
+                .count() as u64;
+            metrics::counter!("cj_events_accepted_total", "source" => "http").increment(accepted);
             if conflicts > 0 {
                 metrics::counter!("cj_ingest_rejected_total", "reason" => "conflict")
                     .increment(conflicts);
@@ -261,6 +264,7 @@ async fn ingest(
     let id = match outcome {
         Outcome::Accepted(id) => id,
         Outcome::Conflict(c) => return Err(c.into()),
+        Outcome::Unavailable => return Err(IngestError::Unavailable),
     };
     tracing::Span::current().record("event_id", tracing::field::display(id));
     Ok((
@@ -330,6 +334,8 @@ async fn ingest_batch(
     }
     let mut accepted = 0;
     let mut conflicts = 0;
+    // Only when part of the batch committed and part could not: those are retried alone.
+    let mut unavailable = 0;
     if !valid.is_empty() {
         let outcomes = commit(&state, valid).await?;
         for (i, outcome) in valid_at.into_iter().zip(outcomes) {
@@ -342,10 +348,15 @@ async fn ingest_batch(
                     conflicts += 1;
                     json!({ "index": i, "status": "rejected", "error": c.to_string(), "details": [] })
                 }
+                Outcome::Unavailable => {
+                    unavailable += 1;
+                    json!({ "index": i, "status": "rejected",
+                            "error": IngestError::Unavailable.to_string(), "details": [] })
+                }
             };
         }
     }
-    let rejected = rejected + conflicts;
+    let rejected = rejected + conflicts + unavailable;
     // Nothing accepted: 409 when every refusal was a conflict (the request was well formed and
     // a retry of it will not help), 400 otherwise.
     let status = if accepted > 0 {

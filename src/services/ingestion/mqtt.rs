@@ -236,11 +236,12 @@ impl Subscriber {
                     report(client, &p.topic, &c.to_string(), json!([]));
                     return Handled::Rejected;
                 }
-                Ok(_) => {
+                Ok(o) if matches!(o.first(), Some(Outcome::Accepted(_))) => {
                     metrics::counter!("cj_events_accepted_total", "source" => "mqtt").increment(1);
                     return Handled::Accepted;
                 }
-                Err(e) => {
+                other => {
+                    let e = other.err().unwrap_or(WriteError::Unavailable);
                     if !matches!(e, WriteError::Unavailable) {
                         tracing::error!(device = %device, error = %e, "MQTT message could not be stored; retrying.");
                     }

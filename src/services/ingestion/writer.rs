@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
@@ -119,6 +119,9 @@ pub enum Outcome {
     Accepted(Uuid),
     /// The event_id or Idempotency-Key was already used for a different event; nothing stored.
     Conflict(Conflict),
+    /// Not stored: its part of a batch could not be committed (the database was unavailable)
+    /// while other parts were. Retrying it is safe.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,18 +150,58 @@ impl From<sqlx::Error> for WriteError {
     }
 }
 
-struct Job {
+/// One job's events bound for one lane: their positions in the job, and the events.
+struct Part {
+    job: Arc<JobState>,
+    at: Vec<usize>,
     events: Vec<Pending>,
-    /// The shards the job writes, one bit each.
-    shards: u16,
-    reply: oneshot::Sender<Result<Vec<Outcome>, WriteError>>,
 }
 
-/// The handle requests use; cloning is cheap. The collector stops when every handle is dropped,
+/// A submitted job while its parts commit.
+struct JobState {
+    /// Global submission order (see [`Writer::send`]).
+    seq: u64,
+    /// The lanes it has parts in.
+    lanes: Vec<usize>,
+    /// Parts not committed (or failed) yet.
+    left: std::sync::atomic::AtomicUsize,
+    outcomes: Mutex<Vec<Option<Result<Outcome, WriteError>>>>,
+    reply: Mutex<Option<oneshot::Sender<Answer>>>,
+}
+
+/// Per event of a job, what became of it.
+type Answer = Vec<Result<Outcome, WriteError>>;
+
+/// The handle requests use; cloning is cheap. The lanes stop when every handle is dropped,
 /// which is after the HTTP server has drained, so no accepted request is cut off.
+///
+/// Shards are divided among `concurrency` lanes (`shard % lanes`); each lane commits its queue
+/// one group commit after the other, and the lanes run concurrently. A shard is in one lane
+/// only, so two commits that write one shard never run at once in this process, and its
+/// outbox order is its submission order. A job (a batch request) is split by lane and
+/// answered when all its parts are committed; answers go out in submission order among jobs
+/// that share a lane, so no later request of an aggregate is answered before an earlier one.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Job>,
+    inner: Arc<WriterInner>,
+}
+
+struct WriterInner {
+    /// Unbounded, so that handing a job over never waits: a job registered for answering but
+    /// cancelled before all its parts were sent would hold back every later answer. The
+    /// request limits (HTTP connections, MQTT in-flight window, request timeout) bound it.
+    lanes: Vec<mpsc::UnboundedSender<Part>>,
+    /// Held while a job's parts are handed to the lanes, so that every lane sees jobs in one
+    /// global order.
+    order: Mutex<u64>,
+    release: Mutex<Release>,
+}
+
+/// Jobs waiting to be answered, per lane in submission order.
+#[derive(Default)]
+struct Release {
+    queues: Vec<std::collections::VecDeque<u64>>,
+    done: HashMap<u64, Arc<JobState>>,
 }
 
 impl Writer {
@@ -169,16 +212,32 @@ impl Writer {
         wakers: Wakers,
         tracker: &TaskTracker,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(16_384);
         let ctx = Arc::new(CommitCtx {
             pool,
             wakers,
             pacer: NotifyPacer(Mutex::new(None)),
-            busy: Mutex::new(0),
-            freed: Notify::new(),
         });
-        tracker.spawn(collect(ctx, rx, max_rows, concurrency, tracker.clone()));
-        Self { tx }
+        let mut lanes = Vec::with_capacity(concurrency);
+        let mut receivers = Vec::with_capacity(concurrency);
+        for _ in 0..concurrency {
+            let (tx, rx) = mpsc::unbounded_channel();
+            lanes.push(tx);
+            receivers.push(rx);
+        }
+        let inner = Arc::new(WriterInner {
+            lanes,
+            order: Mutex::new(0),
+            release: Mutex::new(Release {
+                queues: vec![Default::default(); concurrency],
+                done: HashMap::new(),
+            }),
+        });
+        for rx in receivers {
+            // The lane holds the writer's inner state only weakly, so dropping every handle
+            // closes the lanes' channels and they stop.
+            tracker.spawn(lane(ctx.clone(), Arc::downgrade(&inner), rx, max_rows));
+        }
+        Self { inner }
     }
 
     /// Commits the events, in order, and says per event what became of it. Events submitted
@@ -188,33 +247,72 @@ impl Writer {
         self.send(events).await?.wait().await
     }
 
-    /// Hands the events to the collector and returns at once with a ticket for the outcome:
-    /// a caller that must keep an order (MQTT's arrival order) sends one message after the
-    /// other and waits for the tickets concurrently. (Sending from concurrent futures instead
-    /// would let tokio's cooperative budget swap two neighbours.)
+    /// Hands the events to the lanes and returns at once with a ticket for the outcome: a
+    /// caller that must keep an order (MQTT's arrival order) sends one message after the other
+    /// and waits for the tickets concurrently. (Sending from concurrent futures instead would
+    /// let tokio's cooperative budget swap two neighbours.)
     pub async fn send(&self, events: Vec<Pending>) -> Result<Ticket, WriteError> {
         let (reply, rx) = oneshot::channel();
-        let shards = events
-            .iter()
-            .fold(0u16, |m, p| m | 1 << shard_of(&p.envelope.aggregate_id));
-        self.tx
-            .send(Job {
+        let n = events.len();
+        let l = self.inner.lanes.len();
+        let mut parts: Vec<(Vec<usize>, Vec<Pending>)> =
+            (0..l).map(|_| Default::default()).collect();
+        for (i, p) in events.into_iter().enumerate() {
+            let lane = shard_of(&p.envelope.aggregate_id) as usize % l;
+            parts[lane].0.push(i);
+            parts[lane].1.push(p);
+        }
+        let lanes: Vec<usize> = (0..l).filter(|i| !parts[*i].0.is_empty()).collect();
+        // No await from here on (see `WriterInner::lanes`).
+        let mut order = self.inner.order.lock().expect("order lock");
+        *order += 1;
+        let job = Arc::new(JobState {
+            seq: *order,
+            lanes: lanes.clone(),
+            left: std::sync::atomic::AtomicUsize::new(lanes.len()),
+            outcomes: Mutex::new((0..n).map(|_| None).collect()),
+            reply: Mutex::new(Some(reply)),
+        });
+        {
+            let mut r = self.inner.release.lock().expect("release lock");
+            for &lane in &lanes {
+                r.queues[lane].push_back(job.seq);
+            }
+        }
+        for lane in lanes {
+            let (at, events) = std::mem::take(&mut parts[lane]);
+            let part = Part {
+                job: job.clone(),
+                at,
                 events,
-                shards,
-                reply,
-            })
-            .await
-            .map_err(|_| WriteError::Unavailable)?;
+            };
+            if self.inner.lanes[lane].send(part).is_err() {
+                return Err(WriteError::Unavailable);
+            }
+        }
+        drop(order);
         Ok(Ticket(rx))
     }
 }
 
 /// The outcome of events handed to [`Writer::send`].
-pub struct Ticket(oneshot::Receiver<Result<Vec<Outcome>, WriteError>>);
+pub struct Ticket(oneshot::Receiver<Answer>);
 
 impl Ticket {
+    /// Per event, what became of it; an error when no event could be committed. When only
+    /// some lanes failed, their events are [`Outcome::Unavailable`] (the others are stored).
     pub async fn wait(self) -> Result<Vec<Outcome>, WriteError> {
-        self.0.await.map_err(|_| WriteError::Unavailable)?
+        let results = self.0.await.map_err(|_| WriteError::Unavailable)?;
+        if results.iter().all(|r| r.is_err()) {
+            return Err(results
+                .into_iter()
+                .find_map(|r| r.err())
+                .unwrap_or(WriteError::Unavailable));
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Outcome::Unavailable))
+            .collect())
     }
 }
 
@@ -222,115 +320,130 @@ struct CommitCtx {
     pool: PgPool,
     wakers: Wakers,
     pacer: NotifyPacer,
-    /// Shards with a commit in flight, one bit each.
-    busy: Mutex<u16>,
-    /// Signalled whenever a commit finishes and frees its shards.
-    freed: Notify,
 }
 
-impl CommitCtx {
-    fn busy(&self) -> u16 {
-        *self.busy.lock().expect("busy lock")
-    }
-}
-
-/// Takes jobs in arrival order and commits them in group commits. Commits run concurrently only
-/// when they write disjoint shards: a job that shares a shard with a commit in flight waits for
-/// it (and every later job waits behind it), because two concurrent transactions on one shard
-/// could commit in either order, and the outbox order of a shard is its commit order.
-async fn collect(
+/// One lane: takes its parts in order and commits them in group commits, one at a time;
+/// whatever queued while a commit was in flight goes into the next one.
+async fn lane(
     ctx: Arc<CommitCtx>,
-    mut rx: mpsc::Receiver<Job>,
+    writer: std::sync::Weak<WriterInner>,
+    mut rx: mpsc::UnboundedReceiver<Part>,
     max_rows: usize,
-    concurrency: usize,
-    tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(concurrency));
-    let mut held: Option<Job> = None;
-    loop {
-        // Take a commit slot first: while all are busy, arrivals accumulate into the next batch.
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let first = match held.take() {
-            Some(j) => j,
-            None => match rx.recv().await {
-                Some(j) => j,
-                None => break,
-            },
-        };
-        // Wait until the first job's shards are free (registering before checking, so that a
-        // commit finishing in between is not missed).
-        loop {
-            let freed = ctx.freed.notified();
-            if ctx.busy() & first.shards == 0 {
-                break;
-            }
-            freed.await;
-        }
+    while let Some(first) = rx.recv().await {
         let mut rows = first.events.len();
-        let mut mask = first.shards;
-        let mut jobs = vec![first];
+        let mut parts = vec![first];
         while rows < max_rows {
             match rx.try_recv() {
-                Ok(j) if ctx.busy() & j.shards == 0 => {
-                    rows += j.events.len();
-                    mask |= j.shards;
-                    jobs.push(j);
-                }
-                Ok(j) => {
-                    held = Some(j);
-                    break;
+                Ok(p) => {
+                    rows += p.events.len();
+                    parts.push(p);
                 }
                 Err(_) => break,
             }
         }
-        *ctx.busy.lock().expect("busy lock") |= mask;
         metrics::histogram!("cj_outbox_group_commit_rows").record(rows as f64);
-        let ctx = ctx.clone();
-        tracker.spawn(async move {
-            commit_jobs(&ctx, jobs).await;
-            *ctx.busy.lock().expect("busy lock") &= !mask;
-            ctx.freed.notify_waiters();
-            drop(permit);
-        });
+        let done = commit_parts(&ctx, parts).await;
+        if let Some(w) = writer.upgrade() {
+            release(&w, done);
+        } else {
+            // No handle is left to order the answers: answer each finished job as it is.
+            for job in done {
+                answer(&job);
+            }
+        }
     }
 }
 
-async fn commit_jobs(ctx: &CommitCtx, jobs: Vec<Job>) {
-    let (events, shape): (Vec<Pending>, Vec<(usize, oneshot::Sender<_>)>) = {
-        let mut events = Vec::new();
-        let mut shape = Vec::with_capacity(jobs.len());
-        for j in jobs {
-            shape.push((j.events.len(), j.reply));
-            events.extend(j.events);
-        }
-        (events, shape)
-    };
+/// Commits the parts of one group commit and records their outcomes; returns the jobs whose
+/// last part this was.
+async fn commit_parts(ctx: &CommitCtx, parts: Vec<Part>) -> Vec<Arc<JobState>> {
+    let mut events = Vec::new();
+    let mut shape = Vec::with_capacity(parts.len());
+    for p in parts {
+        events.extend(p.events);
+        shape.push((p.job, p.at));
+    }
     let result = write(&ctx.pool, &events, ctx.pacer.due()).await;
-    match result {
+    let mut outcomes = match result {
         Ok(outcomes) => {
             ctx.wakers.wake_all();
-            let mut outcomes = outcomes.into_iter();
-            for (n, reply) in shape {
-                let _ = reply.send(Ok(outcomes.by_ref().take(n).collect()));
-            }
+            outcomes.into_iter().map(Ok).collect::<Vec<_>>()
         }
         Err(e) => {
             let unavailable = matches!(e, WriteError::Unavailable);
             if !unavailable {
                 tracing::error!(error = %e, "Outbox group commit failed.");
             }
-            for (_, reply) in shape {
-                let _ = reply.send(Err(if unavailable {
-                    WriteError::Unavailable
-                } else {
-                    WriteError::Failed(sqlx::Error::Protocol("outbox write failed".into()))
-                }));
+            (0..events.len())
+                .map(|_| {
+                    Err(if unavailable {
+                        WriteError::Unavailable
+                    } else {
+                        WriteError::Failed(sqlx::Error::Protocol("outbox write failed".into()))
+                    })
+                })
+                .collect()
+        }
+    }
+    .into_iter();
+    let mut finished = Vec::new();
+    for (job, at) in shape {
+        {
+            let mut o = job.outcomes.lock().expect("outcomes lock");
+            for i in at {
+                o[i] = outcomes.next();
             }
         }
+        if job.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            finished.push(job);
+        }
+    }
+    finished
+}
+
+/// Answers finished jobs in submission order among jobs that share a lane: a job goes out once
+/// it is first in every lane it has parts in.
+fn release(w: &WriterInner, finished: Vec<Arc<JobState>>) {
+    let mut r = w.release.lock().expect("release lock");
+    for job in finished {
+        r.done.insert(job.seq, job);
+    }
+    loop {
+        let ready: Vec<u64> = r
+            .queues
+            .iter()
+            .filter_map(|q| q.front().copied())
+            .filter(|seq| {
+                r.done
+                    .get(seq)
+                    .is_some_and(|job| job.lanes.iter().all(|&l| r.queues[l].front() == Some(seq)))
+            })
+            .collect();
+        if ready.is_empty() {
+            break;
+        }
+        for seq in ready {
+            let Some(job) = r.done.remove(&seq) else {
+                continue;
+            };
+            for &l in &job.lanes {
+                r.queues[l].pop_front();
+            }
+            answer(&job);
+        }
+    }
+}
+
+fn answer(job: &JobState) {
+    let outcomes = std::mem::take(&mut *job.outcomes.lock().expect("outcomes lock"));
+    if let Some(reply) = job.reply.lock().expect("reply lock").take() {
+        let _ = reply.send(
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or(Err(WriteError::Unavailable)))
+                .collect(),
+        );
     }
 }
 
@@ -563,7 +676,7 @@ async fn write(
                         Conflict::EventId(*id)
                     },
                 ),
-                (c @ Outcome::Conflict(_), _) => c.clone(),
+                (other, _) => other.clone(),
             };
         }
     }
