@@ -250,6 +250,24 @@ pub async fn delete_in_slices(
     Ok(removed)
 }
 
+/// The retention job of one table: deletes (in slices) the rows `due` (`$1` is the cutoff) once
+/// older than `keep` at `now`, and counts them in `cj_retention_removed_total{table}`.
+pub async fn remove_older_than(
+    pool: &PgPool,
+    table: &'static str,
+    due: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    keep: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<u64, sqlx::Error> {
+    let cutoff = now
+        .checked_sub_signed(chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+    let n = delete_in_slices(pool, table, due, cutoff, shutdown).await?;
+    metrics::counter!("cj_retention_removed_total", "table" => table).increment(n);
+    Ok(n)
+}
+
 /// A stable 64-bit advisory lock key for a name (FNV-1a; std's hasher is not stable across builds).
 pub fn advisory_key(name: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

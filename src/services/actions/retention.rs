@@ -44,17 +44,13 @@ pub async fn enforce(
     keep: Duration,
     shutdown: &CancellationToken,
 ) -> Result<u64, sqlx::Error> {
-    let cutoff = now
-        .checked_sub_signed(chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC);
-    let n = crate::infra::db::delete_in_slices(
+    crate::infra::db::remove_older_than(
         pool,
         "actions.deliveries",
         "status NOT IN ('pending', 'delivering') AND updated_at < $1",
-        cutoff,
+        now,
+        keep,
         shutdown,
     )
-    .await?;
-    metrics::counter!("cj_retention_removed_total", "table" => "actions.deliveries").increment(n);
-    Ok(n)
+    .await
 }

@@ -84,17 +84,13 @@ pub async fn enforce(
     keep: Duration,
     shutdown: &CancellationToken,
 ) -> Result<u64, sqlx::Error> {
-    let cutoff = now
-        .checked_sub_signed(chrono::TimeDelta::from_std(keep).unwrap_or(chrono::TimeDelta::MAX))
-        .unwrap_or(DateTime::<Utc>::MIN_UTC);
-    let n = crate::infra::db::delete_in_slices(
+    crate::infra::db::remove_older_than(
         pool,
         "tsdb.sensor_readings",
         "time < $1",
-        cutoff,
+        now,
+        keep,
         shutdown,
     )
-    .await?;
-    metrics::counter!("cj_retention_removed_total", "table" => "tsdb.sensor_readings").increment(n);
-    Ok(n)
+    .await
 }
