@@ -1,6 +1,8 @@
 //! MQTT device ingestion (SPEC §12) against the real Mosquitto.
 
 mod common;
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +42,8 @@ fn mqtt_env(env: &mut HashMap<String, String>, port: u16, root: &str, client_id:
 fn client(port: u16, creds: Option<(&str, &str)>) -> (AsyncClient, rumqttc::EventLoop) {
     let mut o = MqttOptions::new(unique("dev-"), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(5));
+    // Room for the oversized messages some tests send (rumqttc's default is 10 KiB).
+    o.set_max_packet_size(1 << 20, 1 << 20);
     if let Some((u, p)) = creds {
         o.set_credentials(u, p);
     }
@@ -515,4 +519,285 @@ async fn a_crash_before_the_ack_means_redelivery_and_no_loss() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "SIGTERM drained and exited 0: {status:?}");
+}
+
+/// Subscribes to a topic as the development user and forwards each message's JSON body.
+async fn listen(port: u16, topic: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let (listener, mut lev) = client(port, Some((USER, PASS)));
+    listener.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _keep = listener;
+        let mut subscribed_tx = Some(subscribed_tx);
+        while let Ok(ev) = lev.poll().await {
+            match ev {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(t) = subscribed_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = tx.send(serde_json::from_slice(&p.payload).unwrap_or(Value::Null));
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("listener subscribed")
+        .unwrap();
+    rx
+}
+
+async fn wait_mqtt_connected(app: &TestApp) {
+    let health = app.url(Service::Ingestion, "/health");
+    eventually(Duration::from_secs(30), || async {
+        let v: Value = app.http.get(&health).send().await.ok()?.json().await.ok()?;
+        (v["checks"]["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+}
+
+fn reading(id: Uuid, pad: usize) -> Vec<u8> {
+    json!({"event_type": "sensor.reading", "event_id": id,
+           "payload": {"value": 1, "unit": "c", "pad": "x".repeat(pad)}})
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn the_client_reads_packets_larger_than_the_brokers_limit() {
+    let cfg = cornjacket::config::Config::from_map(&HashMap::new()).unwrap();
+    let mqtt = cfg.mqtt.unwrap();
+    let broker = mosquitto::template_max_packet_size();
+    assert!(
+        mqtt.max_packet_bytes > broker,
+        "CJ_MQTT_MAX_PACKET_BYTES ({}) above Mosquitto's max_packet_size ({broker})",
+        mqtt.max_packet_bytes
+    );
+    assert!(
+        mqtt.max_payload_bytes < broker,
+        "the body limit is below the broker's, so an oversized message reaches the platform"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_acknowledged_reported_and_the_next_one_taken_in() {
+    let broker = mosquitto::Mosquitto::start();
+    let root = unique("m");
+    let app = TestApp::spawn_with(&[Service::Ingestion], |e| {
+        mqtt_env(e, broker.port, &root, &unique("cj-"))
+    })
+    .await;
+    app.wait_ready().await;
+    wait_mqtt_connected(&app).await;
+    let mut errors = listen(broker.port, &format!("{root}/devices/big-1/errors")).await;
+    let limit = app.config.ingestion.max_body_bytes;
+    let topic = format!("{root}/devices/big-1/events");
+    let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
+    // Over the body limit, under the broker's: the broker hands it over, the platform refuses it.
+    publish_all(
+        broker.port,
+        vec![
+            (topic.clone(), reading(big, limit + 1000)),
+            (topic.clone(), reading(small, 0)),
+        ],
+    )
+    .await;
+    let report = tokio::time::timeout(Duration::from_secs(10), errors.recv())
+        .await
+        .expect("an error report")
+        .unwrap();
+    assert_eq!(report["error"], "message too large", "{report}");
+    let detail = report["details"][0]["message"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("the limit is {limit} bytes")),
+        "{detail}"
+    );
+
+    // Over the broker's own limit: refused by the broker (connection closed, no PUBACK).
+    let (c, mut ev) = client(broker.port, Some((USER, PASS)));
+    let huge = reading(Uuid::now_v7(), mosquitto::template_max_packet_size());
+    c.publish(topic.clone(), QoS::AtLeastOnce, false, huge)
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return false,
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        refused,
+        "the broker closed the connection instead of acknowledging"
+    );
+    drop((c, ev));
+    let after = Uuid::now_v7();
+    publish_all(broker.port, vec![(topic.clone(), reading(after, 0))]).await;
+
+    let pool = app.pool().await;
+    let ids = eventually(Duration::from_secs(20), || async {
+        let ids: HashSet<Uuid> = store_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        (ids.len() >= 2).then_some(ids)
+    })
+    .await;
+    assert_eq!(ids, HashSet::from([small, after]));
+    let m = scrape(&app, Service::Ingestion).await;
+    assert_eq!(
+        metric(
+            &m,
+            "cj_ingest_rejected_total",
+            &[("reason", "too_large_mqtt")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "cj_mqtt_disconnects_total", &[]),
+        0.0,
+        "no reconnect loop"
+    );
+}
+
+#[tokio::test]
+async fn after_a_session_loss_no_ack_of_the_old_connection_is_sent_on_the_new_one() {
+    let mut broker = mosquitto::Mosquitto::start_with("log_type all");
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let prefix = topic_prefix();
+    let root = unique("m");
+    let client_id = unique("cj-");
+    let mut env = test_env(&with_host(&db.url, &proxy.addr.to_string()), &prefix);
+    mqtt_env(&mut env, broker.port, &root, &client_id);
+    env.insert("CJ_DB_ACQUIRE_TIMEOUT".into(), "1s".into());
+    let app = TestApp::start(db, prefix, env, &[Service::Ingestion]).await;
+    app.wait_ready().await;
+    wait_mqtt_connected(&app).await;
+    let topic = format!("{root}/devices/s1/events");
+    let delivered = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains(&format!("Sending PUBLISH to {client_id} ")) && l.contains(&topic)
+            })
+            .count()
+    };
+
+    // A arrives on the first connection; its commit waits for the database.
+    proxy.cut();
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    publish_all(broker.port, vec![(topic.clone(), reading(a, 0))]).await;
+    eventually(Duration::from_secs(10), || async {
+        (delivered(&broker.log()) == 1).then_some(())
+    })
+    .await;
+
+    // The broker comes back without the session: the packet ids start again on the new one.
+    broker.stop_and_lose_sessions();
+    let before = broker.log().len();
+    broker.restart();
+    eventually(Duration::from_secs(30), || async {
+        let log = broker.log();
+        log[before..]
+            .contains(&format!("New client connected from 127.0.0.1"))
+            .then_some(())?;
+        log[before..]
+            .contains(&format!("as {client_id} "))
+            .then_some(())
+    })
+    .await;
+    wait_mqtt_connected(&app).await;
+    publish_all(broker.port, vec![(topic.clone(), reading(b, 0))]).await;
+    eventually(Duration::from_secs(10), || async {
+        (delivered(&broker.log()[before..]) == 1).then_some(())
+    })
+    .await;
+
+    proxy.restore();
+    let pool = app.pool().await;
+    eventually(Duration::from_secs(30), || async {
+        let ids: HashSet<Uuid> = store_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        (ids.contains(&a) && ids.contains(&b)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = broker.log();
+    let acks: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| l.contains(&format!("Received PUBACK from {client_id} ")))
+        .collect();
+    assert_eq!(
+        acks.len(),
+        1,
+        "only B, which came on the new connection, is acknowledged there: {acks:#?}"
+    );
+}
+
+#[tokio::test]
+async fn the_qos0_backlog_is_bounded_and_qos1_is_never_dropped() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let prefix = topic_prefix();
+    let root = unique("m");
+    let mut env = test_env(&with_host(&db.url, &proxy.addr.to_string()), &prefix);
+    mqtt_env(&mut env, mqtt_port(), &root, &unique("cj-"));
+    env.insert("CJ_DB_ACQUIRE_TIMEOUT".into(), "1s".into());
+    env.insert("CJ_MQTT_QOS0_BACKLOG".into(), "5".into());
+    let app = TestApp::start(db, prefix, env, &[Service::Ingestion]).await;
+    app.wait_ready().await;
+    wait_mqtt_connected(&app).await;
+
+    proxy.cut();
+    let topic = format!("{root}/devices/q0/events");
+    let qos0: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    let qos1: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let (c, mut ev) = client(mqtt_port(), Some((USER, PASS)));
+    for id in &qos0 {
+        c.publish(topic.clone(), QoS::AtMostOnce, false, reading(*id, 0))
+            .await
+            .unwrap();
+    }
+    tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    // Then QoS 1, past the full QoS 0 backlog.
+    publish_all(
+        mqtt_port(),
+        qos1.iter()
+            .map(|id| (topic.clone(), reading(*id, 0)))
+            .collect(),
+    )
+    .await;
+    eventually(Duration::from_secs(20), || async {
+        let m = scrape(&app, Service::Ingestion).await;
+        (metric(&m, "cj_mqtt_messages_total", &[("outcome", "dropped_qos0")]) == 15.0).then_some(())
+    })
+    .await;
+    drop(c);
+
+    proxy.restore();
+    let pool = app.pool().await;
+    let ids = eventually(Duration::from_secs(30), || async {
+        let ids: HashSet<Uuid> = store_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        (ids.len() >= 10).then_some(ids)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ids: HashSet<Uuid> = ids
+        .union(&store_rows(&pool).await.into_iter().map(|r| r.0).collect())
+        .copied()
+        .collect();
+    assert!(
+        qos1.iter().all(|id| ids.contains(id)),
+        "every QoS 1 message"
+    );
+    assert_eq!(
+        qos0.iter().filter(|id| ids.contains(id)).count(),
+        5,
+        "QoS 0 up to the backlog"
+    );
+    assert_eq!(ids.len(), 10);
 }
