@@ -801,3 +801,103 @@ async fn the_qos0_backlog_is_bounded_and_qos1_is_never_dropped() {
     );
     assert_eq!(ids.len(), 10);
 }
+
+/// Publishes `n` messages at QoS 1, one after the other (each waits for its PUBACK); returns
+/// their ids.
+async fn publish_acked(port: u16, topic: &str, n: usize) -> Vec<Uuid> {
+    let (c, mut ev) = client(port, Some((USER, PASS)));
+    let mut acked = Vec::new();
+    for _ in 0..n {
+        let id = Uuid::now_v7();
+        c.publish(topic, QoS::AtLeastOnce, false, reading(id, 0))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher connection failed: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("PUBACK");
+        acked.push(id);
+    }
+    acked
+}
+
+/// The limit README states is the one the template sets.
+fn queue_limit() -> usize {
+    let t = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts/mosquitto/mosquitto.conf.tmpl"),
+    )
+    .unwrap();
+    t.lines()
+        .find_map(|l| l.strip_prefix("max_queued_messages "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn readme_states_the_queue_limit_in_force() {
+    let limit = queue_limit();
+    assert!(limit >= 1_000_000, "far above Mosquitto's default of 1000");
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let stated = format!("max_queued_messages {limit}");
+    assert!(readme.contains(&stated), "README states `{stated}`");
+}
+
+#[tokio::test]
+async fn messages_queued_for_the_platform_while_it_is_away_are_all_taken_in() {
+    let broker = mosquitto::Mosquitto::start();
+    let db = TestDb::new().await;
+    let prefix = topic_prefix();
+    let root = unique("m");
+    let mut env = test_env(&db.url, &prefix);
+    mqtt_env(&mut env, broker.port, &root, &unique("cj-"));
+    let same_db = || TestDb {
+        name: db.name.clone(),
+        url: db.url.clone(),
+    };
+    // The platform's persistent session and its subscription exist; then the platform is away.
+    let mut app = TestApp::start(
+        same_db(),
+        prefix.clone(),
+        env.clone(),
+        &[Service::Ingestion],
+    )
+    .await;
+    app.wait_ready().await;
+    wait_mqtt_connected(&app).await;
+    assert!(app.stop().await);
+
+    // More than Mosquitto's default queue (1000) and the in-flight window together, past which it would
+    // drop the rest after the PUBACK.
+    let topic = format!("{root}/devices/away/events");
+    let acked = publish_acked(broker.port, &topic, 2500).await;
+
+    let app = TestApp::start(same_db(), prefix, env, &[Service::Ingestion]).await;
+    app.wait_ready().await;
+    let pool = app.pool().await;
+    let want: HashSet<Uuid> = acked.iter().copied().collect();
+    let got = eventually(Duration::from_secs(60), || async {
+        let ids: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
+            "SELECT event_id FROM ingestion.outbox UNION ALL SELECT event_id FROM ingestion.event_store",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+        want.is_subset(&ids).then_some(ids)
+    })
+    .await;
+    assert_eq!(got, want);
+}
