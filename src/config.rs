@@ -391,6 +391,11 @@ pub struct MqttConfig {
     pub username: String,
     /// `CJ_MQTT_PASSWORD` (development default `cornjacket`).
     pub password: SecretString,
+    /// `CJ_MQTT_ADMIN_USERNAME`: the broker's dynamic-security admin, used only by
+    /// `cornjacket devices` (development default `cornjacket-admin`).
+    pub admin_username: String,
+    /// `CJ_MQTT_ADMIN_PASSWORD` (development default `cornjacket-admin`).
+    pub admin_password: SecretString,
     /// `CJ_MQTT_TOPIC`: the subscription; its `+` segment is the device id.
     pub topic: String,
     /// `CJ_MQTT_CLIENT_ID`: stable per instance, so the persistent session survives restarts.
@@ -416,6 +421,10 @@ pub struct MqttConfig {
 impl MqttConfig {
     pub fn password_exposed(&self) -> String {
         self.password.expose_secret().to_string()
+    }
+
+    pub fn admin_password_exposed(&self) -> String {
+        self.admin_password.expose_secret().to_string()
     }
 }
 
@@ -900,6 +909,10 @@ impl Config {
                     port,
                     username: v.string("CJ_MQTT_USERNAME", "cornjacket"),
                     password: SecretString::from(v.string("CJ_MQTT_PASSWORD", "cornjacket")),
+                    admin_username: v.string("CJ_MQTT_ADMIN_USERNAME", "cornjacket-admin"),
+                    admin_password: SecretString::from(
+                        v.string("CJ_MQTT_ADMIN_PASSWORD", "cornjacket-admin"),
+                    ),
                     topic,
                     client_id: v.string(
                         "CJ_MQTT_CLIENT_ID",

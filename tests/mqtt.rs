@@ -704,7 +704,7 @@ async fn after_a_session_loss_no_ack_of_the_old_connection_is_sent_on_the_new_on
     eventually(Duration::from_secs(30), || async {
         let log = broker.log();
         log[before..]
-            .contains(&format!("New client connected from 127.0.0.1"))
+            .contains("New client connected from 127.0.0.1")
             .then_some(())?;
         log[before..]
             .contains(&format!("as {client_id} "))
