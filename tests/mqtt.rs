@@ -5,7 +5,7 @@ mod common;
 mod mosquitto;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -321,84 +321,9 @@ async fn two_instances_share_the_subscription_and_ingest_each_message_once() {
     assert_eq!(all, ids.into_iter().collect::<HashSet<_>>());
 }
 
-/// A Mosquitto owned by one test, so it can be killed and restarted (with its persistence).
-struct OwnMosquitto {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl OwnMosquitto {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let passwd = dir.path().join("passwd");
-        let ok = Command::new("mosquitto_passwd")
-            .args(["-b", "-c", passwd.to_str().unwrap(), USER, PASS])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "per_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n\
-                 password_file {}\npersistence true\npersistence_location {}/\nuser root\n",
-                passwd.display(),
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        let mut m = Self {
-            port,
-            dir,
-            child: None,
-        };
-        m.restart();
-        m
-    }
-
-    fn restart(&mut self) {
-        let conf = self.dir.path().join("mosquitto.conf");
-        self.child = Some(
-            Command::new("mosquitto")
-                .args(["-c", conf.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("mosquitto (make infra-up installs it)"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "own mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM lets it write its persistence file, like a broker restart in production.
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnMosquitto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_subscriber_reconnects_after_a_broker_restart() {
-    let mut broker = OwnMosquitto::start();
+    let mut broker = mosquitto::Mosquitto::start();
     let root = unique("m");
     let app = TestApp::spawn_with(&[Service::Ingestion], |e| {
         mqtt_env(e, broker.port, &root, &unique("cj-"))
