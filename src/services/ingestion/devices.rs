@@ -126,7 +126,14 @@ impl Admin {
                     Ok(_) => {}
                     Err(e) => {
                         if let Some(t) = ready_tx.take() {
-                            let _ = t.send(Err(e.to_string()));
+                            let msg = match e {
+                                rumqttc::ConnectionError::ConnectionRefused(code) => format!(
+                                    "the broker refused CJ_MQTT_ADMIN_USERNAME ({code:?}); locally \
+                                     `scripts/infra.sh up mosquitto` sets up its dynamic-security admin"
+                                ),
+                                e => e.to_string(),
+                            };
+                            let _ = t.send(Err(msg));
                         }
                         return;
                     }
