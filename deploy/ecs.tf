@@ -126,7 +126,7 @@ locals {
         "umask 077",
         "printf 'user_id,password,is_superuser\\n%s,%s,false\\n' \"$MQTT_USERNAME\" \"$MQTT_PASSWORD\" > \"$EMQX_AUTHENTICATION__1__BOOTSTRAP_FILE\"",
         # The ACL, the same rules as docker-compose.fullstack.yaml (`$${` is HCL for a literal `${`).
-        "printf '{allow, {username, \"%s\"}, subscribe, [\"devices/+/events\"]}.\\n{allow, {username, \"%s\"}, publish, [\"devices/+/errors\"]}.\\n{allow, all, publish, [\"devices/$${username}/events\"]}.\\n{allow, all, subscribe, [\"devices/$${username}/errors\"]}.\\n{deny, all}.\\n' \"$MQTT_USERNAME\" \"$MQTT_USERNAME\" > \"$EMQX_AUTHORIZATION__SOURCES__1__PATH\"",
+        "printf '{deny, {username, {re, \"[/+#]\"}}, all, [\"#\"]}.\\n{allow, {username, \"%s\"}, subscribe, [\"devices/+/events\"]}.\\n{allow, {username, \"%s\"}, publish, [\"devices/+/errors\"]}.\\n{allow, all, publish, [\"devices/$${username}/events\"]}.\\n{allow, all, subscribe, [\"devices/$${username}/errors\"]}.\\n{deny, all}.\\n' \"$MQTT_USERNAME\" \"$MQTT_USERNAME\" > \"$EMQX_AUTHORIZATION__SOURCES__1__PATH\"",
         "exec /usr/bin/docker-entrypoint.sh /opt/emqx/bin/emqx foreground",
       ])]
       portMappings = [

@@ -1965,6 +1965,8 @@ fn check_emqx(what: &str, env: &BTreeMap<String, String>, script: &[String], use
     assert_eq!(
         rules,
         vec![
+            // A username that is not one topic level would widen the `${username}` rules.
+            r##"{deny, {username, {re, "[/+#]"}}, all, ["#"]}."##,
             format!(r#"{{allow, {{username, "{user}"}}, subscribe, ["{real}"]}}."#).as_str(),
             format!(r#"{{allow, {{username, "{user}"}}, publish, ["devices/+/errors"]}}."#)
                 .as_str(),
