@@ -120,10 +120,13 @@ locals {
       image      = var.emqx_image
       essential  = true
       entryPoint = ["/bin/sh", "-ec"]
-      # Writes the platform's MQTT user for EMQX's bootstrap import (container-local /tmp, not EFS).
+      # Writes the platform's MQTT user for EMQX's bootstrap import and the ACL (container-local
+      # /tmp, not EFS).
       command = [join("\n", [
         "umask 077",
         "printf 'user_id,password,is_superuser\\n%s,%s,false\\n' \"$MQTT_USERNAME\" \"$MQTT_PASSWORD\" > \"$EMQX_AUTHENTICATION__1__BOOTSTRAP_FILE\"",
+        # The ACL, the same rules as docker-compose.fullstack.yaml (`$${` is HCL for a literal `${`).
+        "printf '{deny, {username, {re, \"[/+#]\"}}, all, [\"#\"]}.\\n{allow, {username, \"%s\"}, subscribe, [\"devices/+/events\"]}.\\n{allow, {username, \"%s\"}, publish, [\"devices/+/errors\"]}.\\n{allow, all, publish, [\"devices/$${username}/events\"]}.\\n{allow, all, subscribe, [\"devices/$${username}/errors\"]}.\\n{deny, all}.\\n' \"$MQTT_USERNAME\" \"$MQTT_USERNAME\" > \"$EMQX_AUTHORIZATION__SOURCES__1__PATH\"",
         "exec /usr/bin/docker-entrypoint.sh /opt/emqx/bin/emqx foreground",
       ])]
       portMappings = [
@@ -139,6 +142,18 @@ locals {
         { name = "EMQX_AUTHENTICATION__1__PASSWORD_HASH_ALGORITHM__SALT_POSITION", value = "suffix" },
         { name = "EMQX_AUTHENTICATION__1__BOOTSTRAP_FILE", value = "/tmp/emqx-auth-bootstrap.csv" },
         { name = "EMQX_AUTHENTICATION__1__BOOTSTRAP_TYPE", value = "plain" },
+        # Authorization and queues: as in docker-compose.fullstack.yaml (see the comments there).
+        { name = "EMQX_AUTHORIZATION__NO_MATCH", value = "deny" },
+        { name = "EMQX_AUTHORIZATION__SOURCES__1__TYPE", value = "file" },
+        { name = "EMQX_AUTHORIZATION__SOURCES__1__ENABLE", value = "true" },
+        { name = "EMQX_AUTHORIZATION__SOURCES__1__PATH", value = "/tmp/emqx-acl.conf" },
+        { name = "EMQX_MQTT__MAX_MQUEUE_LEN", value = "1000000" },
+        { name = "EMQX_MQTT__MQUEUE_STORE_QOS0", value = "false" },
+        { name = "EMQX_MQTT__MAX_INFLIGHT", value = "1000" },
+        { name = "EMQX_MQTT__MAX_PACKET_SIZE", value = "256KB" },
+        { name = "EMQX_FORCE_SHUTDOWN__MAX_HEAP_SIZE", value = "1GB" },
+        { name = "EMQX_FORCE_SHUTDOWN__MAX_MAILBOX_SIZE", value = "1000000" },
+        { name = "EMQX_OVERLOAD_PROTECTION__ENABLE", value = "true" },
         # 8083/8084 are the platform's health ports on the shared localhost.
         { name = "EMQX_LISTENERS__WS__DEFAULT__ENABLE", value = "false" },
         { name = "EMQX_LISTENERS__WSS__DEFAULT__ENABLE", value = "false" },

@@ -8,7 +8,8 @@
 # With no component named, all three are meant. Everything listens on loopback only:
 #   PostgreSQL 15 (Debian cluster 15/main)  127.0.0.1:5432  role/db cornjacket, password cornjacket
 #   Tansu (Kafka API, memory storage)        127.0.0.1:9092  a restart empties the bus
-#   Mosquitto (MQTT)                         127.0.0.1:1883  user cornjacket, password cornjacket
+#   Mosquitto (MQTT)                         127.0.0.1:1883  user cornjacket, password cornjacket;
+#                                            admin cornjacket-admin, password cornjacket-admin
 # The credentials above are for DEVELOPMENT ONLY.
 #
 # State, logs, pid files and data live in .infra/ at the repository root (git-ignored).
@@ -37,7 +38,11 @@ MQTT_HOST=127.0.0.1
 MQTT_PORT=1883
 MQTT_USER=cornjacket
 MQTT_PASSWORD=cornjacket # development only
+# The dynamic-security plugin's admin: `cornjacket devices` and dynsec-setup.sh log in as it.
+MQTT_ADMIN_USER=cornjacket-admin
+MQTT_ADMIN_PASSWORD=cornjacket-admin # development only
 MQTT_TEMPLATE="$ROOT/scripts/mosquitto/mosquitto.conf.tmpl"
+MQTT_DYNSEC_SETUP="$ROOT/scripts/mosquitto/dynsec-setup.sh"
 MQTT_DIR="$INFRA_DIR/mosquitto"
 
 # Packages needed to build the crate (rdkafka builds librdkafka with cmake), installed on every `up`
@@ -322,7 +327,20 @@ tansu_status() {
 MQTT_PID="$INFRA_DIR/mosquitto.pid"
 MQTT_LOG="$INFRA_DIR/mosquitto.log"
 MQTT_CONF="$MQTT_DIR/mosquitto.conf"
+# Before dynamic security, users were in a password file; a left-over one is removed.
 MQTT_PASSWD="$MQTT_DIR/passwd"
+# The plugin's users, roles and ACLs; the broker rewrites it (after dropping privileges) on changes.
+MQTT_DYNSEC_DIR="$MQTT_DIR/dynsec"
+MQTT_DYNSEC_JSON="$MQTT_DYNSEC_DIR/dynamic-security.json"
+
+# The settings a SIGHUP does not reload: when only other lines changed, the broker is reloaded
+# (sessions, queues and connections stay); otherwise it is restarted.
+mqtt_static_lines() { grep -E '^(listener|plugin|plugin_opt_config_file|user|persistence|persistence_location|log_dest) ' || true; }
+
+mqtt_dynsec_apply() {
+    bash "$MQTT_DYNSEC_SETUP" apply "$MQTT_HOST" "$MQTT_PORT" "$MQTT_ADMIN_USER" "$MQTT_ADMIN_PASSWORD" \
+        "$MQTT_USER" "$MQTT_PASSWORD" || die "mosquitto: setting up users and roles failed"
+}
 
 mqtt_check_auth() { # 0 if an authenticated QoS 1 publish works and an anonymous one is refused
     mosquitto_pub -h "$MQTT_HOST" -p "$MQTT_PORT" -u "$MQTT_USER" -P "$MQTT_PASSWORD" \
@@ -334,37 +352,50 @@ mqtt_check_auth() { # 0 if an authenticated QoS 1 publish works and an anonymous
 }
 
 mosquitto_up() {
-    if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_passwd >/dev/null 2>&1 ||
+    if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_ctrl >/dev/null 2>&1 ||
         ! command -v mosquitto_pub >/dev/null 2>&1; then
         ensure_packages mosquitto mosquitto-clients
     fi
     [[ -f $MQTT_TEMPLATE ]] || die "missing $MQTT_TEMPLATE"
+    local plugin
+    plugin=$(dpkg -L mosquitto 2>/dev/null | grep -m 1 '/mosquitto_dynamic_security\.so$' || true)
+    [[ -n $plugin && -f $plugin ]] || die "mosquitto: the dynamic-security plugin is missing (Mosquitto 2.0 or later ships it)"
 
-    mkdir -p "$MQTT_DIR/data"
+    mkdir -p "$MQTT_DIR/data" "$MQTT_DYNSEC_DIR"
     touch "$MQTT_LOG"
     local owner=mosquitto
     id -u "$owner" >/dev/null 2>&1 || owner=nobody
 
-    if [[ ! -s $MQTT_PASSWD ]] || ! grep -q "^$MQTT_USER:" "$MQTT_PASSWD"; then
-        rm -f "$MQTT_PASSWD"
-        mosquitto_passwd -c -b "$MQTT_PASSWD" "$MQTT_USER" "$MQTT_PASSWORD" >/dev/null 2>&1 ||
-            die "mosquitto_passwd failed"
+    rm -f "$MQTT_PASSWD"
+    if [[ ! -s $MQTT_DYNSEC_JSON ]]; then
+        bash "$MQTT_DYNSEC_SETUP" init "$MQTT_DYNSEC_JSON" "$MQTT_ADMIN_USER" "$MQTT_ADMIN_PASSWORD" ||
+            die "mosquitto: could not create $MQTT_DYNSEC_JSON"
     fi
-    "${SUDO[@]}" chown "$owner:" "$MQTT_PASSWD" "$MQTT_DIR/data" "$MQTT_LOG"
-    "${SUDO[@]}" chmod 0600 "$MQTT_PASSWD"
-    "${SUDO[@]}" chmod 0700 "$MQTT_DIR/data"
+    "${SUDO[@]}" chown "$owner:" "$MQTT_DIR/data" "$MQTT_DYNSEC_DIR" "$MQTT_DYNSEC_JSON" "$MQTT_LOG"
+    "${SUDO[@]}" chmod 0600 "$MQTT_DYNSEC_JSON"
+    "${SUDO[@]}" chmod 0700 "$MQTT_DIR/data" "$MQTT_DYNSEC_DIR"
 
-    local want changed=0
+    local want changed=0 reloadable=0
     want=$(sed -e "s|@MQTT_HOST@|$MQTT_HOST|g" -e "s|@MQTT_PORT@|$MQTT_PORT|g" \
-        -e "s|@MQTT_DIR@|$MQTT_DIR|g" -e "s|@MQTT_LOG@|$MQTT_LOG|g" -e "s|@MQTT_USER_OS@|$owner|g" "$MQTT_TEMPLATE")
+        -e "s|@MQTT_DIR@|$MQTT_DIR|g" -e "s|@MQTT_LOG@|$MQTT_LOG|g" -e "s|@MQTT_USER_OS@|$owner|g" \
+        -e "s|@MQTT_DYNSEC_PLUGIN@|$plugin|g" "$MQTT_TEMPLATE")
     if [[ ! -f $MQTT_CONF || "$(cat "$MQTT_CONF")" != "$want" ]]; then
+        if [[ -f $MQTT_CONF && "$(mqtt_static_lines <"$MQTT_CONF")" == "$(mqtt_static_lines <<<"$want")" ]]; then
+            reloadable=1
+        fi
         printf '%s\n' "$want" >"$MQTT_CONF"
         changed=1
     fi
 
     local pid
     if pid=$(pid_alive "$MQTT_PID" mosquitto); then
-        if ((changed)); then
+        if ((changed && reloadable)); then
+            log "mosquitto: configuration changed, reloading (pid $pid)"
+            "${SUDO[@]}" kill -HUP "$pid"
+            mqtt_dynsec_apply
+            log "mosquitto: running on $MQTT_HOST:$MQTT_PORT (pid $pid)"
+            return 0
+        elif ((changed)); then
             log "mosquitto: configuration changed, restarting"
             stop_pid "$MQTT_PID" mosquitto mosquitto >/dev/null
         elif port_open "$MQTT_HOST" "$MQTT_PORT"; then
@@ -406,6 +437,7 @@ mosquitto_up() {
         tail -n 20 "$MQTT_LOG" >&2 || true
         die "mosquitto did not start listening on $MQTT_HOST:$MQTT_PORT (see $MQTT_LOG)"
     fi
+    mqtt_dynsec_apply
     local rc=0
     mqtt_check_auth || rc=$?
     case $rc in
@@ -413,7 +445,7 @@ mosquitto_up() {
         1) die "mosquitto: authenticated publish as $MQTT_USER failed (see $MQTT_LOG)" ;;
         *) die "mosquitto: anonymous publish was accepted, expected it to be refused" ;;
     esac
-    log "mosquitto: running on $MQTT_HOST:$MQTT_PORT (pid $pid, user $MQTT_USER, log $MQTT_LOG)"
+    log "mosquitto: running on $MQTT_HOST:$MQTT_PORT (pid $pid, user $MQTT_USER, admin $MQTT_ADMIN_USER, log $MQTT_LOG)"
 }
 
 mosquitto_down() { stop_pid "$MQTT_PID" mosquitto mosquitto; }

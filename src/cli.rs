@@ -1,4 +1,5 @@
-//! The command line: `serve`, `migrate`, `dlq`, `replay`, `projections`, `retention`, `token`.
+//! The command line: `serve`, `migrate`, `dlq`, `replay`, `projections`, `retention`, `token`,
+//! `devices`.
 
 use clap::{Parser, Subcommand};
 use uuid::Uuid;
@@ -7,7 +8,7 @@ use crate::config::Config;
 use crate::infra::{auth, db, telemetry};
 use crate::services::Service;
 use crate::services::eventhandler::{rebuild, store};
-use crate::services::ingestion::{quarantine, replay};
+use crate::services::ingestion::{devices, quarantine, replay};
 
 #[derive(Parser, Debug)]
 #[command(name = "cornjacket", version, about = "Cornjacket event platform", long_about = None)]
@@ -66,6 +67,12 @@ pub enum Command {
         #[command(subcommand)]
         action: RetentionAction,
     },
+    /// MQTT device identities at the broker: each device logs in with its device id as the
+    /// username and may publish only devices/<id>/events and read only devices/<id>/errors.
+    Devices {
+        #[command(subcommand)]
+        action: DevicesAction,
+    },
     /// Mint a development JWT (HS256, from CJ_JWT_SECRET) and print it.
     Token {
         /// The subject (`sub`), e.g. a device or service name.
@@ -77,6 +84,26 @@ pub enum Command {
         /// Lifetime, e.g. 1h, 30m, 7d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DevicesAction {
+    /// Provision a device; without --password one is generated and printed (only this once).
+    Add {
+        device_id: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// The provisioned device ids, one a line.
+    List,
+    /// Delete a device (the broker disconnects it if connected).
+    Remove { device_id: String },
+    /// Give a device a new password; without --password one is generated and printed.
+    Rotate {
+        device_id: String,
+        #[arg(long)]
+        password: Option<String>,
     },
 }
 
@@ -212,6 +239,7 @@ pub async fn main() -> i32 {
             0
         }
         Command::Token { sub, scopes, ttl } => token(&config, &sub, &scopes, ttl),
+        Command::Devices { action } => report(devices_cmd(&config, action).await),
         Command::Replay {
             since,
             until,
@@ -254,6 +282,53 @@ pub async fn main() -> i32 {
             }
         },
     }
+}
+
+async fn devices_cmd(config: &Config, action: DevicesAction) -> anyhow::Result<i32> {
+    let Some(mqtt) = &config.mqtt else {
+        anyhow::bail!("MQTT is off (CJ_MQTT_URL=off): set CJ_MQTT_URL to the broker");
+    };
+    let mut admin = devices::Admin::connect(mqtt).await?;
+    match action {
+        DevicesAction::Add {
+            device_id,
+            password,
+        } => {
+            let generated = password.is_none();
+            let password = password.unwrap_or_else(devices::generate_password);
+            admin.add(&device_id, &password).await?;
+            println!(
+                "device {device_id} added: MQTT username {device_id}, publishes to devices/{device_id}/events"
+            );
+            if generated {
+                println!("password: {password}");
+                eprintln!("(shown only now: store it on the device)");
+            }
+        }
+        DevicesAction::List => {
+            for id in admin.list().await? {
+                println!("{id}");
+            }
+        }
+        DevicesAction::Remove { device_id } => {
+            admin.remove(&device_id).await?;
+            println!("device {device_id} removed");
+        }
+        DevicesAction::Rotate {
+            device_id,
+            password,
+        } => {
+            let generated = password.is_none();
+            let password = password.unwrap_or_else(devices::generate_password);
+            admin.rotate(&device_id, &password).await?;
+            println!("device {device_id}: password changed");
+            if generated {
+                println!("password: {password}");
+                eprintln!("(shown only now: store it on the device)");
+            }
+        }
+    }
+    Ok(0)
 }
 
 fn report(r: anyhow::Result<i32>) -> i32 {

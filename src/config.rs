@@ -378,6 +378,9 @@ pub struct AuthConfig {
     pub audience: Option<String>,
 }
 
+/// The largest packet MQTT allows (a remaining length of 268,435,455 bytes).
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
 /// MQTT device ingestion (SPEC §12).
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
@@ -388,17 +391,40 @@ pub struct MqttConfig {
     pub username: String,
     /// `CJ_MQTT_PASSWORD` (development default `cornjacket`).
     pub password: SecretString,
+    /// `CJ_MQTT_ADMIN_USERNAME`: the broker's dynamic-security admin, used only by
+    /// `cornjacket devices` (development default `cornjacket-admin`).
+    pub admin_username: String,
+    /// `CJ_MQTT_ADMIN_PASSWORD` (development default `cornjacket-admin`).
+    pub admin_password: SecretString,
     /// `CJ_MQTT_TOPIC`: the subscription; its `+` segment is the device id.
     pub topic: String,
     /// `CJ_MQTT_CLIENT_ID`: stable per instance, so the persistent session survives restarts.
     pub client_id: String,
-    /// `CJ_MQTT_INFLIGHT`: unacknowledged messages the broker may hand over at once.
+    /// `CJ_MQTT_INFLIGHT`: the client's own window of unacknowledged QoS 1 publishes (its error
+    /// reports to devices). How many device messages the broker hands over unacknowledged is the
+    /// broker's setting (Mosquitto `max_inflight_messages`, EMQX `mqtt.max_inflight`).
     pub inflight: u16,
+    /// `CJ_MQTT_MAX_PACKET_BYTES`: the largest packet the client reads. It must be above the
+    /// broker's own limit (Mosquitto `max_packet_size`, EMQX `mqtt.max_packet_size`): a packet
+    /// the client cannot read drops the connection, and the broker hands it over again on every
+    /// reconnect. Default: 1 MiB, or 64 KiB over `CJ_INGESTION_MAX_BODY_BYTES` if that is more.
+    pub max_packet_bytes: usize,
+    /// The largest payload taken in: `CJ_INGESTION_MAX_BODY_BYTES`, the HTTP body limit. A
+    /// larger message is acknowledged, counted and reported to the device, never stored.
+    pub max_payload_bytes: usize,
+    /// `CJ_MQTT_QOS0_BACKLOG`: QoS 0 messages being committed at once; one arriving beyond it is
+    /// dropped and counted (QoS 0 is at most once, and the broker does not wait for it). QoS 1
+    /// messages are never dropped: the broker's in-flight window bounds them.
+    pub qos0_backlog: usize,
 }
 
 impl MqttConfig {
     pub fn password_exposed(&self) -> String {
         self.password.expose_secret().to_string()
+    }
+
+    pub fn admin_password_exposed(&self) -> String {
+        self.admin_password.expose_secret().to_string()
     }
 }
 
@@ -883,12 +909,35 @@ impl Config {
                     port,
                     username: v.string("CJ_MQTT_USERNAME", "cornjacket"),
                     password: SecretString::from(v.string("CJ_MQTT_PASSWORD", "cornjacket")),
+                    admin_username: v.string("CJ_MQTT_ADMIN_USERNAME", "cornjacket-admin"),
+                    admin_password: SecretString::from(
+                        v.string("CJ_MQTT_ADMIN_PASSWORD", "cornjacket-admin"),
+                    ),
                     topic,
                     client_id: v.string(
                         "CJ_MQTT_CLIENT_ID",
                         &format!("cornjacket-{host_name}-{ingestion_port}"),
                     ),
                     inflight: v.ranged("CJ_MQTT_INFLIGHT", 1000, 1, 65_535)?,
+                    max_packet_bytes: {
+                        let least = ingestion.max_body_bytes + 1024;
+                        let default = (1024 * 1024).max(ingestion.max_body_bytes + 64 * 1024);
+                        let n =
+                            v.ranged("CJ_MQTT_MAX_PACKET_BYTES", default, 1024, MQTT_MAX_PACKET)?;
+                        if n < least {
+                            return Err(Vars::err(
+                                "CJ_MQTT_MAX_PACKET_BYTES",
+                                &n.to_string(),
+                                &format!(
+                                    "at least CJ_INGESTION_MAX_BODY_BYTES plus 1 KiB ({least}), \
+                                     and above the broker's packet limit"
+                                ),
+                            ));
+                        }
+                        n
+                    },
+                    max_payload_bytes: ingestion.max_body_bytes,
+                    qos0_backlog: v.ranged("CJ_MQTT_QOS0_BACKLOG", 1000, 1, 1_000_000)?,
                 })
             }
         };
@@ -994,6 +1043,9 @@ mod tests {
         assert_eq!((m.host.as_str(), m.port), ("localhost", 1883));
         assert_eq!(m.topic, "$share/cornjacket/devices/+/events");
         assert_eq!(m.username, "cornjacket");
+        assert_eq!(m.max_packet_bytes, 1024 * 1024);
+        assert_eq!(m.max_payload_bytes, c.ingestion.max_body_bytes);
+        assert_eq!(m.qos0_backlog, 1000);
         assert!(with(&[("CJ_MQTT_URL", "off")]).unwrap().mqtt.is_none());
         let a = &c.actions;
         assert_eq!(a.consumer_group, "action-orchestrator");
@@ -1059,6 +1111,12 @@ mod tests {
             ("CJ_MQTT_URL", "mqtt://broker:99999", "mqtt://host:port"),
             ("CJ_MQTT_TOPIC", "devices/#", "exactly one '+'"),
             ("CJ_MQTT_INFLIGHT", "0", "integer from 1"),
+            (
+                "CJ_MQTT_MAX_PACKET_BYTES",
+                "2048",
+                "at least CJ_INGESTION_MAX_BODY_BYTES",
+            ),
+            ("CJ_MQTT_QOS0_BACKLOG", "0", "integer from 1"),
             ("CJ_AUTH_MODE", "maybe", "gateway, app or off"),
             ("CJ_JWT_SECRET", "short", "at least 32 characters"),
             ("CJ_TSDB_DATABASE_URL", "mysql://x", "postgres://"),

@@ -1812,3 +1812,246 @@ fn ci_workflow_parses_and_runs_the_make_targets() {
         assert!(runs.contains(cmd), "the CI workflow never runs '{cmd}'");
     }
 }
+
+// --- EMQX (compose and ECS) against the local Mosquitto and the binary ----------------------------
+
+/// A setting of the local Mosquitto template (the reference for EMQX's limits).
+fn mosquitto_setting(name: &str) -> String {
+    read("scripts/mosquitto/mosquitto.conf.tmpl")
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("the Mosquitto template sets {name}"))
+        .trim()
+        .to_string()
+}
+
+/// EMQX byte sizes: `256KB`, `1MB`, `1GB` or plain bytes.
+fn emqx_bytes(v: &str) -> usize {
+    let v = v.trim();
+    for (suffix, mul) in [
+        ("KB", 1024),
+        ("MB", 1024 * 1024),
+        ("GB", 1024 * 1024 * 1024),
+    ] {
+        if let Some(n) = v.strip_suffix(suffix) {
+            return n.parse::<usize>().unwrap() * mul;
+        }
+    }
+    v.parse().unwrap()
+}
+
+/// Runs a broker entrypoint script (its final `exec` left out) with `sh`, as the container would,
+/// the files it writes moved to a temp dir; returns (bootstrap CSV, ACL).
+fn run_emqx_entrypoint(
+    what: &str,
+    lines: &[String],
+    env: &BTreeMap<String, String>,
+    user: &str,
+) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("bootstrap.csv");
+    let acl = dir.path().join("acl.conf");
+    let script: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.trim_start().starts_with("exec "))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("exec /usr/bin/docker-entrypoint.sh")),
+        "{what}: the entrypoint ends by starting EMQX"
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-ec", &script.join("\n")])
+        .env_clear()
+        .envs(env)
+        .env("MQTT_USERNAME", user)
+        .env("MQTT_PASSWORD", "pw")
+        .env("EMQX_AUTHENTICATION__1__BOOTSTRAP_FILE", &csv)
+        .env("EMQX_AUTHORIZATION__SOURCES__1__PATH", &acl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: entrypoint script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        std::fs::read_to_string(csv).unwrap(),
+        std::fs::read_to_string(acl).unwrap_or_else(|_| panic!("{what}: no ACL written")),
+    )
+}
+
+/// What EMQX must be told, in compose and in ECS alike: the platform's user alone reads the
+/// shared subscription, devices only their own topics, and the queue and packet limits match the
+/// local Mosquitto's and sit below what the platform's client reads.
+fn check_emqx(what: &str, env: &BTreeMap<String, String>, script: &[String], user: &str) {
+    let get = |k: &str| {
+        env.get(k)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("{what}: {k} is not set"))
+    };
+    let defaults = defaults();
+    let mqtt = defaults.mqtt.as_ref().unwrap();
+
+    let packet = emqx_bytes(get("EMQX_MQTT__MAX_PACKET_SIZE"));
+    assert_eq!(
+        packet.to_string(),
+        mosquitto_setting("max_packet_size"),
+        "{what}: EMQX's packet limit is Mosquitto's"
+    );
+    assert!(
+        packet < mqtt.max_packet_bytes && packet > mqtt.max_payload_bytes,
+        "{what}: the broker's packet limit ({packet}) is above the body limit ({}) and below what the platform reads ({})",
+        mqtt.max_payload_bytes,
+        mqtt.max_packet_bytes
+    );
+    let mqueue = get("EMQX_MQTT__MAX_MQUEUE_LEN");
+    assert_eq!(
+        mqueue,
+        mosquitto_setting("max_queued_messages"),
+        "{what}: EMQX queues as many messages per session as Mosquitto"
+    );
+    assert_eq!(
+        get("EMQX_MQTT__MAX_INFLIGHT"),
+        mosquitto_setting("max_inflight_messages"),
+        "{what}: the platform's in-flight window"
+    );
+    assert_eq!(
+        get("EMQX_MQTT__MQUEUE_STORE_QOS0"),
+        "false",
+        "{what}: QoS 0 takes no queue space"
+    );
+    assert!(
+        get("EMQX_FORCE_SHUTDOWN__MAX_MAILBOX_SIZE")
+            .parse::<u64>()
+            .unwrap()
+            >= mqueue.parse::<u64>().unwrap(),
+        "{what}: the session process is not shut down before its queue is full"
+    );
+    assert!(
+        emqx_bytes(get("EMQX_FORCE_SHUTDOWN__MAX_HEAP_SIZE")) >= 256 * 1024 * 1024,
+        "{what}: the session process may hold its queue"
+    );
+    assert_eq!(get("EMQX_OVERLOAD_PROTECTION__ENABLE"), "true", "{what}");
+
+    assert_eq!(get("EMQX_AUTHORIZATION__NO_MATCH"), "deny", "{what}");
+    assert_eq!(
+        get("EMQX_AUTHORIZATION__SOURCES__1__TYPE"),
+        "file",
+        "{what}"
+    );
+    assert_eq!(
+        get("EMQX_AUTHORIZATION__SOURCES__1__ENABLE"),
+        "true",
+        "{what}"
+    );
+    assert!(
+        get("EMQX_AUTHORIZATION__SOURCES__1__PATH").starts_with('/'),
+        "{what}"
+    );
+
+    let (csv, acl) = run_emqx_entrypoint(what, script, env, user);
+    assert_eq!(
+        csv,
+        format!("user_id,password,is_superuser\n{user},pw,false\n"),
+        "{what}: the platform's user is bootstrapped, not as a superuser"
+    );
+    // The platform's subscription without its `$share/<group>/` (EMQX authorizes the real topic).
+    let shared = mqtt.topic.strip_prefix("$share/").unwrap();
+    let real = shared.split_once('/').unwrap().1;
+    let rules: Vec<&str> = acl.lines().collect();
+    assert_eq!(
+        rules,
+        vec![
+            // A username that is not one topic level would widen the `${username}` rules.
+            r##"{deny, {username, {re, "[/+#]"}}, all, ["#"]}."##,
+            format!(r#"{{allow, {{username, "{user}"}}, subscribe, ["{real}"]}}."#).as_str(),
+            format!(r#"{{allow, {{username, "{user}"}}, publish, ["devices/+/errors"]}}."#)
+                .as_str(),
+            r#"{allow, all, publish, ["devices/${username}/events"]}."#,
+            r#"{allow, all, subscribe, ["devices/${username}/errors"]}."#,
+            "{deny, all}.",
+        ],
+        "{what}: the ACL"
+    );
+}
+
+#[test]
+fn emqx_in_compose_authorizes_devices_and_queues_like_the_local_mosquitto() {
+    let all = all_services();
+    let (name, emqx) = service_with_image(&all, "emqx/emqx");
+    let env: BTreeMap<String, String> = environment(emqx)
+        .into_iter()
+        .map(|(k, v)| (k, interpolate(&v)))
+        .collect();
+    let entry: Vec<String> = emqx["entrypoint"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{name}: an entrypoint list"))
+        .iter()
+        .filter_map(scalar)
+        .collect();
+    assert_eq!(
+        &entry[..2],
+        ["/bin/sh", "-ec"],
+        "{name}: a shell entrypoint"
+    );
+    let script: Vec<String> = interpolate(&entry[2]).lines().map(str::to_string).collect();
+    let app_env: HashMap<String, String> = environment(&all[APP_SERVICE])
+        .into_iter()
+        .map(|(k, v)| (k, interpolate(&v)))
+        .collect();
+    let user = Config::from_map(&app_env).unwrap().mqtt.unwrap().username;
+    check_emqx(&format!("{FULLSTACK} {name}"), &env, &script, &user);
+}
+
+/// Undoes HCL string escapes (`\"`, `\\`, `\n`, `$${`).
+fn hcl_unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('n') => out.push('\n'),
+                Some(o) => out.push(o),
+                None => {}
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out.replace("$${", "${")
+}
+
+#[test]
+fn emqx_in_ecs_authorizes_devices_and_queues_like_the_local_mosquitto() {
+    let containers = tf_containers();
+    let body = &containers["mqtt-broker"];
+    let (env, _) = tf_environment(body);
+    let command = Regex::new(r#"(?s)command\s*=\s*\[join\("\\n",\s*\[(.*?)\]\)\]"#)
+        .unwrap()
+        .captures(body)
+        .expect("mqtt-broker: command = [join(\"\\n\", [...])]")[1]
+        .to_string();
+    let script: Vec<String> = Regex::new(r#""((?:[^"\\]|\\.)*)""#)
+        .unwrap()
+        .captures_iter(&command)
+        .map(|c| hcl_unescape(&c[1]))
+        .collect();
+    let vars = read("deploy/variables.tf");
+    let user = Regex::new(r#"(?s)variable "mqtt_username" \{.*?default\s*=\s*"([^"]+)""#)
+        .unwrap()
+        .captures(&vars)
+        .expect("variable mqtt_username has a default")[1]
+        .to_string();
+    assert_eq!(
+        env.get("MQTT_USERNAME").map(String::as_str),
+        Some("var.mqtt_username")
+    );
+    let env: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("EMQX_"))
+        .collect();
+    check_emqx("deploy/ecs.tf mqtt-broker", &env, &script, &user);
+}

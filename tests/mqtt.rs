@@ -1,9 +1,11 @@
 //! MQTT device ingestion (SPEC §12) against the real Mosquitto.
 
 mod common;
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -40,6 +42,8 @@ fn mqtt_env(env: &mut HashMap<String, String>, port: u16, root: &str, client_id:
 fn client(port: u16, creds: Option<(&str, &str)>) -> (AsyncClient, rumqttc::EventLoop) {
     let mut o = MqttOptions::new(unique("dev-"), "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(5));
+    // Room for the oversized messages some tests send (rumqttc's default is 10 KiB).
+    o.set_max_packet_size(1 << 20, 1 << 20);
     if let Some((u, p)) = creds {
         o.set_credentials(u, p);
     }
@@ -317,84 +321,9 @@ async fn two_instances_share_the_subscription_and_ingest_each_message_once() {
     assert_eq!(all, ids.into_iter().collect::<HashSet<_>>());
 }
 
-/// A Mosquitto owned by one test, so it can be killed and restarted (with its persistence).
-struct OwnMosquitto {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl OwnMosquitto {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let passwd = dir.path().join("passwd");
-        let ok = Command::new("mosquitto_passwd")
-            .args(["-b", "-c", passwd.to_str().unwrap(), USER, PASS])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "per_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n\
-                 password_file {}\npersistence true\npersistence_location {}/\nuser root\n",
-                passwd.display(),
-                dir.path().display()
-            ),
-        )
-        .unwrap();
-        let mut m = Self {
-            port,
-            dir,
-            child: None,
-        };
-        m.restart();
-        m
-    }
-
-    fn restart(&mut self) {
-        let conf = self.dir.path().join("mosquitto.conf");
-        self.child = Some(
-            Command::new("mosquitto")
-                .args(["-c", conf.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("mosquitto (make infra-up installs it)"),
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "own mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SIGTERM lets it write its persistence file, like a broker restart in production.
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnMosquitto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_subscriber_reconnects_after_a_broker_restart() {
-    let mut broker = OwnMosquitto::start();
+    let mut broker = mosquitto::Mosquitto::start();
     let root = unique("m");
     let app = TestApp::spawn_with(&[Service::Ingestion], |e| {
         mqtt_env(e, broker.port, &root, &unique("cj-"))
@@ -515,4 +444,385 @@ async fn a_crash_before_the_ack_means_redelivery_and_no_loss() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "SIGTERM drained and exited 0: {status:?}");
+}
+
+/// Subscribes to a topic as the development user and forwards each message's JSON body.
+async fn listen(port: u16, topic: &str) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let (listener, mut lev) = client(port, Some((USER, PASS)));
+    listener.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _keep = listener;
+        let mut subscribed_tx = Some(subscribed_tx);
+        while let Ok(ev) = lev.poll().await {
+            match ev {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(t) = subscribed_tx.take() {
+                        let _ = t.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let _ = tx.send(serde_json::from_slice(&p.payload).unwrap_or(Value::Null));
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("listener subscribed")
+        .unwrap();
+    rx
+}
+
+async fn wait_mqtt_connected(app: &TestApp) {
+    let health = app.url(Service::Ingestion, "/health");
+    eventually(Duration::from_secs(30), || async {
+        let v: Value = app.http.get(&health).send().await.ok()?.json().await.ok()?;
+        (v["checks"]["mqtt"]["connected"] == true).then_some(())
+    })
+    .await;
+}
+
+fn reading(id: Uuid, pad: usize) -> Vec<u8> {
+    json!({"event_type": "sensor.reading", "event_id": id,
+           "payload": {"value": 1, "unit": "c", "pad": "x".repeat(pad)}})
+    .to_string()
+    .into_bytes()
+}
+
+#[test]
+fn the_client_reads_packets_larger_than_the_brokers_limit() {
+    let cfg = cornjacket::config::Config::from_map(&HashMap::new()).unwrap();
+    let mqtt = cfg.mqtt.unwrap();
+    let broker = mosquitto::template_max_packet_size();
+    assert!(
+        mqtt.max_packet_bytes > broker,
+        "CJ_MQTT_MAX_PACKET_BYTES ({}) above Mosquitto's max_packet_size ({broker})",
+        mqtt.max_packet_bytes
+    );
+    assert!(
+        mqtt.max_payload_bytes < broker,
+        "the body limit is below the broker's, so an oversized message reaches the platform"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_acknowledged_reported_and_the_next_one_taken_in() {
+    let broker = mosquitto::Mosquitto::start();
+    let root = unique("m");
+    let app = TestApp::spawn_with(&[Service::Ingestion], |e| {
+        mqtt_env(e, broker.port, &root, &unique("cj-"))
+    })
+    .await;
+    app.wait_ready().await;
+    wait_mqtt_connected(&app).await;
+    let mut errors = listen(broker.port, &format!("{root}/devices/big-1/errors")).await;
+    let limit = app.config.ingestion.max_body_bytes;
+    let topic = format!("{root}/devices/big-1/events");
+    let (big, small) = (Uuid::now_v7(), Uuid::now_v7());
+    // Over the body limit, under the broker's: the broker hands it over, the platform refuses it.
+    publish_all(
+        broker.port,
+        vec![
+            (topic.clone(), reading(big, limit + 1000)),
+            (topic.clone(), reading(small, 0)),
+        ],
+    )
+    .await;
+    let report = tokio::time::timeout(Duration::from_secs(10), errors.recv())
+        .await
+        .expect("an error report")
+        .unwrap();
+    assert_eq!(report["error"], "message too large", "{report}");
+    let detail = report["details"][0]["message"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("the limit is {limit} bytes")),
+        "{detail}"
+    );
+
+    // Over the broker's own limit: refused by the broker (connection closed, no PUBACK).
+    let (c, mut ev) = client(broker.port, Some((USER, PASS)));
+    let huge = reading(Uuid::now_v7(), mosquitto::template_max_packet_size());
+    c.publish(topic.clone(), QoS::AtLeastOnce, false, huge)
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return false,
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        refused,
+        "the broker closed the connection instead of acknowledging"
+    );
+    drop((c, ev));
+    let after = Uuid::now_v7();
+    publish_all(broker.port, vec![(topic.clone(), reading(after, 0))]).await;
+
+    let pool = app.pool().await;
+    let ids = eventually(Duration::from_secs(20), || async {
+        let ids: HashSet<Uuid> = store_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        (ids.len() >= 2).then_some(ids)
+    })
+    .await;
+    assert_eq!(ids, HashSet::from([small, after]));
+    let m = scrape(&app, Service::Ingestion).await;
+    assert_eq!(
+        metric(
+            &m,
+            "cj_ingest_rejected_total",
+            &[("reason", "too_large_mqtt")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "cj_mqtt_disconnects_total", &[]),
+        0.0,
+        "no reconnect loop"
+    );
+}
+
+#[tokio::test]
+async fn after_a_session_loss_no_ack_of_the_old_connection_is_sent_on_the_new_one() {
+    let mut broker = mosquitto::Mosquitto::start_with("log_type all");
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let prefix = topic_prefix();
+    let root = unique("m");
+    let client_id = unique("cj-");
+    let mut env = test_env(&with_host(&db.url, &proxy.addr.to_string()), &prefix);
+    mqtt_env(&mut env, broker.port, &root, &client_id);
+    env.insert("CJ_DB_ACQUIRE_TIMEOUT".into(), "1s".into());
+    let app = TestApp::start(db, prefix, env, &[Service::Ingestion]).await;
+    app.wait_ready().await;
+    wait_mqtt_connected(&app).await;
+    let topic = format!("{root}/devices/s1/events");
+    let delivered = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains(&format!("Sending PUBLISH to {client_id} ")) && l.contains(&topic)
+            })
+            .count()
+    };
+
+    // A arrives on the first connection; its commit waits for the database.
+    proxy.cut();
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    publish_all(broker.port, vec![(topic.clone(), reading(a, 0))]).await;
+    eventually(Duration::from_secs(10), || async {
+        (delivered(&broker.log()) == 1).then_some(())
+    })
+    .await;
+
+    // The broker comes back without the session: the packet ids start again on the new one.
+    broker.stop_and_lose_sessions();
+    let before = broker.log().len();
+    broker.restart();
+    eventually(Duration::from_secs(30), || async {
+        let log = broker.log();
+        log[before..]
+            .contains("New client connected from 127.0.0.1")
+            .then_some(())?;
+        log[before..]
+            .contains(&format!("as {client_id} "))
+            .then_some(())
+    })
+    .await;
+    wait_mqtt_connected(&app).await;
+    publish_all(broker.port, vec![(topic.clone(), reading(b, 0))]).await;
+    eventually(Duration::from_secs(10), || async {
+        (delivered(&broker.log()[before..]) == 1).then_some(())
+    })
+    .await;
+
+    proxy.restore();
+    let pool = app.pool().await;
+    eventually(Duration::from_secs(30), || async {
+        let ids: HashSet<Uuid> = store_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        (ids.contains(&a) && ids.contains(&b)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = broker.log();
+    let acks: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| l.contains(&format!("Received PUBACK from {client_id} ")))
+        .collect();
+    assert_eq!(
+        acks.len(),
+        1,
+        "only B, which came on the new connection, is acknowledged there: {acks:#?}"
+    );
+}
+
+#[tokio::test]
+async fn the_qos0_backlog_is_bounded_and_qos1_is_never_dropped() {
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let prefix = topic_prefix();
+    let root = unique("m");
+    let mut env = test_env(&with_host(&db.url, &proxy.addr.to_string()), &prefix);
+    mqtt_env(&mut env, mqtt_port(), &root, &unique("cj-"));
+    env.insert("CJ_DB_ACQUIRE_TIMEOUT".into(), "1s".into());
+    env.insert("CJ_MQTT_QOS0_BACKLOG".into(), "5".into());
+    let app = TestApp::start(db, prefix, env, &[Service::Ingestion]).await;
+    app.wait_ready().await;
+    wait_mqtt_connected(&app).await;
+
+    proxy.cut();
+    let topic = format!("{root}/devices/q0/events");
+    let qos0: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    let qos1: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let (c, mut ev) = client(mqtt_port(), Some((USER, PASS)));
+    for id in &qos0 {
+        c.publish(topic.clone(), QoS::AtMostOnce, false, reading(*id, 0))
+            .await
+            .unwrap();
+    }
+    tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    // Then QoS 1, past the full QoS 0 backlog.
+    publish_all(
+        mqtt_port(),
+        qos1.iter()
+            .map(|id| (topic.clone(), reading(*id, 0)))
+            .collect(),
+    )
+    .await;
+    eventually(Duration::from_secs(20), || async {
+        let m = scrape(&app, Service::Ingestion).await;
+        (metric(&m, "cj_mqtt_messages_total", &[("outcome", "dropped_qos0")]) == 15.0).then_some(())
+    })
+    .await;
+    drop(c);
+
+    proxy.restore();
+    let pool = app.pool().await;
+    let ids = eventually(Duration::from_secs(30), || async {
+        let ids: HashSet<Uuid> = store_rows(&pool).await.into_iter().map(|r| r.0).collect();
+        (ids.len() >= 10).then_some(ids)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ids: HashSet<Uuid> = ids
+        .union(&store_rows(&pool).await.into_iter().map(|r| r.0).collect())
+        .copied()
+        .collect();
+    assert!(
+        qos1.iter().all(|id| ids.contains(id)),
+        "every QoS 1 message"
+    );
+    assert_eq!(
+        qos0.iter().filter(|id| ids.contains(id)).count(),
+        5,
+        "QoS 0 up to the backlog"
+    );
+    assert_eq!(ids.len(), 10);
+}
+
+/// Publishes `n` messages at QoS 1, one after the other (each waits for its PUBACK); returns
+/// their ids.
+async fn publish_acked(port: u16, topic: &str, n: usize) -> Vec<Uuid> {
+    let (c, mut ev) = client(port, Some((USER, PASS)));
+    let mut acked = Vec::new();
+    for _ in 0..n {
+        let id = Uuid::now_v7();
+        c.publish(topic, QoS::AtLeastOnce, false, reading(id, 0))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher connection failed: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("PUBACK");
+        acked.push(id);
+    }
+    acked
+}
+
+/// The limit README states is the one the template sets.
+fn queue_limit() -> usize {
+    let t = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts/mosquitto/mosquitto.conf.tmpl"),
+    )
+    .unwrap();
+    t.lines()
+        .find_map(|l| l.strip_prefix("max_queued_messages "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn readme_states_the_queue_limit_in_force() {
+    let limit = queue_limit();
+    assert!(limit >= 1_000_000, "far above Mosquitto's default of 1000");
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let stated = format!("max_queued_messages {limit}");
+    assert!(readme.contains(&stated), "README states `{stated}`");
+}
+
+#[tokio::test]
+async fn messages_queued_for_the_platform_while_it_is_away_are_all_taken_in() {
+    let broker = mosquitto::Mosquitto::start();
+    let db = TestDb::new().await;
+    let prefix = topic_prefix();
+    let root = unique("m");
+    let mut env = test_env(&db.url, &prefix);
+    mqtt_env(&mut env, broker.port, &root, &unique("cj-"));
+    let same_db = || TestDb {
+        name: db.name.clone(),
+        url: db.url.clone(),
+    };
+    // The platform's persistent session and its subscription exist; then the platform is away.
+    let mut app = TestApp::start(
+        same_db(),
+        prefix.clone(),
+        env.clone(),
+        &[Service::Ingestion],
+    )
+    .await;
+    app.wait_ready().await;
+    wait_mqtt_connected(&app).await;
+    assert!(app.stop().await);
+
+    // More than Mosquitto's default queue (1000) and the in-flight window together, past which it would
+    // drop the rest after the PUBACK.
+    let topic = format!("{root}/devices/away/events");
+    let acked = publish_acked(broker.port, &topic, 2500).await;
+
+    let app = TestApp::start(same_db(), prefix, env, &[Service::Ingestion]).await;
+    app.wait_ready().await;
+    let pool = app.pool().await;
+    let want: HashSet<Uuid> = acked.iter().copied().collect();
+    let got = eventually(Duration::from_secs(60), || async {
+        let ids: HashSet<Uuid> = sqlx::query_scalar::<_, Uuid>(
+            "SELECT event_id FROM ingestion.outbox UNION ALL SELECT event_id FROM ingestion.event_store",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+        want.is_subset(&ids).then_some(ids)
+    })
+    .await;
+    assert_eq!(got, want);
 }

@@ -2,6 +2,7 @@
 //! event store and the bus. Owns the `ingestion` schema.
 
 mod api;
+pub mod devices;
 mod error;
 pub mod mqtt;
 pub mod processor;

@@ -4,6 +4,17 @@
 //!
 //! Acks go out in the order the messages arrived (MQTT 3.1.1 §4.6); commits run concurrently
 //! through the same group-commit writer as HTTP, so a burst of device messages shares commits.
+//!
+//! An ack goes out only on the connection its message came on. A packet id names a message only
+//! within its session: after a reconnect that found no session (`session_present = false`) the
+//! broker numbers new messages from scratch, and an old ack would acknowledge one of them before
+//! it is committed. When the session did survive, the broker hands the unacknowledged messages
+//! over again on the new connection, and those copies are acknowledged once they are committed
+//! (a repeat is a no-op for a device that sends `event_id`).
+//!
+//! No single message can stop ingestion: the client reads packets up to
+//! `CJ_MQTT_MAX_PACKET_BYTES`, set above the broker's own limit, and a payload over the HTTP body
+//! limit is acknowledged, counted and reported to the device instead of being stored.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,8 +46,9 @@ enum Handled {
     Abandoned,
 }
 
-/// A message being committed; resolves to the message and how it ended.
-type InFlight = futures::future::BoxFuture<'static, (Publish, Handled)>;
+/// A message being committed; resolves to the message, the connection it came on, and how it
+/// ended.
+type InFlight = futures::future::BoxFuture<'static, (Publish, u64, Handled)>;
 
 pub struct Subscriber {
     pub cfg: MqttConfig,
@@ -54,18 +66,27 @@ impl Subscriber {
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(15))
             .set_inflight(self.cfg.inflight)
-            .set_max_packet_size(256 * 1024, 256 * 1024)
+            .set_max_packet_size(self.cfg.max_packet_bytes, self.cfg.max_packet_bytes)
             .set_credentials(self.cfg.username.clone(), self.cfg.password_exposed());
         let (client, mut events) = AsyncClient::new(opts, 65_536);
         let this = Arc::new(self);
         let mut pending: FuturesOrdered<InFlight> = FuturesOrdered::new();
         let mut backoff = Duration::from_millis(200);
+        // Which connection is current: bumped when one is lost, before anything else can queue
+        // an ack (rumqttc sends queued requests on the next connection).
+        let mut connection: u64 = 0;
+        // QoS 0 messages among `pending`, and when a dropped one was last logged.
+        let mut qos0_pending = 0usize;
+        let mut qos0_logged: Option<std::time::Instant> = None;
 
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((publish, handled)) = pending.next(), if !pending.is_empty() => {
-                    this.finish(&client, &publish, handled);
+                Some((publish, on, handled)) = pending.next(), if !pending.is_empty() => {
+                    if publish.qos == QoS::AtMostOnce {
+                        qos0_pending -= 1;
+                    }
+                    this.finish(&client, &publish, on == connection, handled);
                 }
                 ev = events.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -93,6 +114,17 @@ impl Subscriber {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.qos == QoS::AtMostOnce {
+                            if qos0_pending >= this.cfg.qos0_backlog {
+                                metrics::counter!("cj_mqtt_messages_total", "outcome" => "dropped_qos0").increment(1);
+                                if qos0_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                                    qos0_logged = Some(std::time::Instant::now());
+                                    tracing::warn!(backlog = qos0_pending, topic = %p.topic, "QoS 0 backlog full; dropping QoS 0 messages (QoS 1 is never dropped).");
+                                }
+                                continue;
+                            }
+                            qos0_pending += 1;
+                        }
                         // Validated and handed to the writer here, one message after the other,
                         // so the outbox receives them in arrival order; only the waiting for
                         // their commits runs concurrently.
@@ -106,6 +138,7 @@ impl Subscriber {
                         let this = this.clone();
                         let stop = shutdown.clone();
                         let reporter = client.clone();
+                        let on = connection;
                         pending.push_back(Box::pin(async move {
                             let handled = match first {
                                 Ok((env, body, ticket)) => {
@@ -113,14 +146,23 @@ impl Subscriber {
                                 }
                                 Err(handled) => handled,
                             };
-                            (p, handled)
+                            (p, on, handled)
                         }));
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        connection += 1;
                         this.state.connected.store(false, Ordering::Relaxed);
                         *this.state.last_error.lock().expect("mqtt state lock") = Some(e.to_string());
                         metrics::counter!("cj_mqtt_disconnects_total").increment(1);
+                        if let rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+                            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+                        )) = &e
+                        {
+                            // The broker will hand the same packet over again on reconnect.
+                            tracing::error!(packet_bytes = n, limit = this.cfg.max_packet_bytes,
+                                "MQTT packet over CJ_MQTT_MAX_PACKET_BYTES; set it above the broker's packet limit (Mosquitto max_packet_size, EMQX mqtt.max_packet_size).");
+                        }
                         tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost; reconnecting.");
                         if shutdown.run_until_cancelled(tokio::time::sleep(backoff)).await.is_none() {
                             break;
@@ -133,8 +175,8 @@ impl Subscriber {
 
         // Drain: acknowledge what was committed; the rest stays with the broker.
         let drain = async {
-            while let Some((publish, handled)) = pending.next().await {
-                this.finish(&client, &publish, handled);
+            while let Some((publish, on, handled)) = pending.next().await {
+                this.finish(&client, &publish, on == connection, handled);
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
@@ -146,11 +188,19 @@ impl Subscriber {
         this.state.connected.store(false, Ordering::Relaxed);
     }
 
-    fn finish(&self, client: &AsyncClient, publish: &Publish, handled: Handled) {
+    /// Acknowledges a message that ended (when it came on the current connection: see the module
+    /// comment) and counts it.
+    fn finish(&self, client: &AsyncClient, publish: &Publish, current: bool, handled: Handled) {
         if matches!(handled, Handled::Abandoned) {
             return;
         }
-        if let Err(e) = client.try_ack(publish) {
+        if !current {
+            // Committed or refused all the same; a surviving session hands it over again.
+            tracing::debug!(
+                pkid = publish.pkid,
+                "Not acknowledging a message of a lost connection."
+            );
+        } else if let Err(e) = client.try_ack(publish) {
             tracing::warn!(error = %e, "Could not queue an MQTT ack; the broker will redeliver.");
         }
         let outcome = match handled {
@@ -174,6 +224,18 @@ impl Subscriber {
                 return Err(Handled::Rejected);
             }
         };
+        if p.payload.len() > self.cfg.max_payload_bytes {
+            let limit = self.cfg.max_payload_bytes;
+            metrics::counter!("cj_ingest_rejected_total", "reason" => "too_large_mqtt")
+                .increment(1);
+            tracing::warn!(device = %device, bytes = p.payload.len(), limit, "MQTT message over the body limit; rejected.");
+            let details = json!([{
+                "field": "",
+                "message": format!("{} bytes; the limit is {limit} bytes", p.payload.len()),
+            }]);
+            report(client, &p.topic, "message too large", details);
+            return Err(Handled::Rejected);
+        }
         let checked = serde_json::from_slice::<Value>(&p.payload)
             .map_err(|e| {
                 (
