@@ -2647,10 +2647,12 @@ async fn row_mqtt(ctx: &mut Ctx) -> anyhow::Result<()> {
     let (mstart, mend) = (start + a.warmup(), start + a.warmup() + a.duration());
     let m0 = cpu_mark(&a);
     let mut set = tokio::task::JoinSet::new();
+    // Sent (a PUBLISH written) and acknowledged by the broker (its PUBACK read).
+    let sent = Arc::new(AtomicU64::new(0));
     let published = Arc::new(AtomicU64::new(0));
     for d in 0..devices {
         let (u, run, prefix) = (u.clone(), run.clone(), a.mqtt_topic_prefix.clone());
-        let published = published.clone();
+        let (published, sent) = (published.clone(), sent.clone());
         set.spawn(async move {
             let mut load = Load::new();
             let device = format!("mq-{run}-{d:04}");
@@ -2675,6 +2677,7 @@ async fn row_mqtt(ctx: &mut Ctx) -> anyhow::Result<()> {
                     (r >> 8) % 100
                 );
                 let t0 = Instant::now();
+                sent.fetch_add(1, Ordering::Relaxed);
                 let res = tokio::time::timeout(REQUEST_TIMEOUT, mqtt::publish(&mut s, &topic, id, payload.as_bytes(), &mut buf)).await;
                 let t1 = Instant::now();
                 let measured = t0 >= mstart && t1 <= mend;
@@ -2711,6 +2714,7 @@ async fn row_mqtt(ctx: &mut Ctx) -> anyhow::Result<()> {
     // Whether the platform took them in: events from these devices in the outbox and event store,
     // counted until all are there or the count stops growing for 3 s (at most 30 s).
     let published = published.load(Ordering::Relaxed) as i64;
+    let sent = sent.load(Ordering::Relaxed) as i64;
     let last_publish = Instant::now();
     let count = || async {
         let db = ctx.db.as_ref()?;
@@ -2740,19 +2744,33 @@ async fn row_mqtt(ctx: &mut Ctx) -> anyhow::Result<()> {
     let caught_up = ingested
         .filter(|n| *n >= published)
         .map(|_| last_publish.elapsed());
+    // Both rates over the whole publishing time (warm-up included, as the counts are): what the
+    // broker acknowledged, and what the platform had taken in by the time it caught up (or by
+    // the last count).
+    let publishing = (last_publish - start).as_secs_f64().max(1e-9);
+    let acked_rate = published as f64 / publishing;
+    let taken_rate = ingested.map(|n| {
+        n as f64
+            / (last_publish - start + caught_up.unwrap_or(last_publish.elapsed()))
+                .as_secs_f64()
+                .max(1e-9)
+    });
     let mut r = Row::new("mqtt");
     r.rate(load.per_sec(load.ok), "msg/s");
     r.latency(&load.hist);
     r.failures = load.failures();
     r.goal = GOAL.into();
     r.config = format!(
-        "{devices} simulated devices, one connection each, QoS 1 publish to {}devices/{{id}}/events on the broker at {} with one PUBACK awaited at a time, {:.0}s (+{:.0}s warm-up); the rate counts broker PUBACKs; the platform took in {} of the {} events published (warm-up included; counted in its outbox + event store){}; {}; {}",
+        "{devices} simulated devices, one connection each, QoS 1 publish to {}devices/{{id}}/events on the broker at {} with one PUBACK awaited at a time, {:.0}s (+{:.0}s warm-up); the rate counts broker PUBACKs; sent {}, acknowledged by the broker {} ({:.0} msg/s), taken in by the platform {} ({} msg/s; warm-up included; counted in its outbox + event store){}; {}; {}",
         a.mqtt_topic_prefix,
         u.host,
         load.window.as_secs_f64(),
         a.warmup().as_secs_f64(),
-        ingested.map_or("?".into(), |n| thousands(n as f64)),
+        thousands(sent as f64),
         thousands(published as f64),
+        acked_rate,
+        ingested.map_or("?".into(), |n| thousands(n as f64)),
+        taken_rate.map_or("?".into(), |r| format!("{r:.0}")),
         match caught_up {
             Some(d) => format!(
                 ", all of them {:.1}s after the last publish",
@@ -2763,9 +2781,14 @@ async fn row_mqtt(ctx: &mut Ctx) -> anyhow::Result<()> {
         r.failures_text(),
         cpu_text(&cpu)
     );
-    r.goal_met = Some(load.per_sec(load.ok) >= 10_000.0 && caught_up.is_some());
+    // Taken in must equal acknowledged: a PUBACKed message the platform never got is a loss.
+    r.goal_met =
+        Some(load.per_sec(load.ok) >= 10_000.0 && ingested.is_some_and(|n| n >= published));
     r.details = json!({
+        "sent": sent,
         "published": published,
+        "acknowledged_per_s": acked_rate,
+        "platform_ingested_per_s": taken_rate,
         "platform_ingested": ingested,
         "platform_caught_up_after_s": caught_up.map(|d| d.as_secs_f64()),
         "cpu": cpu,
