@@ -91,6 +91,32 @@ pub struct ClockGuard {
 }
 
 impl ClockGuard {
+    /// A retention job's loop: a round at once, then one every `every` until shutdown; each
+    /// round runs `round` at the time [`ClockGuard::now`] trusts, or not at all.
+    pub async fn rounds<F, Fut>(
+        &self,
+        pool: &PgPool,
+        every: Duration,
+        shutdown: &tokio_util::sync::CancellationToken,
+        mut round: F,
+    ) where
+        F: FnMut(DateTime<Utc>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        loop {
+            if let Some(now) = self.now(pool).await {
+                round(now).await;
+            }
+            if shutdown
+                .run_until_cancelled(tokio::time::sleep(every))
+                .await
+                .is_none()
+            {
+                return;
+            }
+        }
+    }
+
     /// The host time a round may run at, or None when the round must not remove anything:
     /// the clocks disagree beyond the bound, or the database's clock cannot be read (then the
     /// round's own statements would fail too; the next round retries).

@@ -17,24 +17,18 @@ pub async fn run(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    loop {
-        if let Some(now) = guard.now(&pool).await {
-            match enforce(&pool, now, keep, &shutdown).await {
+    let (db, stop) = (&pool, &shutdown);
+    guard
+        .rounds(db, every, stop, |now| async move {
+            match enforce(db, now, keep, stop).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "Delivery retention: old deliveries removed."),
                 Err(e) => {
                     tracing::warn!(error = %e, "Delivery retention failed; next run retries.")
                 }
             }
-        }
-        if shutdown
-            .run_until_cancelled(tokio::time::sleep(every))
-            .await
-            .is_none()
-        {
-            return;
-        }
-    }
+        })
+        .await;
 }
 
 /// Removes the deliveries finished before `keep` at `now`; returns how many went.

@@ -80,32 +80,25 @@ pub async fn run(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let round = match guard.now(&pool).await {
-            Some(now) => Some(enforce(&pool, now, keep, false, &shutdown).await),
-            None => None,
-        };
-        match round {
-            None => {}
-            Some(Ok(r)) if r.removed_anything() => {
-                let rows = |t: &str| r.rows.iter().find(|(n, _)| *n == t).map_or(0, |(_, n)| *n);
-                tracing::info!(
-                    projections = rows("eventhandler.projections"),
-                    dead_letters = rows("eventhandler.dlq"),
-                    "Event handler retention removed stale projections and resolved dead letters."
-                );
+    let (db, stop) = (&pool, &shutdown);
+    guard
+        .rounds(db, every, stop, |now| async move {
+            match enforce(db, now, keep, false, stop).await {
+                Ok(r) if r.removed_anything() => {
+                    let rows =
+                        |t: &str| r.rows.iter().find(|(n, _)| *n == t).map_or(0, |(_, n)| *n);
+                    tracing::info!(
+                        projections = rows("eventhandler.projections"),
+                        dead_letters = rows("eventhandler.dlq"),
+                        "Event handler retention removed stale projections and resolved dead letters."
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "Event handler retention failed; the next run retries."
+                ),
             }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "Event handler retention failed; the next run retries.")
-            }
-        }
-        if shutdown
-            .run_until_cancelled(tokio::time::sleep(every))
-            .await
-            .is_none()
-        {
-            return;
-        }
-    }
+        })
+        .await;
 }

@@ -19,22 +19,16 @@ pub async fn run(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    loop {
-        if let Some(now) = guard.now(&pool).await {
-            match enforce(&pool, now, keep, &shutdown).await {
+    let (db, stop) = (&pool, &shutdown);
+    guard
+        .rounds(db, every, stop, |now| async move {
+            match enforce(db, now, keep, stop).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(removed = n, "tsdb retention: old readings removed."),
                 Err(e) => tracing::warn!(error = %e, "tsdb retention failed; next run retries."),
             }
-        }
-        if shutdown
-            .run_until_cancelled(tokio::time::sleep(every))
-            .await
-            .is_none()
-        {
-            return;
-        }
-    }
+        })
+        .await;
 }
 
 /// Whether `tsdb.sensor_readings` is a TimescaleDB hypertable (asked of the table, not of the
