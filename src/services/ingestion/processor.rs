@@ -118,6 +118,14 @@ fn publish_failure(e: &KafkaError) -> Failure {
     }
 }
 
+fn failure_of(e: &ProcessError) -> Failure {
+    match e {
+        ProcessError::Publish(k, _) => publish_failure(k),
+        ProcessError::Db(d) => move_failure(d),
+        ProcessError::Recovery(_) => Failure::Transient,
+    }
+}
+
 /// A database refusal of the move: data exceptions (22…), integrity violations (23…) and program
 /// limits (54…) are about a row; everything else is the environment and is waited out.
 fn move_failure(e: &sqlx::Error) -> Failure {
@@ -272,12 +280,7 @@ impl Processor {
             Ok(s) => s.unwrap_or(0),
             Err(e) => {
                 sp.rollback().await?;
-                let failure = move_failure(&e);
-                let e = ProcessError::Db(e);
-                if self.settle_failure(tx, shard, &seqs, failure, &e).await? {
-                    return Ok(1);
-                }
-                return Err(e);
+                return self.settle_failure(tx, shard, &seqs, e.into()).await;
             }
         };
 
@@ -286,14 +289,7 @@ impl Processor {
             Ok(acked) => acked,
             Err(e) => {
                 sp.rollback().await?;
-                let ProcessError::Publish(k, _) = &e else {
-                    unreachable!("publish fails with Publish")
-                };
-                let failure = publish_failure(k);
-                if self.settle_failure(tx, shard, &seqs, failure, &e).await? {
-                    return Ok(1);
-                }
-                return Err(e);
+                return self.settle_failure(tx, shard, &seqs, e).await;
             }
         };
         metrics::histogram!("cj_outbox_publish_seconds").record(started.elapsed().as_secs_f64());
@@ -328,12 +324,7 @@ impl Processor {
             Ok(_) => sp.commit().await?,
             Err(e) => {
                 sp.rollback().await?;
-                let failure = move_failure(&e);
-                let e = ProcessError::Db(e);
-                if self.settle_failure(tx, shard, &seqs, failure, &e).await? {
-                    return Ok(1);
-                }
-                return Err(e);
+                return self.settle_failure(tx, shard, &seqs, e.into()).await;
             }
         }
         tx.commit().await?;
@@ -347,16 +338,16 @@ impl Processor {
     /// Records a failed batch while this worker still holds the shard (no other worker can claim
     /// its later rows meanwhile): a row that failed alone for a reason waiting will not fix is
     /// quarantined, a larger batch that did so is narrowed down, and any other failure counts
-    /// as an attempt on every row of the batch. True when the row was quarantined (the shard
-    /// moved on).
+    /// as an attempt on every row of the batch. Ok(1) when the row was quarantined (the shard
+    /// moved on), else the error, for the worker's backoff.
     async fn settle_failure(
         &self,
         mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
         shard: i16,
         seqs: &[i64],
-        failure: Failure,
-        e: &ProcessError,
-    ) -> Result<bool, ProcessError> {
+        e: ProcessError,
+    ) -> Result<usize, ProcessError> {
+        let failure = failure_of(&e);
         let quarantined = matches!((&failure, seqs), (Failure::Permanent, [_]));
         match (failure, seqs) {
             (Failure::Permanent, [seq]) => {
@@ -383,7 +374,7 @@ impl Processor {
             }
         }
         tx.commit().await?;
-        Ok(quarantined)
+        if quarantined { Ok(1) } else { Err(e) }
     }
 
     /// Moves one outbox row to the quarantine, with why.
@@ -556,7 +547,7 @@ impl Processor {
             ProcessError::Db(_) => {
                 tracing::warn!(worker, failures, error = %e, "Outbox batch failed; it stays in the outbox and is retried.");
             }
-            ProcessError::Publish(k, _) if matches!(publish_failure(k), Failure::Permanent) => {
+            ProcessError::Publish(..) if matches!(failure_of(e), Failure::Permanent) => {
                 tracing::warn!(worker, failures, error = %e, "The broker refused a message of the batch; narrowing the batch down to it.");
             }
             ProcessError::Publish(_, FailedProducer(failed)) => {
