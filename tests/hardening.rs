@@ -342,17 +342,6 @@ async fn the_processor_never_passes_an_uncommitted_lower_row_of_a_shard() {
     );
 }
 
-fn mqtt_port() -> u16 {
-    std::env::var("CJ_TEST_MQTT_URL")
-        .ok()
-        .and_then(|u| {
-            u.rsplit(':')
-                .next()
-                .and_then(|p| p.trim_end_matches('/').parse().ok())
-        })
-        .unwrap_or(1883)
-}
-
 #[tokio::test]
 async fn a_device_pipelining_thousands_of_publishes_keeps_their_order_on_the_partition() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};

@@ -14,17 +14,6 @@ use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-fn mqtt_port() -> u16 {
-    std::env::var("CJ_TEST_MQTT_URL")
-        .ok()
-        .and_then(|u| {
-            u.rsplit(':')
-                .next()
-                .and_then(|p| p.trim_end_matches('/').parse().ok())
-        })
-        .unwrap_or(1883)
-}
-
 const USER: &str = "cornjacket";
 const PASS: &str = "cornjacket";
 

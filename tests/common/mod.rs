@@ -35,6 +35,18 @@ pub fn brokers() -> String {
     std::env::var("CJ_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// The port of the shared test MQTT broker (`CJ_TEST_MQTT_URL`, default 1883).
+pub fn mqtt_port() -> u16 {
+    std::env::var("CJ_TEST_MQTT_URL")
+        .ok()
+        .and_then(|u| {
+            u.rsplit(':')
+                .next()
+                .and_then(|p| p.trim_end_matches('/').parse().ok())
+        })
+        .unwrap_or(1883)
+}
+
 /// A short unique name for databases, topics and groups.
 pub fn unique(prefix: &str) -> String {
     let id = Uuid::now_v7().simple().to_string();
