@@ -344,21 +344,34 @@ async fn the_processor_never_passes_an_uncommitted_lower_row_of_a_shard() {
 
 #[tokio::test]
 async fn a_device_pipelining_thousands_of_publishes_keeps_their_order_on_the_partition() {
+    pipelined_publishes_stay_in_order(3000, false).await;
+}
+
+/// Commits fail while the device keeps publishing (the database connection is cut and comes
+/// back): the failed messages are retried, and nothing the device sent later may overtake them.
+#[tokio::test]
+async fn a_device_pipelining_through_a_database_outage_keeps_their_order() {
+    pipelined_publishes_stay_in_order(1500, true).await;
+}
+
+async fn pipelined_publishes_stay_in_order(n: usize, outage: bool) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    const N: usize = 3000;
     let port = mqtt_port();
     let root = unique("ord");
-    let app = TestApp::spawn_with(&[Service::Ingestion], |e| {
-        e.insert("CJ_MQTT_URL".into(), format!("mqtt://127.0.0.1:{port}"));
-        e.insert(
-            "CJ_MQTT_TOPIC".into(),
-            format!("$share/{root}g/{root}/devices/+/events"),
-        );
-        e.insert("CJ_MQTT_CLIENT_ID".into(), unique("platform-"));
-        e.insert("CJ_MQTT_USERNAME".into(), "cornjacket".into());
-        e.insert("CJ_MQTT_PASSWORD".into(), "cornjacket".into());
-    })
-    .await;
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let prefix = topic_prefix();
+    let mut env = test_env(&with_host(&db.url, &proxy.addr.to_string()), &prefix);
+    env.insert("CJ_MQTT_URL".into(), format!("mqtt://127.0.0.1:{port}"));
+    env.insert(
+        "CJ_MQTT_TOPIC".into(),
+        format!("$share/{root}g/{root}/devices/+/events"),
+    );
+    env.insert("CJ_MQTT_CLIENT_ID".into(), unique("platform-"));
+    env.insert("CJ_MQTT_USERNAME".into(), "cornjacket".into());
+    env.insert("CJ_MQTT_PASSWORD".into(), "cornjacket".into());
+    env.insert("CJ_DB_ACQUIRE_TIMEOUT".into(), "1s".into());
+    let app = TestApp::start(db, prefix, env, &[Service::Ingestion]).await;
     app.wait_ready().await;
     eventually(Duration::from_secs(20), || async {
         let v: Value = app
@@ -381,7 +394,7 @@ async fn a_device_pipelining_thousands_of_publishes_keeps_their_order_on_the_par
     let (client, mut ev) = AsyncClient::new(o, 10_000);
     let topic = format!("{root}/devices/pipelined/events");
     let sender = tokio::spawn(async move {
-        for i in 0..N {
+        for i in 0..n {
             let body = json!({"event_type": "sensor.reading",
                               "payload": {"value": i as f64, "unit": "c"}});
             client
@@ -392,23 +405,44 @@ async fn a_device_pipelining_thousands_of_publishes_keeps_their_order_on_the_par
         client
     });
     let mut acked = 0;
+    let mut cut_at: Option<Instant> = None;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while acked < N {
-        assert!(Instant::now() < deadline, "only {acked} of {N} PUBACKs");
-        match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await {
+    while acked < n {
+        assert!(Instant::now() < deadline, "only {acked} of {n} PUBACKs");
+        if outage && cut_at.is_none() && acked >= n / 5 {
+            // Mid-stream: every connection to the database drops, new ones are refused.
+            proxy.cut();
+            cut_at = Some(Instant::now());
+        }
+        if let Some(t) = cut_at
+            && !proxy.is_up()
+            && t.elapsed() > Duration::from_secs(2)
+        {
+            proxy.restore();
+        }
+        match tokio::time::timeout(Duration::from_millis(200), ev.poll()).await {
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
             Ok(Ok(_)) | Err(_) => {}
             Ok(Err(e)) => panic!("device connection failed: {e}"),
         }
     }
     let _client = sender.await.unwrap();
+    assert!(
+        !outage || (cut_at.is_some() && proxy.is_up()),
+        "the outage happened mid-stream"
+    );
 
     let topic = app.topic("sensor-events");
     let recs = read_topics_until(
         &brokers(),
         std::slice::from_ref(&topic),
         Duration::from_secs(90),
-        |r| r.len() >= N,
+        move |r| {
+            r.iter()
+                .filter(|r| r.key.as_deref() == Some("pipelined"))
+                .count()
+                >= n
+        },
     )
     .await;
     let mut by_offset: Vec<(i64, i64)> = recs
@@ -433,7 +467,7 @@ async fn a_device_pipelining_thousands_of_publishes_keeps_their_order_on_the_par
         );
         seen = *v;
     }
-    assert_eq!(seen, N as i64 - 1, "every publish reached the partition");
+    assert_eq!(seen, n as i64 - 1, "every publish reached the partition");
 }
 
 #[tokio::test]

@@ -2,8 +2,12 @@
 //! with manual acknowledgements sent only after the event's outbox row is committed — so a crash
 //! before the ack means the broker hands the message over again, and nothing it delivered is lost.
 //!
-//! Acks go out in the order the messages arrived (MQTT 3.1.1 §4.6); commits run concurrently
-//! through the same group-commit writer as HTTP, so a burst of device messages shares commits.
+//! Acks go out in the order the messages arrived (MQTT 3.1.1 §4.6). Commits go through the same
+//! group-commit writer as HTTP, chained per device: a device has one commit in flight at a time,
+//! and the messages it sends meanwhile ride its next commit together, in arrival order. So a
+//! device that pipelines its publishes gets them committed in the order it sent them even when
+//! a commit fails and is retried (nothing later of that device can overtake the retry), while
+//! many devices — and a pipelining device's backlog — still share commits.
 //!
 //! An ack goes out only on the connection its message came on. A packet id names a message only
 //! within its session: after a reconnect that found no session (`session_present = false`) the
@@ -16,12 +20,13 @@
 //! `CJ_MQTT_MAX_PACKET_BYTES`, set above the broker's own limit, and a payload over the HTTP body
 //! limit is acknowledged, counted and reported to the device instead of being stored.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::stream::FuturesOrdered;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +55,23 @@ enum Handled {
 /// ended.
 type InFlight = futures::future::BoxFuture<'static, (Publish, u64, Handled)>;
 
+/// A device's commit; resolves to the device once its messages have their answers.
+type Chain = futures::future::BoxFuture<'static, String>;
+
+/// A validated message waiting for its device's next commit.
+struct Queued {
+    topic: String,
+    envelope: envelope::Envelope,
+    body: Value,
+    done: tokio::sync::oneshot::Sender<Handled>,
+}
+
+/// A device with a commit in flight, and what it sent since.
+#[derive(Default)]
+struct Device {
+    waiting: Vec<Queued>,
+}
+
 pub struct Subscriber {
     pub cfg: MqttConfig,
     pub writer: Writer,
@@ -71,6 +93,9 @@ impl Subscriber {
         let (client, mut events) = AsyncClient::new(opts, 65_536);
         let this = Arc::new(self);
         let mut pending: FuturesOrdered<InFlight> = FuturesOrdered::new();
+        // Devices with a commit in flight (see the module comment), and those commits.
+        let mut devices: HashMap<String, Device> = HashMap::new();
+        let mut chains: FuturesUnordered<Chain> = FuturesUnordered::new();
         let mut backoff = Duration::from_millis(200);
         // Which connection is current: bumped when one is lost, before anything else can queue
         // an ack (rumqttc sends queued requests on the next connection).
@@ -87,6 +112,15 @@ impl Subscriber {
                         qos0_pending -= 1;
                     }
                     this.finish(&client, &publish, on == connection, handled);
+                }
+                Some(device) = chains.next(), if !chains.is_empty() => {
+                    let next = devices.get_mut(&device).map(|d| std::mem::take(&mut d.waiting)).unwrap_or_default();
+                    if next.is_empty() {
+                        devices.remove(&device);
+                    } else {
+                        let chain = this.start(device, next, &client, &shutdown).await;
+                        chains.push(chain);
+                    }
                 }
                 ev = events.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -125,29 +159,30 @@ impl Subscriber {
                             }
                             qos0_pending += 1;
                         }
-                        // Validated and handed to the writer here, one message after the other,
-                        // so the outbox receives them in arrival order; only the waiting for
-                        // their commits runs concurrently.
-                        let first = match this.prepare(&p, &client) {
-                            Ok((env, body)) => {
-                                let ticket = this.writer.send(vec![Pending::new(env.clone(), &body, None)]).await;
-                                Ok((env, body, ticket))
-                            }
-                            Err(handled) => Err(handled),
-                        };
-                        let this = this.clone();
-                        let stop = shutdown.clone();
-                        let reporter = client.clone();
                         let on = connection;
-                        pending.push_back(Box::pin(async move {
-                            let handled = match first {
-                                Ok((env, body, ticket)) => {
-                                    this.commit(&p, env, body, ticket, &reporter, &stop).await
+                        match this.prepare(&p, &client) {
+                            Err(handled) => pending.push_back(Box::pin(async move { (p, on, handled) })),
+                            Ok((envelope, body)) => {
+                                let (done, answer) = tokio::sync::oneshot::channel();
+                                let device = envelope.aggregate_id.clone();
+                                let queued = Queued { topic: p.topic.clone(), envelope, body, done };
+                                pending.push_back(Box::pin(async move {
+                                    // A dropped sender is a message shut down before its commit.
+                                    (p, on, answer.await.unwrap_or(Handled::Abandoned))
+                                }));
+                                // Handed to the writer here, in the loop, so that the outbox
+                                // receives messages in arrival order; a device already
+                                // committing queues it for its next commit.
+                                match devices.get_mut(&device) {
+                                    Some(d) => d.waiting.push(queued),
+                                    None => {
+                                        devices.insert(device.clone(), Device::default());
+                                        let chain = this.start(device, vec![queued], &client, &shutdown).await;
+                                        chains.push(chain);
+                                    }
                                 }
-                                Err(handled) => handled,
-                            };
-                            (p, on, handled)
-                        }));
+                            }
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -173,10 +208,18 @@ impl Subscriber {
             }
         }
 
-        // Drain: acknowledge what was committed; the rest stays with the broker.
+        // Drain: acknowledge what was committed; the rest stays with the broker. A device's
+        // messages not yet handed to the writer are dropped unacknowledged.
+        devices.clear();
         let drain = async {
-            while let Some((publish, on, handled)) = pending.next().await {
-                this.finish(&client, &publish, on == connection, handled);
+            loop {
+                tokio::select! {
+                    Some((publish, on, handled)) = pending.next(), if !pending.is_empty() => {
+                        this.finish(&client, &publish, on == connection, handled);
+                    }
+                    Some(_) = chains.next(), if !chains.is_empty() => {}
+                    else => break,
+                }
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
@@ -262,63 +305,93 @@ impl Subscriber {
         })
     }
 
-    /// Waits for a message's commit (the first attempt was sent with `ticket`). Database
-    /// outages are waited out (the message stays unacknowledged meanwhile, which also stops the
-    /// broker from sending more than `inflight`).
+    /// Hands a device's queued messages to the writer as one job (so they commit together, in
+    /// order) and returns the future that waits for their commit.
+    async fn start(
+        self: &Arc<Self>,
+        device: String,
+        batch: Vec<Queued>,
+        client: &AsyncClient,
+        shutdown: &CancellationToken,
+    ) -> Chain {
+        let ticket = self.writer.send(pendings(&batch)).await;
+        let this = self.clone();
+        let client = client.clone();
+        let stop = shutdown.clone();
+        Box::pin(async move {
+            this.commit(batch, ticket, &client, &stop).await;
+            device
+        })
+    }
+
+    /// Waits for a device's commit (the first attempt was sent with `ticket`) and answers each
+    /// message. Database outages are waited out and the same messages retried, in order, while
+    /// the device's later messages wait behind them (they stay unacknowledged meanwhile, which
+    /// also stops the broker from sending more than `inflight`).
     async fn commit(
         &self,
-        p: &Publish,
-        env: envelope::Envelope,
-        body: Value,
+        mut batch: Vec<Queued>,
         ticket: Result<super::writer::Ticket, WriteError>,
         client: &AsyncClient,
         shutdown: &CancellationToken,
-    ) -> Handled {
-        let device = env.aggregate_id.clone();
+    ) {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = Some(ticket);
         loop {
             let result = match attempt.take() {
                 Some(Ok(ticket)) => ticket.wait().await,
                 Some(Err(e)) => Err(e),
-                None => {
-                    self.writer
-                        .submit(vec![Pending::new(env.clone(), &body, None)])
-                        .await
-                }
+                None => self.writer.submit(pendings(&batch)).await,
             };
             match result {
-                Ok(o) if matches!(o.first(), Some(Outcome::Conflict(_))) => {
-                    let Some(Outcome::Conflict(c)) = o.into_iter().next() else {
-                        unreachable!()
-                    };
-                    metrics::counter!("cj_ingest_rejected_total", "reason" => "conflict")
-                        .increment(1);
-                    tracing::warn!(device = %device, error = %c, "MQTT message refused.");
-                    report(client, &p.topic, &c.to_string(), json!([]));
-                    return Handled::Rejected;
-                }
-                Ok(o) if matches!(o.first(), Some(Outcome::Accepted(_))) => {
-                    metrics::counter!("cj_events_accepted_total", "source" => "mqtt").increment(1);
-                    return Handled::Accepted;
-                }
-                other => {
-                    let e = other.err().unwrap_or(WriteError::Unavailable);
-                    if !matches!(e, WriteError::Unavailable) {
-                        tracing::error!(device = %device, error = %e, "MQTT message could not be stored; retrying.");
+                Ok(outcomes) => {
+                    let mut retry = Vec::new();
+                    for (q, outcome) in batch.into_iter().zip(outcomes) {
+                        match outcome {
+                            Outcome::Accepted(_) => {
+                                metrics::counter!("cj_events_accepted_total", "source" => "mqtt")
+                                    .increment(1);
+                                let _ = q.done.send(Handled::Accepted);
+                            }
+                            Outcome::Conflict(c) => {
+                                metrics::counter!("cj_ingest_rejected_total", "reason" => "conflict")
+                                    .increment(1);
+                                tracing::warn!(device = %q.envelope.aggregate_id, error = %c, "MQTT message refused.");
+                                report(client, &q.topic, &c.to_string(), json!([]));
+                                let _ = q.done.send(Handled::Rejected);
+                            }
+                            Outcome::Unavailable => retry.push(q),
+                        }
                     }
-                    if shutdown
-                        .run_until_cancelled(tokio::time::sleep(backoff))
-                        .await
-                        .is_none()
-                    {
-                        return Handled::Abandoned;
+                    if retry.is_empty() {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    batch = retry;
+                }
+                Err(WriteError::Unavailable) => {}
+                Err(e) => {
+                    let device = batch.first().map(|q| q.envelope.aggregate_id.as_str());
+                    tracing::error!(device = ?device, error = %e, "MQTT messages could not be stored; retrying.");
                 }
             }
+            // On shutdown the messages are dropped unanswered: not acknowledged, redelivered.
+            if shutdown
+                .run_until_cancelled(tokio::time::sleep(backoff))
+                .await
+                .is_none()
+            {
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+fn pendings(batch: &[Queued]) -> Vec<Pending> {
+    batch
+        .iter()
+        .map(|q| Pending::new(q.envelope.clone(), &q.body, None))
+        .collect()
 }
 
 /// Tells the device why its message was refused, on `…/{device}/errors` (the topic with its last
