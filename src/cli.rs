@@ -145,6 +145,17 @@ pub enum MigratableService {
     Actions,
 }
 
+impl From<MigratableService> for Service {
+    fn from(s: MigratableService) -> Self {
+        match s {
+            MigratableService::Ingestion => Service::Ingestion,
+            MigratableService::Eventhandler => Service::Eventhandler,
+            MigratableService::Tsdb => Service::Tsdb,
+            MigratableService::Actions => Service::Actions,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum OutboxAction {
     /// Rows the processor quarantined (each alone, with the error that no retry could fix).
@@ -217,11 +228,8 @@ pub async fn main() -> i32 {
         }
         Command::Migrate { service } => {
             let targets: Vec<&db::Migrations> = match service {
-                Some(MigratableService::Ingestion) => vec![&db::INGESTION],
-                Some(MigratableService::Eventhandler) => vec![&db::EVENTHANDLER],
-                Some(MigratableService::Tsdb) => vec![&db::TSDB],
-                Some(MigratableService::Actions) => vec![&db::ACTIONS],
-                None => db::ALL.to_vec(),
+                Some(s) => Service::from(s).migrations().into_iter().collect(),
+                None => Service::ALL.iter().filter_map(|s| s.migrations()).collect(),
             };
             for m in targets {
                 let name = m.schema;

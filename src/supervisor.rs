@@ -40,8 +40,8 @@ pub async fn start(
     // Install the metrics recorder before any service records: until it exists, counters and
     // gauges go nowhere (it used to appear with the first /metrics scrape).
     crate::infra::telemetry::metrics_handle();
-    let auth =
-        crate::infra::auth::Auth::from_config(&config.auth).map_err(|e| anyhow::anyhow!(e))?;
+    let auth = crate::infra::auth::Auth::from_config(&config.auth, services::scope_rules())
+        .map_err(|e| anyhow::anyhow!(e))?;
     let mut bound = Vec::new();
     // In a fixed order, so the event handler (not the tsdb-writer) serves their shared port
     // whatever order `--services` names them in.
@@ -49,13 +49,14 @@ pub async fn start(
     enabled.sort_by_key(|s| Service::ALL.iter().position(|a| a == s));
     enabled.dedup();
     for &svc in &enabled {
-        // The tsdb-writer beside the event handler shares its port (SPEC §2): it reports on the
-        // event handler's /health through the board. Any other clash is a bind error.
+        // See `Service::health_only` for who shares a port.
         let port = svc.port(&config);
-        let shares = svc == Service::Tsdb
-            && enabled.contains(&Service::Eventhandler)
-            && port == Service::Eventhandler.port(&config)
-            && port != 0;
+        let shares = svc.health_only()
+            && port != 0
+            && enabled
+                .iter()
+                .take_while(|s| **s != svc)
+                .any(|s| s.health_only() && s.port(&config) == port);
         let listener = if shares {
             None
         } else {
@@ -81,15 +82,17 @@ pub async fn start(
             health_addrs.insert(svc, l.local_addr()?);
         }
         let max = config.db_max_connections;
+        let token = shutdown.child_token();
         let ctx = ServiceContext {
             db: db::lazy_pool(svc.database_url(&config), &config, max)?,
             config: config.clone(),
             listener,
             health_listener,
             board: board.clone(),
-            shutdown: shutdown.child_token(),
+            shutdown: token.clone(),
             clock: clock.clone(),
             auth: auth.clone(),
+            jobs: crate::infra::jobs::Jobs::new(token),
         };
         let root = shutdown.clone();
         tasks.spawn(async move {

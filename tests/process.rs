@@ -278,10 +278,10 @@ async fn migrations_are_idempotent_separate_and_safe_to_race() {
     let db = TestDb::new().await;
     // Two concurrent runs per service: both succeed, each migration applied once.
     let (a, b, c, d) = tokio::join!(
-        db::migrate(&db.url, &db::INGESTION),
-        db::migrate(&db.url, &db::INGESTION),
-        db::migrate(&db.url, &db::EVENTHANDLER),
-        db::migrate(&db.url, &db::EVENTHANDLER),
+        db::migrate(&db.url, &cornjacket::services::ingestion::MIGRATIONS),
+        db::migrate(&db.url, &cornjacket::services::ingestion::MIGRATIONS),
+        db::migrate(&db.url, &cornjacket::services::eventhandler::MIGRATIONS),
+        db::migrate(&db.url, &cornjacket::services::eventhandler::MIGRATIONS),
     );
     let applied = |r: &refinery::Report| r.applied_migrations().len();
     let embedded = |m: &db::Migrations| -> Vec<i32> {
@@ -294,8 +294,8 @@ async fn migrations_are_idempotent_separate_and_safe_to_race() {
         v
     };
     let (a, b, c, d) = (a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap());
-    let ingestion = embedded(&db::INGESTION);
-    let eventhandler = embedded(&db::EVENTHANDLER);
+    let ingestion = embedded(&cornjacket::services::ingestion::MIGRATIONS);
+    let eventhandler = embedded(&cornjacket::services::eventhandler::MIGRATIONS);
     assert_eq!(
         applied(&a) + applied(&b),
         ingestion.len(),
@@ -308,7 +308,11 @@ async fn migrations_are_idempotent_separate_and_safe_to_race() {
     );
     // Again: a no-op.
     assert_eq!(
-        applied(&db::migrate(&db.url, &db::INGESTION).await.unwrap()),
+        applied(
+            &db::migrate(&db.url, &cornjacket::services::ingestion::MIGRATIONS)
+                .await
+                .unwrap()
+        ),
         0
     );
     let pool = db.pool().await;

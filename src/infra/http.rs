@@ -9,7 +9,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use super::telemetry;
 
@@ -187,15 +186,15 @@ pub struct ClientLimit(std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net
 
 impl ClientLimit {
     /// `per_second` 0 turns the limit off; `burst` 0 means one second's worth.
-    pub fn new(per_second: u32, burst: u32, shutdown: CancellationToken) -> Option<Self> {
+    pub fn new(per_second: u32, burst: u32, jobs: &crate::infra::jobs::Jobs) -> Option<Self> {
         let rate = std::num::NonZeroU32::new(per_second)?;
         let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
         let limiter = std::sync::Arc::new(governor::RateLimiter::keyed(
             governor::Quota::per_second(rate).allow_burst(burst),
         ));
         // Forget idle clients so the limiter's memory stays bounded.
-        let l = limiter.clone();
-        tokio::spawn(async move {
+        let (l, shutdown) = (limiter.clone(), jobs.shutdown.clone());
+        jobs.spawn(async move {
             while shutdown
                 .run_until_cancelled(tokio::time::sleep(Duration::from_secs(60)))
                 .await

@@ -7,4 +7,5 @@ pub mod consume;
 pub mod db;
 pub mod extract;
 pub mod http;
+pub mod jobs;
 pub mod telemetry;

@@ -14,7 +14,14 @@ pub mod actions;
 pub mod eventhandler;
 pub mod ingestion;
 pub mod query;
+pub mod scaffold;
 pub mod tsdb;
+
+/// The scope table of every service's routes, for the authentication middleware and Traefik's
+/// ForwardAuth (which checks requests for any service).
+pub fn scope_rules() -> Vec<crate::infra::auth::ScopeRule> {
+    [ingestion::SCOPES, query::SCOPES, actions::SCOPES].concat()
+}
 
 /// What a service is given by the supervisor (STYLE §1).
 pub struct ServiceContext {
@@ -33,6 +40,8 @@ pub struct ServiceContext {
     pub clock: Arc<dyn Clock>,
     /// The configured authentication, shared by every API.
     pub auth: Arc<crate::infra::auth::Auth>,
+    /// Where the service spawns its background work; it drains them before `run` returns.
+    pub jobs: crate::infra::jobs::Jobs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -81,6 +90,26 @@ impl Service {
         }
     }
 
+    /// The schema the service owns and its migrations; `None` for the query service, which
+    /// only reads the others' tables.
+    pub fn migrations(self) -> Option<&'static crate::infra::db::Migrations> {
+        match self {
+            Service::Ingestion => Some(&ingestion::MIGRATIONS),
+            Service::Eventhandler => Some(&eventhandler::MIGRATIONS),
+            Service::Tsdb => Some(&tsdb::MIGRATIONS),
+            Service::Actions => Some(&actions::MIGRATIONS),
+            Service::Query => None,
+        }
+    }
+
+    /// Consumer services with no API of their own (SPEC §2: the tsdb-writer beside the event
+    /// handler on 8084) may share a health port: when several of one process have the same port,
+    /// the first of them in [`Service::ALL`] serves it and the others report on its `/health`
+    /// through the [`crate::infra::http::HealthBoard`]. Any other clash is a bind error.
+    pub fn health_only(self) -> bool {
+        matches!(self, Service::Eventhandler | Service::Tsdb)
+    }
+
     pub fn database_url(self, config: &Config) -> &str {
         config.database_url(self.name())
     }
@@ -116,82 +145,6 @@ pub async fn migrate_when_reachable(
     }
 }
 
-/// The health of a service built around one consumer group (event handler, tsdb-writer, action
-/// orchestrator) and the steps every such service takes before consuming.
-#[derive(Clone)]
-pub struct ConsumerHealth {
-    pub pool: PgPool,
-    /// Set once the service's migrations are applied.
-    pub ready: Ready,
-    pub group: String,
-    pub consumer: Arc<tokio::sync::OnceCell<Arc<crate::infra::bus::ConsumerState>>>,
-    pub blocked: Arc<crate::infra::consume::Blocked>,
-    /// Whether the service's retention job refuses to trust the host clock.
-    pub retention: Arc<crate::infra::clock_guard::ClockSkew>,
-}
-
-impl ConsumerHealth {
-    pub fn new(pool: PgPool, group: &str) -> Self {
-        Self {
-            pool,
-            ready: Ready::default(),
-            group: group.to_string(),
-            consumer: Default::default(),
-            blocked: Default::default(),
-            retention: Default::default(),
-        }
-    }
-
-    /// The database, the group's assignment and lag, and whether an outage blocks it.
-    pub async fn checks(&self) -> Vec<(&'static str, crate::infra::http::Check)> {
-        use crate::infra::http::Check;
-        let mut checks = vec![(
-            "database",
-            Check::from_ping(crate::infra::db::ping(&self.pool).await),
-        )];
-        checks.extend(crate::infra::consume::consumer_check(
-            &self.group,
-            self.ready.get(),
-            self.consumer.get(),
-            &self.blocked,
-        ));
-        checks.extend(self.retention.check().map(|c| ("retention", c)));
-        checks
-    }
-
-    /// Applies the service's migrations, waiting for its database; false when shut down first.
-    pub async fn migrate(
-        &self,
-        config: &Config,
-        m: &crate::infra::db::Migrations,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<bool> {
-        let url = config.database_url(m.schema);
-        if !migrate_when_reachable(url, m, shutdown).await? {
-            return Ok(false);
-        }
-        self.ready.set();
-        Ok(true)
-    }
-
-    /// Subscribes the group to `topics`, creating those missing on a fresh broker.
-    pub async fn subscribe(
-        &self,
-        config: &Config,
-        topics: &[String],
-    ) -> anyhow::Result<Arc<crate::infra::bus::ObservedConsumer>> {
-        use crate::infra::bus;
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        if let Err(e) = bus::ensure_topics(&config.kafka, &names).await {
-            tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
-        }
-        let (consumer, observed) = bus::consumer(&config.kafka, &self.group, topics).await?;
-        let _ = self.consumer.set(observed);
-        tracing::info!(group = %self.group, ?topics, "Consuming.");
-        Ok(consumer)
-    }
-}
-
 /// A readiness flag set once migrations are applied.
 #[derive(Clone, Default)]
 pub struct Ready(Arc<std::sync::atomic::AtomicBool>);
@@ -202,5 +155,36 @@ impl Ready {
     }
     pub fn get(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::infra::auth::{SCOPE_ACTIONS, SCOPE_INGEST, SCOPE_QUERY, required_scope};
+    use axum::http::Method;
+
+    #[test]
+    fn scopes_follow_path_and_method() {
+        let rules = super::scope_rules();
+        let need = |m: Method, p: &str| required_scope(&rules, &m, p);
+        assert_eq!(need(Method::POST, "/api/v1/ingest"), Some(SCOPE_INGEST));
+        assert_eq!(
+            need(Method::POST, "/api/v1/ingest/batch"),
+            Some(SCOPE_INGEST)
+        );
+        assert_eq!(need(Method::POST, "/api/v1/events"), Some(SCOPE_INGEST));
+        assert_eq!(need(Method::GET, "/api/v1/ingest"), None);
+        assert_eq!(need(Method::GET, "/api/v1/query/events"), Some(SCOPE_QUERY));
+        assert_eq!(
+            need(Method::GET, "/api/v1/projections/x"),
+            Some(SCOPE_QUERY)
+        );
+        assert_eq!(need(Method::DELETE, "/api/v1/query/x"), None);
+        assert_eq!(
+            need(Method::DELETE, "/api/v1/actions/rules/1"),
+            Some(SCOPE_ACTIONS)
+        );
+        assert_eq!(need(Method::GET, "/api/v1/ingestx"), None);
+        assert_eq!(need(Method::GET, "/internal/auth/verify"), None);
     }
 }

@@ -10,26 +10,31 @@ mod record;
 mod retention;
 pub mod rules;
 
+crate::service_migrations!("actions", "migrations/actions");
+
 use std::sync::Arc;
 
-use anyhow::Context;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::response::Response;
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tokio_util::task::TaskTracker;
 
 pub use api::ROUTES;
 
-use super::{ConsumerHealth, ServiceContext};
-use crate::infra::clock_guard::ClockGuard;
-use crate::infra::consume;
-use crate::infra::db;
+/// Rules and deliveries are administration: every method needs the scope.
+pub const SCOPES: &[ScopeRule] = &[ScopeRule {
+    prefix: "/api/v1/actions",
+    methods: &[],
+    scope: SCOPE_ACTIONS,
+}];
+
+use super::ServiceContext;
+use super::scaffold::{self, ConsumerHealth, ConsumerService, Spec, Started};
+use crate::config::ActionsConfig;
+use crate::infra::auth::{SCOPE_ACTIONS, ScopeRule};
 use crate::infra::extract::method_not_allowed;
-use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
+use crate::infra::http::{Check, Status, not_found};
 
 #[derive(Clone)]
 struct ApiState {
@@ -38,31 +43,18 @@ struct ApiState {
 }
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
-    let ServiceContext {
-        config,
-        db: pool,
-        listener,
-        health_listener,
-        shutdown,
-        auth,
-        clock,
-        ..
-    } = ctx;
-    let listener = listener.context("the action API needs its own port")?;
-    let health_listener = health_listener.context("the action orchestrator needs a health port")?;
-    let cfg = config.actions.clone();
+    let cfg = ctx.config.actions.clone();
     let wake = Arc::new(Notify::new());
     let api_state = ApiState {
-        pool: pool.clone(),
+        pool: ctx.db.clone(),
         wake: wake.clone(),
     };
-    let health_state = ConsumerHealth::new(pool.clone(), &cfg.consumer_group);
     let limit = crate::infra::http::ClientLimit::new(
-        config.api_limit.per_second,
-        config.api_limit.burst,
-        shutdown.clone(),
+        ctx.config.api_limit.per_second,
+        ctx.config.api_limit.burst,
+        &ctx.jobs,
     );
-    let api_router = Router::new()
+    let api = Router::new()
         .merge(crate::infra::http::limited(
             api::router().method_not_allowed_fallback(method_not_allowed),
             limit,
@@ -71,108 +63,63 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         .with_state(api_state)
         .layer(DefaultBodyLimit::max(api::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
-            auth,
+            ctx.auth.clone(),
             crate::infra::auth::middleware,
         ));
-    let health_router = Router::new()
-        .route("/health", get(health))
-        .merge(metrics_router())
-        .method_not_allowed_fallback(method_not_allowed)
-        .fallback(not_found)
-        .with_state(health_state.clone());
-    let tracker = TaskTracker::new();
-    let drain = config.shutdown_timeout;
-    let api_http = tokio::spawn(serve(
-        "actions",
-        listener,
-        api_router,
-        shutdown.clone(),
-        config.http,
-        drain,
-    ));
-    let health_http = tokio::spawn(serve(
-        "actions-health",
-        health_listener,
-        health_router,
-        shutdown.clone(),
-        config.http,
-        drain,
-    ));
-
-    let setup = async {
-        if !health_state
-            .migrate(&config, &db::ACTIONS, &shutdown)
-            .await?
-        {
-            return Ok(None);
-        }
-        let deliverer = Arc::new(deliver::Deliverer::new(
-            pool.clone(),
-            cfg.clone(),
-            wake.clone(),
-            config.shutdown_timeout,
-        )?);
-        // Deliveries recorded before a restart are sent whether or not the bus is up.
-        tracker.spawn(deliverer.run(shutdown.clone()));
-        if config.retention.enabled {
-            let guard = ClockGuard {
-                job: "actions",
-                clock: clock.clone(),
-                max_skew: config.retention.max_clock_skew,
-                state: health_state.retention.clone(),
-            };
-            tracker.spawn(retention::run(
-                pool.clone(),
-                guard,
-                config.retention.deliveries,
-                config.retention.interval,
-                shutdown.clone(),
-            ));
-        }
-        health_state.subscribe(&config, &cfg.topics).await.map(Some)
+    let spec = Spec {
+        service: super::Service::Actions,
+        group: cfg.consumer_group.clone(),
+        topics: cfg.topics.clone(),
+        retry_delays: cfg.consumer_retry_delays.clone(),
+        max_batch: 500,
     };
-    let work = async {
-        let consumer = tokio::select! {
-            c = setup => c?,
-            _ = shutdown.cancelled() => None,
-        };
-        let Some(consumer) = consumer else {
-            return Ok(());
-        };
-        consume::Worker {
-            sink: record::Recorder {
-                pool: pool.clone(),
-                default_dedup: cfg.dedup_window,
-                wake: wake.clone(),
-            },
-            consumer,
-            group: cfg.consumer_group.clone(),
-            retry_delays: cfg.consumer_retry_delays.clone(),
-            max_batch: 500,
-            blocked: health_state.blocked.clone(),
-        }
-        .run(shutdown.clone())
-        .await;
-        anyhow::Ok(())
-    };
-    let result = work.await;
-    if result.is_err() {
-        shutdown.cancel();
-    }
-    tracker.close();
-    tracker.wait().await;
-    let api_served = api_http.await?;
-    let health_served = health_http.await?;
-    result.and(api_served).and(health_served)
+    scaffold::run(ctx, spec, Orchestrator { cfg, wake }, Some(api)).await
 }
 
-async fn health(State(s): State<ConsumerHealth>) -> Response {
-    let mut checks = s.checks().await;
-    if s.ready.get() {
+struct Orchestrator {
+    cfg: ActionsConfig,
+    /// Wakes the delivery worker when a delivery was recorded or re-queued.
+    wake: Arc<Notify>,
+}
+
+impl ConsumerService for Orchestrator {
+    type Sink = record::Recorder;
+
+    async fn start(&self, ctx: &Started) -> anyhow::Result<record::Recorder> {
+        let deliverer = Arc::new(deliver::Deliverer::new(
+            ctx.pool.clone(),
+            self.cfg.clone(),
+            self.wake.clone(),
+            ctx.config.shutdown_timeout,
+        )?);
+        // Deliveries recorded before a restart are sent whether or not the bus is up.
+        ctx.jobs.spawn(deliverer.run(ctx.jobs.shutdown.clone()));
+        let r = &ctx.config.retention;
+        if r.enabled {
+            ctx.jobs.spawn(retention::run(
+                ctx.pool.clone(),
+                ctx.clock_guard(),
+                r.deliveries,
+                r.interval,
+                ctx.jobs.shutdown.clone(),
+            ));
+        }
+        Ok(record::Recorder {
+            pool: ctx.pool.clone(),
+            default_dedup: self.cfg.dedup_window,
+            wake: self.wake.clone(),
+        })
+    }
+
+    async fn checks(&self, s: &ConsumerHealth) -> Vec<(&'static str, Check)> {
+        let mut checks = Vec::new();
+        if !s.ready.get() {
+            return checks;
+        }
         let backlog: Result<(i64, Option<f64>), sqlx::Error> = sqlx::query_as(
             "SELECT count(*), extract(epoch FROM now() - min(next_attempt_at))::float8
-             FROM actions.deliveries
-             WHERE status IN ('pending', 'delivering') AND next_attempt_at <= now()",
+         FROM actions.deliveries
+         WHERE status IN ('pending', 'delivering') AND next_attempt_at <= now()",
         )
         .fetch_one(&s.pool)
         .await;
@@ -194,6 +141,6 @@ async fn health(State(s): State<ConsumerHealth>) -> Response {
         if let Ok(open) = open {
             metrics::gauge!("cj_webhook_endpoints_not_closed").set(open as f64);
         }
+        checks
     }
-    health_response(checks)
 }

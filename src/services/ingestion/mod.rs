@@ -12,6 +12,8 @@ pub mod replay;
 pub mod retention;
 pub mod writer;
 
+crate::service_migrations!("ingestion", "migrations/ingestion");
+
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -26,10 +28,30 @@ use tokio_util::task::TaskTracker;
 
 pub use api::ROUTES;
 
+/// Who may call the service's routes (SPEC §13): devices and clients write events; the outbox
+/// quarantine is for operators.
+pub const SCOPES: &[ScopeRule] = &[
+    ScopeRule {
+        prefix: "/api/v1/ingest",
+        methods: &["POST"],
+        scope: SCOPE_INGEST,
+    },
+    ScopeRule {
+        prefix: "/api/v1/events",
+        methods: &["POST"],
+        scope: SCOPE_INGEST,
+    },
+    ScopeRule {
+        prefix: "/api/v1/outbox",
+        methods: &[],
+        scope: SCOPE_OUTBOX,
+    },
+];
+
 use super::{Ready, ServiceContext, migrate_when_reachable};
 use crate::config::Config;
 use crate::envelope::Clock;
-use crate::infra::auth::Auth;
+use crate::infra::auth::{Auth, SCOPE_INGEST, SCOPE_OUTBOX, ScopeRule};
 use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
 use crate::infra::{bus, db};
 
@@ -61,6 +83,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         shutdown,
         clock,
         auth,
+        jobs,
         ..
     } = ctx;
     let listener = listener.context("ingestion needs its own port")?;
@@ -68,7 +91,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let limit = crate::infra::http::ClientLimit::new(
         config.ingestion.rate_limit_per_sec,
         config.ingestion.rate_limit_burst,
-        shutdown.clone(),
+        &jobs,
     );
     let wakers = writer::Wakers::new(config.outbox.worker_count);
     let state = AppState {
@@ -125,7 +148,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let background = {
         let (state, shutdown, tracker) = (state.clone(), shutdown.clone(), tracker.clone());
         async move {
-            if !migrate_when_reachable(&url, &db::INGESTION, &shutdown).await? {
+            if !migrate_when_reachable(&url, &MIGRATIONS, &shutdown).await? {
                 return Ok(());
             }
             // Today's event store partition exists before the processor's first insert.
@@ -171,6 +194,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     drop(state);
     tracker.close();
     tracker.wait().await;
+    jobs.drain().await;
     result.and(served)
 }
 

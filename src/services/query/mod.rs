@@ -18,7 +18,22 @@ pub fn routes() -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
+/// Reads only: GET (and HEAD) need the scope, other methods are opened by none.
+pub const SCOPES: &[ScopeRule] = &[
+    ScopeRule {
+        prefix: "/api/v1/query",
+        methods: &["GET", "HEAD"],
+        scope: SCOPE_QUERY,
+    },
+    ScopeRule {
+        prefix: "/api/v1/projections",
+        methods: &["GET", "HEAD"],
+        scope: SCOPE_QUERY,
+    },
+];
+
 use super::ServiceContext;
+use crate::infra::auth::{SCOPE_QUERY, ScopeRule};
 use crate::infra::db;
 use crate::infra::http::{Check, health_response, metrics_router, not_found, serve};
 
@@ -37,7 +52,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let limit = crate::infra::http::ClientLimit::new(
         ctx.config.api_limit.per_second,
         ctx.config.api_limit.burst,
-        ctx.shutdown.clone(),
+        &ctx.jobs,
     );
     let api = api::router()
         .merge(timeseries::router())
@@ -57,7 +72,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let listener = ctx
         .listener
         .ok_or_else(|| anyhow::anyhow!("query needs its own port"))?;
-    serve(
+    let served = serve(
         "query",
         listener,
         router,
@@ -65,7 +80,9 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         ctx.config.http,
         ctx.config.shutdown_timeout,
     )
-    .await
+    .await;
+    ctx.jobs.drain().await;
+    served
 }
 
 async fn health(State(s): State<QueryState>) -> Response {

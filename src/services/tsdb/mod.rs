@@ -5,66 +5,32 @@
 mod retention;
 mod sink;
 
-use axum::Router;
-use axum::extract::State;
-use axum::response::Response;
-use axum::routing::get;
+crate::service_migrations!("tsdb", "migrations/tsdb");
 
-use super::{ConsumerHealth, ServiceContext};
-use crate::infra::clock_guard::ClockGuard;
-use crate::infra::consume;
-use crate::infra::db;
-use crate::infra::http::{Check, health_response, metrics_router, not_found, serve};
+use super::ServiceContext;
+use super::scaffold::{self, ConsumerService, Spec, Started};
+
+struct Tsdb;
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
-    let ServiceContext {
-        config,
-        db: pool,
-        listener,
-        shutdown,
-        board,
-        clock,
-        ..
-    } = ctx;
-    let cfg = config.tsdb.clone();
-    let state = ConsumerHealth::new(pool.clone(), &cfg.consumer_group);
-    let http = match listener {
-        Some(listener) => {
-            let router = Router::new()
-                .route("/health", get(health))
-                .merge(metrics_router())
-                .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
-                .fallback(not_found)
-                .with_state(state.clone());
-            tokio::spawn(serve(
-                "tsdb",
-                listener,
-                router,
-                shutdown.clone(),
-                config.http,
-                config.shutdown_timeout,
-            ))
-        }
-        None => {
-            let s = state.clone();
-            board.register(config.ports.eventhandler_health, "tsdb", move || {
-                let s = s.clone();
-                async move { Check::combine(s.checks().await) }
-            });
-            tokio::spawn(async { anyhow::Ok(()) })
-        }
+    let cfg = &ctx.config.tsdb;
+    let spec = Spec {
+        service: super::Service::Tsdb,
+        group: cfg.consumer_group.clone(),
+        topics: cfg.topics.clone(),
+        retry_delays: cfg.retry_delays.clone(),
+        max_batch: cfg.max_batch,
     };
+    scaffold::run(ctx, spec, Tsdb, None).await
+}
 
-    // Setup waits on the database and the broker; a shutdown must be able to interrupt it.
-    let setup = async {
-        if !state.migrate(&config, &db::TSDB, &shutdown).await? {
-            return Ok(None);
-        }
-        let keep = config
-            .retention
-            .enabled
-            .then_some(config.retention.timeseries);
-        let policy = retention::apply_policy(&pool, keep)
+impl ConsumerService for Tsdb {
+    type Sink = sink::Readings;
+
+    async fn start(&self, ctx: &Started) -> anyhow::Result<sink::Readings> {
+        let r = &ctx.config.retention;
+        let keep = r.enabled.then_some(r.timeseries);
+        let policy = retention::apply_policy(&ctx.pool, keep)
             .await
             .unwrap_or_else(|e| {
                 // The job (correct on either kind of table) covers for the policy.
@@ -72,50 +38,16 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
                 false
             });
         if let (Some(keep), false) = (keep, policy) {
-            let guard = ClockGuard {
-                job: "tsdb",
-                clock: clock.clone(),
-                max_skew: config.retention.max_clock_skew,
-                state: state.retention.clone(),
-            };
-            tokio::spawn(retention::run(
-                pool.clone(),
-                guard,
+            ctx.jobs.spawn(retention::run(
+                ctx.pool.clone(),
+                ctx.clock_guard(),
                 keep,
-                config.retention.interval,
-                shutdown.clone(),
+                r.interval,
+                ctx.jobs.shutdown.clone(),
             ));
         }
-        state.subscribe(&config, &cfg.topics).await.map(Some)
-    };
-    let work = async {
-        let consumer = tokio::select! {
-            c = setup => c?,
-            _ = shutdown.cancelled() => None,
-        };
-        let Some(consumer) = consumer else {
-            return Ok(());
-        };
-        consume::Worker {
-            sink: sink::Readings { pool: pool.clone() },
-            consumer,
-            group: cfg.consumer_group.clone(),
-            retry_delays: cfg.retry_delays.clone(),
-            max_batch: cfg.max_batch,
-            blocked: state.blocked.clone(),
-        }
-        .run(shutdown.clone())
-        .await;
-        anyhow::Ok(())
-    };
-    let result = work.await;
-    if result.is_err() {
-        shutdown.cancel();
+        Ok(sink::Readings {
+            pool: ctx.pool.clone(),
+        })
     }
-    let served = http.await?;
-    result.and(served)
-}
-
-async fn health(State(s): State<ConsumerHealth>) -> Response {
-    health_response(s.checks().await)
 }

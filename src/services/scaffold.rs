@@ -1,0 +1,318 @@
+//! The scaffold of a service built around one consumer group — the event handler, the
+//! tsdb-writer and the action orchestrator. Each says what differs in a [`Spec`] and a
+//! [`ConsumerService`]; the scaffold does the rest, the same way for all three: serve `/health`
+//! and `/metrics` (or report on a shared port, see [`Service::health_only`]), wait for the
+//! database and migrate, start the background jobs, subscribe, consume until shut down, then
+//! drain the jobs and the HTTP servers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::get;
+use sqlx::PgPool;
+
+use super::{Ready, Service, ServiceContext, migrate_when_reachable};
+use crate::config::Config;
+use crate::envelope::Clock;
+use crate::infra::clock_guard::ClockGuard;
+use crate::infra::consume::{self, Sink};
+use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
+use crate::infra::jobs::Jobs;
+
+/// What a consumer service consumes and how.
+pub struct Spec {
+    pub service: Service,
+    pub group: String,
+    pub topics: Vec<String>,
+    pub retry_delays: Vec<Duration>,
+    pub max_batch: usize,
+}
+
+/// The parts that differ between consumer services.
+pub trait ConsumerService: Send + Sync + 'static {
+    type Sink: Sink;
+
+    /// Called once the migrations are applied: starts the service's background jobs on
+    /// `ctx.jobs` and returns the sink the consume loop writes through.
+    fn start(&self, ctx: &Started) -> impl Future<Output = anyhow::Result<Self::Sink>> + Send;
+
+    /// Checks of its own for `/health`, beside the database, the consumer and retention.
+    fn checks(
+        &self,
+        _health: &ConsumerHealth,
+    ) -> impl Future<Output = Vec<(&'static str, Check)>> + Send {
+        async { Vec::new() }
+    }
+
+    /// Refreshes the gauges it samples from its tables: before its `/metrics` renders, or on a
+    /// timer when another service of the process serves the port.
+    fn sample(&self, _health: &ConsumerHealth) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// What a service's [`ConsumerService::start`] is given.
+pub struct Started {
+    pub config: Arc<Config>,
+    pub pool: PgPool,
+    pub jobs: Jobs,
+    pub health: ConsumerHealth,
+    clock: Arc<dyn Clock>,
+    job_name: &'static str,
+}
+
+impl Started {
+    /// The guard of a retention job (it refuses to delete while the host clock is not to be
+    /// trusted, and shows why on `/health`).
+    pub fn clock_guard(&self) -> ClockGuard {
+        ClockGuard {
+            job: self.job_name,
+            clock: self.clock.clone(),
+            max_skew: self.config.retention.max_clock_skew,
+            state: self.health.retention.clone(),
+        }
+    }
+}
+
+struct Shared<C> {
+    service: C,
+    health: ConsumerHealth,
+    board: HealthBoard,
+    port: u16,
+}
+
+/// Runs a consumer service. `api` is a service's own API router, served on `ctx.listener`; its
+/// health port is then `ctx.health_listener`. Without one, `ctx.listener` is the health port.
+pub async fn run<C: ConsumerService>(
+    ctx: ServiceContext,
+    spec: Spec,
+    service: C,
+    api: Option<Router>,
+) -> anyhow::Result<()> {
+    let ServiceContext {
+        config,
+        db: pool,
+        listener,
+        health_listener,
+        board,
+        shutdown,
+        clock,
+        jobs,
+        ..
+    } = ctx;
+    let name = spec.service.name();
+    let migrations = spec
+        .service
+        .migrations()
+        .expect("a consumer service owns a schema");
+    let health = ConsumerHealth::new(pool.clone(), &spec.group);
+    let shared = Arc::new(Shared {
+        service,
+        health: health.clone(),
+        board: board.clone(),
+        port: spec.service.port(&config),
+    });
+    let serve_on = |name, listener, router| {
+        tokio::spawn(serve(
+            name,
+            listener,
+            router,
+            shutdown.clone(),
+            config.http,
+            config.shutdown_timeout,
+        ))
+    };
+    let mut servers = Vec::new();
+    let health_listener = match api {
+        Some(router) => {
+            let listener =
+                listener.ok_or_else(|| anyhow::anyhow!("the {name} API needs its own port"))?;
+            servers.push(serve_on(name, listener, router));
+            Some(
+                health_listener
+                    .ok_or_else(|| anyhow::anyhow!("the {name} service needs a health port"))?,
+            )
+        }
+        None => listener,
+    };
+    match health_listener {
+        Some(listener) => {
+            let router = Router::new()
+                .route("/health", get(health_of::<C>))
+                .merge(
+                    metrics_router().route_layer(axum::middleware::from_fn_with_state(
+                        shared.clone(),
+                        sample_first::<C>,
+                    )),
+                )
+                .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
+                .fallback(not_found)
+                .with_state(shared.clone());
+            let label = if servers.is_empty() { name } else { "health" };
+            servers.push(serve_on(label, listener, router));
+        }
+        None => {
+            // Another service of this process serves the port: report on its /health, and
+            // sample the gauges on a timer since its /metrics render without us.
+            let s = shared.clone();
+            board.register(shared.port, name, move || {
+                let s = s.clone();
+                async move {
+                    let mut all = s.health.checks().await;
+                    all.extend(s.service.checks(&s.health).await);
+                    Check::combine(all)
+                }
+            });
+            let (s, stop) = (shared.clone(), shutdown.clone());
+            jobs.spawn(async move {
+                while stop
+                    .run_until_cancelled(tokio::time::sleep(Duration::from_secs(15)))
+                    .await
+                    .is_some()
+                {
+                    if s.health.ready.get() {
+                        s.service.sample(&s.health).await;
+                    }
+                }
+            });
+        }
+    }
+
+    // Setup waits on the database and the broker; a shutdown must be able to interrupt it.
+    let setup = async {
+        let url = config.database_url(migrations.schema);
+        if !migrate_when_reachable(url, migrations, &shutdown).await? {
+            return Ok(None);
+        }
+        health.ready.set();
+        let started = Started {
+            config: config.clone(),
+            pool: pool.clone(),
+            jobs: jobs.clone(),
+            health: health.clone(),
+            clock: clock.clone(),
+            job_name: name,
+        };
+        let sink = shared.service.start(&started).await?;
+        let consumer = health.subscribe(&config, &spec.topics).await?;
+        anyhow::Ok(Some((sink, consumer)))
+    };
+    let work = async {
+        let ready = tokio::select! {
+            r = setup => r?,
+            _ = shutdown.cancelled() => None,
+        };
+        if let Some((sink, consumer)) = ready {
+            consume::Worker {
+                sink,
+                consumer,
+                group: spec.group.clone(),
+                retry_delays: spec.retry_delays.clone(),
+                max_batch: spec.max_batch,
+                blocked: health.blocked.clone(),
+            }
+            .run(shutdown.clone())
+            .await;
+        }
+        anyhow::Ok(())
+    };
+    let result = work.await;
+    if result.is_err() {
+        shutdown.cancel();
+    }
+    jobs.drain().await;
+    let mut served = Ok(());
+    for s in servers {
+        served = served.and(s.await?);
+    }
+    result.and(served)
+}
+
+async fn health_of<C: ConsumerService>(State(s): State<Arc<Shared<C>>>) -> Response {
+    let mut all = s.health.checks().await;
+    all.extend(s.service.checks(&s.health).await);
+    all.extend(s.board.checks(s.port).await);
+    health_response(all)
+}
+
+/// Refreshes the sampled gauges before `/metrics` renders; a slow or unreachable database
+/// leaves the last values.
+async fn sample_first<C: ConsumerService>(
+    State(s): State<Arc<Shared<C>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if s.health.ready.get()
+        && tokio::time::timeout(Duration::from_secs(2), s.service.sample(&s.health))
+            .await
+            .is_err()
+    {
+        tracing::debug!("Sampling the gauges timed out.");
+    }
+    next.run(req).await
+}
+
+/// The health of a service built around one consumer group (event handler, tsdb-writer, action
+/// orchestrator) and the steps every such service takes before consuming.
+#[derive(Clone)]
+pub struct ConsumerHealth {
+    pub pool: PgPool,
+    /// Set once the service's migrations are applied.
+    pub ready: Ready,
+    pub group: String,
+    pub consumer: Arc<tokio::sync::OnceCell<Arc<crate::infra::bus::ConsumerState>>>,
+    pub blocked: Arc<crate::infra::consume::Blocked>,
+    /// Whether the service's retention job refuses to trust the host clock.
+    pub retention: Arc<crate::infra::clock_guard::ClockSkew>,
+}
+
+impl ConsumerHealth {
+    pub fn new(pool: PgPool, group: &str) -> Self {
+        Self {
+            pool,
+            ready: Ready::default(),
+            group: group.to_string(),
+            consumer: Default::default(),
+            blocked: Default::default(),
+            retention: Default::default(),
+        }
+    }
+
+    /// The database, the group's assignment and lag, and whether an outage blocks it.
+    pub async fn checks(&self) -> Vec<(&'static str, crate::infra::http::Check)> {
+        use crate::infra::http::Check;
+        let mut checks = vec![(
+            "database",
+            Check::from_ping(crate::infra::db::ping(&self.pool).await),
+        )];
+        checks.extend(crate::infra::consume::consumer_check(
+            &self.group,
+            self.ready.get(),
+            self.consumer.get(),
+            &self.blocked,
+        ));
+        checks.extend(self.retention.check().map(|c| ("retention", c)));
+        checks
+    }
+
+    /// Subscribes the group to `topics`, creating those missing on a fresh broker.
+    pub async fn subscribe(
+        &self,
+        config: &Config,
+        topics: &[String],
+    ) -> anyhow::Result<Arc<crate::infra::bus::ObservedConsumer>> {
+        use crate::infra::bus;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        if let Err(e) = bus::ensure_topics(&config.kafka, &names).await {
+            tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
+        }
+        let (consumer, observed) = bus::consumer(&config.kafka, &self.group, topics).await?;
+        let _ = self.consumer.set(observed);
+        tracing::info!(group = %self.group, ?topics, "Consuming.");
+        Ok(consumer)
+    }
+}
