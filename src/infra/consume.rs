@@ -12,8 +12,8 @@
 //!   committed, nothing is dead-lettered, `/health` says why, and the same batch is retried
 //!   with capped backoff until it lands.
 //!
-//! Dead letters are written in the consuming service's own `dlq` table, in the transaction that
-//! applies the batch's good messages; then the offsets are committed.
+//! Dead letters ([`crate::infra::dlq`]) are written in the consuming service's own `dlq` table,
+//! in the transaction that applies the batch's good messages; then the offsets are committed.
 //!
 //! What a consumer does with a message is its [`Sink`]; the services keep their tables and
 //! logic, this module only the delivery guarantees.
@@ -27,10 +27,10 @@ use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::message::OwnedMessage;
-use serde_json::{Value, json};
-use sqlx::{Postgres, Transaction};
+
+pub use crate::infra::dlq::DeadLetter;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::bus::{ConsumerState, ObservedConsumer};
 use super::db::{self, Failure};
@@ -77,83 +77,6 @@ impl Blocked {
     pub fn reason(&self) -> Option<String> {
         self.0.lock().expect("blocked lock").clone()
     }
-}
-
-/// A message that could not be handled, on its way to a DLQ.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub consumer: String,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub payload: Option<Vec<u8>>,
-    pub error: String,
-    pub retries: i32,
-}
-
-impl DeadLetter {
-    pub fn of(group: &str, m: &OwnedMessage, error: String, retries: i32) -> Self {
-        Self {
-            consumer: group.to_string(),
-            topic: m.topic().to_string(),
-            partition: m.partition(),
-            offset: m.offset(),
-            payload: m.payload().map(<[u8]>::to_vec),
-            error,
-            retries,
-        }
-    }
-}
-
-/// Records dead letters in `table` (a service's `<schema>.dlq`, with the columns of
-/// `migrations/eventhandler/V1`); a redelivered message already recorded is not recorded twice.
-pub async fn insert_dead_letters(
-    tx: &mut Transaction<'_, Postgres>,
-    table: &'static str,
-    letters: &[DeadLetter],
-) -> Result<(), sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO {table}
-            (dlq_id, consumer, event_id, event_type, aggregate_id, event_payload, raw_payload,
-             error_message, retry_count, topic, \"partition\", \"offset\")
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-         ON CONFLICT (consumer, topic, \"partition\", \"offset\") DO NOTHING"
-    );
-    for d in letters {
-        let raw = d.payload.as_deref().unwrap_or_default();
-        // PostgreSQL refuses NUL in text and jsonb: such a payload is kept as escaped text, so
-        // recording a dead letter can never fail on its content.
-        let text = String::from_utf8_lossy(raw);
-        let json: Option<Value> = if text.contains("\\u0000") || text.contains('\0') {
-            None
-        } else {
-            serde_json::from_slice(raw).ok()
-        };
-        let text = json.is_none().then(|| text.replace('\0', "\\0"));
-        let field = |k: &str| {
-            json.as_ref()
-                .and_then(|j| j.get(k))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        };
-        let event_id = field("event_id").and_then(|s| Uuid::parse_str(&s).ok());
-        sqlx::query(&sql)
-            .bind(Uuid::now_v7())
-            .bind(&d.consumer)
-            .bind(event_id)
-            .bind(field("event_type"))
-            .bind(field("aggregate_id"))
-            .bind(&json)
-            .bind(text)
-            .bind(&d.error)
-            .bind(d.retries)
-            .bind(&d.topic)
-            .bind(d.partition)
-            .bind(d.offset)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
 }
 
 /// The `consumer` line of a consuming service's `/health`.

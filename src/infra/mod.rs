@@ -5,6 +5,7 @@ pub mod bus;
 pub mod clock_guard;
 pub mod consume;
 pub mod db;
+pub mod dlq;
 pub mod extract;
 pub mod http;
 pub mod jobs;

@@ -20,7 +20,8 @@ use uuid::Uuid;
 use super::condition::Condition;
 use super::rules::{self, Rule};
 use crate::envelope::Envelope;
-use crate::infra::consume::{DeadLetter, Poison, Sink, insert_dead_letters};
+use crate::infra::consume::{DeadLetter, Poison, Sink};
+use crate::infra::dlq;
 
 pub struct Event {
     pub event_id: Uuid,
@@ -155,7 +156,7 @@ impl Sink for Recorder {
                 None => {} // already recorded: a redelivery or a replay
             }
         }
-        insert_dead_letters(&mut tx, "actions.dlq", letters).await?;
+        dlq::insert(&mut tx, "actions.dlq", letters).await?;
         tx.commit().await?;
         metrics::counter!("cj_webhook_deliveries_recorded_total", "status" => "pending")
             .increment(pending);

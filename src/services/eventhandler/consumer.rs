@@ -11,7 +11,8 @@ use sqlx::PgPool;
 use super::handlers::{self, Entry, ProjectionWrite};
 use super::store;
 use crate::envelope::Envelope;
-use crate::infra::consume::{DeadLetter, Poison, Sink, insert_dead_letters};
+use crate::infra::consume::{DeadLetter, Poison, Sink};
+use crate::infra::dlq;
 
 pub struct Projections {
     pub pool: PgPool,
@@ -56,7 +57,7 @@ impl Sink for Projections {
         let writes = handlers::newest_per_row(writes.to_vec());
         let mut tx = self.pool.begin().await?;
         store::upsert(&mut tx, &writes).await?;
-        insert_dead_letters(&mut tx, "eventhandler.dlq", letters).await?;
+        dlq::insert(&mut tx, "eventhandler.dlq", letters).await?;
         tx.commit().await?;
         metrics::counter!("cj_projection_updates_total", "consumer" => self.group.clone())
             .increment(writes.len() as u64);

@@ -8,7 +8,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::envelope::Envelope;
-use crate::infra::consume::{DeadLetter, Poison, Sink, insert_dead_letters};
+use crate::infra::consume::{DeadLetter, Poison, Sink};
+use crate::infra::dlq;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
@@ -84,7 +85,7 @@ impl Sink for Readings {
             .await?;
             metrics::counter!("cj_tsdb_readings_written_total").increment(r.rows_affected());
         }
-        insert_dead_letters(&mut tx, "tsdb.dlq", letters).await?;
+        dlq::insert(&mut tx, "tsdb.dlq", letters).await?;
         tx.commit().await
     }
 }
