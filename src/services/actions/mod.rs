@@ -4,7 +4,7 @@
 
 mod api;
 pub mod condition;
-pub mod deliver;
+mod deliver;
 mod error;
 mod record;
 mod retention;
