@@ -9,6 +9,7 @@ mod error;
 mod record;
 mod retention;
 pub mod rules;
+mod status;
 
 use std::sync::Arc;
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::services::actions::status::BreakerState;
+
 /// The breaker's verdict on one call.
 pub(super) enum Gate {
     /// Call normally.
@@ -25,7 +27,7 @@ pub(super) async fn gate(
     endpoint: &str,
     hold: Duration,
 ) -> Result<Gate, sqlx::Error> {
-    let row: Option<(String, Option<DateTime<Utc>>)> =
+    let row: Option<(BreakerState, Option<DateTime<Utc>>)> =
         sqlx::query_as("SELECT state, open_until FROM actions.endpoint_health WHERE endpoint = $1")
             .bind(endpoint)
             .fetch_optional(pool)
@@ -33,7 +35,7 @@ pub(super) async fn gate(
     let Some((state, until)) = row else {
         return Ok(Gate::Closed);
     };
-    if state == "closed" {
+    if state == BreakerState::Closed {
         return Ok(Gate::Closed);
     }
     let took = sqlx::query(
@@ -50,7 +52,7 @@ pub(super) async fn gate(
         return Ok(Gate::Trial);
     }
     Ok(Gate::Open(match until {
-        Some(t) if state == "open" => format!(
+        Some(t) if state == BreakerState::Open => format!(
             "circuit open until {}: the endpoint failed repeatedly",
             crate::envelope::format_time(&t)
         ),

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::send::Outcome;
 use super::{Claimed, Deliverer, breaker};
+use crate::services::actions::status::DeliveryStatus;
 
 impl Deliverer {
     /// Gives a claimed delivery back, due now (shutdown while waiting for its slot).
@@ -30,7 +31,7 @@ impl Deliverer {
         &self,
         d: &Claimed,
         token: Uuid,
-        status: &'static str,
+        status: DeliveryStatus,
         reason: &str,
     ) -> Result<(), sqlx::Error> {
         let r = sqlx::query(
@@ -45,7 +46,8 @@ impl Deliverer {
         .execute(&self.pool)
         .await?;
         if r.rows_affected() == 1 {
-            metrics::counter!("cj_webhook_deliveries_total", "status" => status).increment(1);
+            metrics::counter!("cj_webhook_deliveries_total", "status" => status.as_str())
+                .increment(1);
         }
         Ok(())
     }
@@ -77,14 +79,14 @@ impl Deliverer {
                 .execute(&mut *tx)
                 .await?;
                 breaker::succeeded(&mut tx, endpoint, trial).await?;
-                (r.rows_affected() == 1).then_some("delivered")
+                (r.rows_affected() == 1).then_some(DeliveryStatus::Delivered)
             }
             Outcome::Failure { status, error } => {
                 // attempts so far: 1 + retries used; retry_delays[k] is the wait before retry k+1.
                 let retry = self.cfg.retry_delays.get(d.attempts as usize).copied();
                 let (state, next) = match retry {
-                    Some(delay) => ("pending", delay),
-                    None => ("failed", Duration::ZERO),
+                    Some(delay) => (DeliveryStatus::Pending, delay),
+                    None => (DeliveryStatus::Failed, Duration::ZERO),
                 };
                 let r = sqlx::query(
                     "UPDATE actions.deliveries
@@ -115,15 +117,15 @@ impl Deliverer {
                     self.cfg.breaker_cooldown,
                 )
                 .await?;
-                if state == "failed" {
+                if state == DeliveryStatus::Failed {
                     self.promote_duplicate(&mut tx, d).await?;
                 }
-                (state == "failed").then_some("failed")
+                (state == DeliveryStatus::Failed).then_some(state)
             }
         };
         tx.commit().await?;
         if let Some(s) = final_status {
-            metrics::counter!("cj_webhook_deliveries_total", "status" => s).increment(1);
+            metrics::counter!("cj_webhook_deliveries_total", "status" => s.as_str()).increment(1);
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ use super::send::Outcome;
 use super::{Claimed, Deliverer, rate_limit};
 use crate::infra::db;
 use crate::services::actions::rules;
+use crate::services::actions::status::DeliveryStatus;
 
 impl Deliverer {
     pub(in crate::services::actions) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
@@ -153,12 +154,12 @@ impl Deliverer {
         shutdown: &CancellationToken,
     ) -> Result<Option<(String, bool, Outcome)>, sqlx::Error> {
         let Some(rule) = rules::get(&self.pool, d.rule_id).await? else {
-            self.finish(d, token, "cancelled", "the rule was deleted")
+            self.finish(d, token, DeliveryStatus::Cancelled, "the rule was deleted")
                 .await?;
             return Ok(None);
         };
         if !rule.enabled {
-            self.finish(d, token, "cancelled", "the rule is disabled")
+            self.finish(d, token, DeliveryStatus::Cancelled, "the rule is disabled")
                 .await?;
             return Ok(None);
         }
@@ -188,7 +189,8 @@ impl Deliverer {
         let trial =
             match breaker::gate(&self.pool, &endpoint, timeout + self.cfg.claim_timeout).await? {
                 Gate::Open(reason) => {
-                    self.finish(d, token, "circuit_open", &reason).await?;
+                    self.finish(d, token, DeliveryStatus::CircuitOpen, &reason)
+                        .await?;
                     return Ok(None);
                 }
                 Gate::Trial => true,
