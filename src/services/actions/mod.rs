@@ -111,6 +111,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             pool.clone(),
             cfg.clone(),
             wake.clone(),
+            clock.clone(),
             config.shutdown_timeout,
         )?);
         // Deliveries recorded before a restart are sent whether or not the bus is up.

@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::config::ActionsConfig;
+use crate::envelope::Clock;
 
 /// A claimed delivery.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -48,6 +49,8 @@ pub(super) struct Deliverer {
     pool: PgPool,
     cfg: ActionsConfig,
     wake: Arc<Notify>,
+    /// Dates the signatures (`webhook-timestamp`).
+    clock: Arc<dyn Clock>,
     http: reqwest::Client,
     /// The longest a call may take: within the shutdown drain, so a stop never cuts a call
     /// whose 2xx would then go unrecorded.
@@ -59,6 +62,7 @@ impl Deliverer {
         pool: PgPool,
         cfg: ActionsConfig,
         wake: Arc<Notify>,
+        clock: Arc<dyn Clock>,
         drain: Duration,
     ) -> anyhow::Result<Self> {
         let mut http = reqwest::Client::builder()
@@ -73,6 +77,7 @@ impl Deliverer {
         Ok(Self {
             pool,
             wake,
+            clock,
             http: http.build()?,
             max_timeout: (drain * 3 / 4).max(Duration::from_secs(1)),
             cfg,

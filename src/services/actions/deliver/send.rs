@@ -39,7 +39,7 @@ fn child_traceparent(parent: Option<&str>) -> String {
 impl Deliverer {
     pub(super) async fn send(&self, rule: &Rule, d: &Claimed, timeout: Duration) -> Outcome {
         let id = d.delivery_id.to_string();
-        let ts = chrono::Utc::now().timestamp();
+        let ts = self.clock.now().timestamp();
         let Some(key) = rules::secret_key(&rule.webhook_secret) else {
             return Outcome::Failure {
                 status: None,
