@@ -61,7 +61,7 @@ pub struct Started {
     pub pool: PgPool,
     pub jobs: Jobs,
     pub health: ConsumerHealth,
-    clock: Arc<dyn Clock>,
+    pub clock: Arc<dyn Clock>,
     job_name: &'static str,
 }
 

@@ -18,6 +18,7 @@ use uuid::Uuid;
 use super::ApiState;
 use super::error::{ActionsError, FieldError};
 use super::rules::{self, View};
+use super::status::{BreakerState, DeliveryStatus};
 use crate::envelope::format_time;
 use crate::infra::extract::{NUL_REFUSED, Path, Query, json_nul};
 
@@ -33,16 +34,6 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/actions/deliveries/{delivery_id}"),
     ("post", "/api/v1/actions/deliveries/{delivery_id}/retry"),
     ("get", "/api/v1/actions/endpoints"),
-];
-
-const STATUSES: &[&str] = &[
-    "pending",
-    "delivering",
-    "delivered",
-    "failed",
-    "deduplicated",
-    "circuit_open",
-    "cancelled",
 ];
 
 pub fn router() -> Router<ApiState> {
@@ -234,7 +225,7 @@ struct Delivery {
     event_type: String,
     aggregate_id: String,
     endpoint: String,
-    status: String,
+    status: DeliveryStatus,
     attempts: i32,
     #[serde(serialize_with = "ser_time")]
     next_attempt_at: DateTime<Utc>,
@@ -282,15 +273,14 @@ async fn list_deliveries(
         .get("event_id")
         .map(|v| uuid_param("event_id", v))
         .transpose()?;
-    let status = match q.get("status") {
-        Some(st) if !STATUSES.contains(&st.as_str()) => {
-            return Err(ActionsError::BadRequest(format!(
-                "status must be one of {}",
-                STATUSES.join(", ")
-            )));
-        }
-        other => other,
-    };
+    let status = q
+        .get("status")
+        .map(|st| st.parse::<DeliveryStatus>())
+        .transpose()
+        .map_err(|_| {
+            let names: Vec<_> = DeliveryStatus::ALL.map(DeliveryStatus::as_str).into();
+            ActionsError::BadRequest(format!("status must be one of {}", names.join(", ")))
+        })?;
     let limit = int_param(&q, "limit", 50, 1, 500)?;
     let rows: Vec<Delivery> = sqlx::query_as(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM actions.deliveries
@@ -329,7 +319,7 @@ async fn retry_delivery(
     Path(id): Path<String>,
 ) -> Result<Response, ActionsError> {
     let id = uuid_param("delivery_id", &id)?;
-    let status: Option<String> =
+    let status: Option<DeliveryStatus> =
         sqlx::query_scalar("SELECT status FROM actions.deliveries WHERE delivery_id = $1")
             .bind(id)
             .fetch_optional(&s.pool)
@@ -353,7 +343,7 @@ async fn retry_delivery(
     s.wake.notify_one();
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "delivery_id": id, "status": "pending" })),
+        Json(json!({ "delivery_id": id, "status": DeliveryStatus::Pending })),
     )
         .into_response())
 }
@@ -361,7 +351,7 @@ async fn retry_delivery(
 #[derive(Debug, Serialize, sqlx::FromRow)]
 struct Endpoint {
     endpoint: String,
-    state: String,
+    state: BreakerState,
     consecutive_failures: i32,
     #[serde(serialize_with = "ser_opt_time")]
     opened_at: Option<DateTime<Utc>>,

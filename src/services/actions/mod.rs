@@ -4,11 +4,12 @@
 
 mod api;
 pub mod condition;
-pub mod deliver;
+mod deliver;
 mod error;
 mod record;
 mod retention;
 pub mod rules;
+mod status;
 
 crate::service_migrations!("actions", "migrations/actions");
 
@@ -90,6 +91,7 @@ impl ConsumerService for Orchestrator {
             ctx.pool.clone(),
             self.cfg.clone(),
             self.wake.clone(),
+            ctx.clock.clone(),
             ctx.config.shutdown_timeout,
         )?);
         // Deliveries recorded before a restart are sent whether or not the bus is up.

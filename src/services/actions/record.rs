@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::condition::Condition;
 use super::rules::{self, Rule};
+use super::status::DeliveryStatus;
 use crate::envelope::Envelope;
 use crate::infra::consume::{DeadLetter, Poison, Sink};
 use crate::infra::dlq;
@@ -122,7 +123,7 @@ impl Sink for Recorder {
             let window_ms = r
                 .dedup_window_ms
                 .unwrap_or(self.default_dedup.as_millis() as i64);
-            let status: Option<String> = sqlx::query_scalar(
+            let status: Option<DeliveryStatus> = sqlx::query_scalar(
                 "INSERT INTO actions.deliveries
                     (delivery_id, rule_id, event_id, event_type, aggregate_id, event_at, endpoint,
                      body, traceparent, status)
@@ -150,17 +151,17 @@ impl Sink for Recorder {
             .bind(window_ms)
             .fetch_optional(&mut *tx)
             .await?;
-            match status.as_deref() {
-                Some("pending") => pending += 1,
+            match status {
+                Some(DeliveryStatus::Pending) => pending += 1,
                 Some(_) => deduplicated += 1,
                 None => {} // already recorded: a redelivery or a replay
             }
         }
         dlq::insert(&mut tx, "actions.dlq", letters).await?;
         tx.commit().await?;
-        metrics::counter!("cj_webhook_deliveries_recorded_total", "status" => "pending")
+        metrics::counter!("cj_webhook_deliveries_recorded_total", "status" => DeliveryStatus::Pending.as_str())
             .increment(pending);
-        metrics::counter!("cj_webhook_deliveries_recorded_total", "status" => "deduplicated")
+        metrics::counter!("cj_webhook_deliveries_recorded_total", "status" => DeliveryStatus::Deduplicated.as_str())
             .increment(deduplicated);
         if pending > 0 {
             self.wake.notify_one();
