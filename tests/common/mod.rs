@@ -1,6 +1,6 @@
 //! Test harness (STYLE §11): real PostgreSQL, the real Kafka-API broker, services in-process on
 //! port 0, a fresh database and unique topic and group names per test.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses part of the harness")]
 
 pub mod sidecar;
 pub mod webhook;
