@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::bodies::envelope;
 use crate::cpu::{cpu_mark, cpu_text, cpu_use};
 use crate::ctx::Ctx;
-use crate::kafka::kafka_base;
+use crate::kafka::{self, kafka_base};
 use crate::load::{Load, histogram};
 use crate::log;
 use crate::report::{Row, fmt_us, quantiles, thousands};
@@ -26,10 +26,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
     let a = ctx.a.clone();
     let topic = format!("{}bench-broker-baseline", a.topic_prefix);
     let brokers = a.kafka_brokers.clone();
-    let admin: AdminClient<DefaultClientContext> = {
-        let c = kafka_base(&brokers);
-        tokio::task::spawn_blocking(move || c.create()).await??
-    };
+    let admin: AdminClient<DefaultClientContext> = kafka::create(kafka_base(&brokers)).await?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for r in admin
         .create_topics(
@@ -55,7 +52,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()> {
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "200000")
             .set("message.timeout.ms", "10000");
-        tokio::task::spawn_blocking(move || c.create::<FutureProducer>()).await??
+        kafka::create::<FutureProducer>(c).await?
     };
     let messages: Arc<Vec<(String, String)>> = Arc::new(
         (0..4096u64)
@@ -234,7 +231,7 @@ async fn broker_round_trip(
             .set("fetch.wait.max.ms", fetch_wait_ms.to_string());
         let topic = topic.to_string();
         tokio::task::spawn_blocking(move || -> anyhow::Result<StreamConsumer> {
-            let consumer: StreamConsumer = c.create()?;
+            let consumer: StreamConsumer = kafka::create_blocking(&c)?;
             let mut tpl = TopicPartitionList::new();
             for p in 0..3 {
                 tpl.add_partition_offset(&topic, p, Offset::End)?;
