@@ -34,13 +34,14 @@ E2E_SCOPES ?= ingest:write query:read actions:admin
 
 .PHONY: docker-check docker-build e2e-skeleton e2e-fullstack fmt
 
-.PHONY: help infra-up infra-down infra-status build run test lint bench migrate-all clean-test-dbs \
+.PHONY: help infra-up infra-down infra-status build run test lint lint-deps bench migrate-all clean-test-dbs \
 	skeleton-up skeleton-down fullstack-up fullstack-down
 
 help:
 	@echo "make run            start local infra, build and run 'cornjacket serve' (RUN_ARGS=...)"
-	@echo "make test           start local infra and run every test suite (TEST_ARGS=...)"
-	@echo "make lint           cargo fmt --check and clippy -D warnings"
+	@echo "make test           dependency checks, then local infra and every test suite (TEST_ARGS=...)"
+	@echo "make lint           cargo fmt --check, clippy -D warnings (workspace), cargo machete, cargo deny"
+	@echo "make lint-deps      only the dependency checks: unused (cargo machete), banned (cargo deny)"
 	@echo "make build          release build of the cornjacket binary"
 	@echo "make bench          run scripts/bench.sh (BENCH_ARGS=...)"
 	@echo "make migrate-all    run every service's database migrations"
@@ -72,11 +73,16 @@ run: infra-up
 	@scripts/ai.sh run & ai=$$!; trap 'kill $$ai 2>/dev/null; wait $$ai' EXIT INT TERM; \
 		./target/release/cornjacket serve $(RUN_ARGS)
 
-test: infra-up
+# The dependency checks first: a second once installed (.ci/run calls only `make test`, so CI runs
+# them too); clippy stays in `make lint`, since on a fresh checkout it compiles the whole graph.
+test: lint-deps infra-up
 	scripts/test.sh $(TEST_ARGS)
 
 lint:
-	$(CARGO) fmt --all -- --check && $(CARGO) clippy --all-targets -- -D warnings
+	CARGO=$(CARGO) scripts/lint.sh
+
+lint-deps:
+	CARGO=$(CARGO) scripts/lint.sh deps
 
 bench: infra-up
 	scripts/bench.sh $(BENCH_ARGS)

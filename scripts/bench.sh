@@ -55,7 +55,7 @@ case $BROKER_MODE in
 esac
 
 log "building release binaries"
-cargo build --release --bins
+cargo build --release --workspace --bins
 
 # The anomaly-to-webhook row runs the ai-inference sidecar from its venv; without it the row says
 # how to create it.

@@ -20,6 +20,17 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 
+# nextest's profile (.config/nextest.toml): `ci` in CI (CI set, as CI runners do, or
+# NEXTEST_PROFILE=ci, which .ci/run sets) writes a JUnit report to target/nextest/ci/junit.xml;
+# otherwise `default`. Both run the same tests with the same timeouts.
+if [[ -z ${NEXTEST_PROFILE:-} ]]; then
+    case ${CI:-} in
+        "" | 0 | false) ;;
+        *) export NEXTEST_PROFILE=ci ;;
+    esac
+fi
+echo "test: nextest profile ${NEXTEST_PROFILE:-default}"
+
 status=0
 # The chain test (tests/chain.rs) runs the Python sidecar from its venv.
 "$ROOT/scripts/ai.sh" venv

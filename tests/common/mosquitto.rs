@@ -2,7 +2,7 @@
 //! one: the same template (`scripts/mosquitto/mosquitto.conf.tmpl`) and the same
 //! dynamic-security setup (`scripts/mosquitto/dynsec-setup.sh`), on a free port in a temp dir.
 //! A test can stop, restart and wipe it, and read its log, without disturbing anyone else.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses part of the harness")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
