@@ -5,9 +5,9 @@ use clap::{Parser, Subcommand};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::infra::{auth, db, telemetry};
+use crate::infra::{auth, db, dlq, telemetry};
 use crate::services::Service;
-use crate::services::eventhandler::{rebuild, store};
+use crate::services::eventhandler::rebuild;
 use crate::services::ingestion::{devices, quarantine, replay};
 
 #[derive(Parser, Debug)]
@@ -185,17 +185,18 @@ pub enum QuarantineAction {
 
 #[derive(Subcommand, Debug)]
 pub enum DlqAction {
-    /// List dead letters as JSON lines.
+    /// List every consumer's dead letters as JSON lines.
     List {
+        /// Only this consumer's: eventhandler, tsdb, actions, ai, or a consumer group.
         #[arg(long)]
         consumer: Option<String>,
-        /// pending, replayed or discarded.
+        /// pending, replaying, replayed or discarded.
         #[arg(long)]
         status: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: i64,
     },
-    /// Re-run the handler on a pending dead letter (or all of them).
+    /// Re-run its consumer on a pending dead letter (or on all of them, of every consumer).
     Replay {
         #[arg(required_unless_present = "all")]
         id: Option<Uuid>,
@@ -530,34 +531,105 @@ async fn quarantine_cmd(config: &Config, action: QuarantineAction) -> anyhow::Re
     }
 }
 
+/// Every consumer's dead letters. The sidecar's `ai.dlq` is read through the query service's
+/// database, which holds the read side of every schema.
+fn dead_letter_owners(config: &Config) -> anyhow::Result<Vec<dlq::Owner>> {
+    let pool = |service: &str| db::lazy_pool(config.database_url(service), config, 2);
+    Ok(vec![
+        crate::services::eventhandler::dead_letters(config, pool("eventhandler")?),
+        crate::services::tsdb::dead_letters(config, pool("tsdb")?),
+        crate::services::actions::dead_letters(config, pool("actions")?),
+        dlq::Owner {
+            name: "ai",
+            table: "ai.dlq",
+            pool: pool("query")?,
+            replay: dlq::Replay::Requested,
+        },
+    ])
+}
+
+/// `None` for a consumer whose service has not migrated yet: it has no dead letters.
+fn unless_missing<T>(r: Result<T, sqlx::Error>) -> Result<Option<T>, sqlx::Error> {
+    match r {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(None),
+        other => other.map(Some),
+    }
+}
+
+/// The owner of the dead letter `id`.
+async fn owner_of(owners: &[dlq::Owner], id: Uuid) -> anyhow::Result<Option<&dlq::Owner>> {
+    for o in owners {
+        if unless_missing(o.get(id).await)?.flatten().is_some() {
+            return Ok(Some(o));
+        }
+    }
+    Ok(None)
+}
+
 async fn dlq(config: &Config, action: DlqAction) -> anyhow::Result<i32> {
-    let pool = db::lazy_pool(config.database_url("eventhandler"), config, 2)?;
+    let owners = dead_letter_owners(config)?;
     match action {
         DlqAction::List {
             consumer,
             status,
             limit,
         } => {
-            for e in store::list_dlq(&pool, consumer.as_deref(), status.as_deref(), limit).await? {
-                println!("{}", serde_json::to_string(&e)?);
+            let status = status
+                .map(|s| s.parse::<dlq::Status>())
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            for o in &owners {
+                let Some(entries) = unless_missing(o.list(status, limit).await)? else {
+                    continue;
+                };
+                // `--consumer` names a consumer (eventhandler, tsdb, actions, ai) or its group.
+                for e in entries.into_iter().filter(|e| {
+                    consumer
+                        .as_deref()
+                        .is_none_or(|c| c == o.name || c == e.consumer)
+                }) {
+                    println!("{}", serde_json::to_string(&e)?);
+                }
             }
             Ok(0)
         }
         DlqAction::Replay { id, all } => {
-            let ids = if all {
-                store::pending_ids(&pool).await?
-            } else {
-                id.into_iter().collect()
-            };
+            let mut targets = Vec::new();
+            if all {
+                for o in &owners {
+                    for id in unless_missing(o.pending_ids().await)?.unwrap_or_default() {
+                        targets.push((o, id));
+                    }
+                }
+            } else if let Some(id) = id {
+                match owner_of(&owners, id).await? {
+                    Some(o) => targets.push((o, id)),
+                    None => {
+                        println!("{id}: no pending dead letter with this id");
+                        return Ok(1);
+                    }
+                }
+            }
             let mut failed = 0;
-            for id in ids {
-                match store::replay(&pool, id).await? {
-                    store::ReplayOutcome::Replayed => println!("{id}: replayed"),
-                    store::ReplayOutcome::StillFailing(e) => {
+            for (o, id) in targets {
+                let outcome = match o.replay(id).await? {
+                    dlq::ReplayOutcome::Requested => wait_for_replay(o, id).await?,
+                    other => other,
+                };
+                match outcome {
+                    dlq::ReplayOutcome::Replayed => println!("{id}: replayed ({})", o.name),
+                    dlq::ReplayOutcome::StillFailing(e) => {
                         failed += 1;
                         println!("{id}: still failing: {e}");
                     }
-                    store::ReplayOutcome::NotPending => {
+                    dlq::ReplayOutcome::Requested => {
+                        failed += 1;
+                        println!(
+                            "{id}: replay requested; {} has not performed it yet (is it running?)",
+                            o.name
+                        );
+                    }
+                    dlq::ReplayOutcome::NotPending => {
                         failed += 1;
                         println!("{id}: no pending dead letter with this id");
                     }
@@ -566,7 +638,11 @@ async fn dlq(config: &Config, action: DlqAction) -> anyhow::Result<i32> {
             Ok(if failed > 0 { 1 } else { 0 })
         }
         DlqAction::Discard { id } => {
-            if store::discard(&pool, id).await? {
+            let discarded = match owner_of(&owners, id).await? {
+                Some(o) => o.discard(id).await?,
+                None => false,
+            };
+            if discarded {
                 println!("{id}: discarded");
                 Ok(0)
             } else {
@@ -575,4 +651,19 @@ async fn dlq(config: &Config, action: DlqAction) -> anyhow::Result<i32> {
             }
         }
     }
+}
+
+/// Waits (up to 30 s) for a consumer that replays by itself to settle a requested replay.
+async fn wait_for_replay(o: &dlq::Owner, id: Uuid) -> anyhow::Result<dlq::ReplayOutcome> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        match o.get(id).await?.map(|e| (e.status, e.error_message)) {
+            Some((dlq::Status::Replayed, _)) => return Ok(dlq::ReplayOutcome::Replayed),
+            Some((dlq::Status::Pending, e)) => return Ok(dlq::ReplayOutcome::StillFailing(e)),
+            Some((dlq::Status::Replaying, _)) => continue,
+            _ => return Ok(dlq::ReplayOutcome::NotPending),
+        }
+    }
+    Ok(dlq::ReplayOutcome::Requested)
 }

@@ -23,7 +23,15 @@ pub const SCOPE_QUERY: &str = "query:read";
 pub const SCOPE_ACTIONS: &str = "actions:admin";
 /// The outbox quarantine (`/api/v1/outbox/…`): operators only.
 pub const SCOPE_OUTBOX: &str = "outbox:admin";
-pub const SCOPES: &[&str] = &[SCOPE_INGEST, SCOPE_QUERY, SCOPE_ACTIONS, SCOPE_OUTBOX];
+/// The consumers' dead letters (`/api/v1/dlq/…`): operators only.
+pub const SCOPE_DLQ: &str = "dlq:admin";
+pub const SCOPES: &[&str] = &[
+    SCOPE_INGEST,
+    SCOPE_QUERY,
+    SCOPE_ACTIONS,
+    SCOPE_OUTBOX,
+    SCOPE_DLQ,
+];
 
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_S: u64 = 5;

@@ -376,3 +376,170 @@ pub async fn insert(
     }
     Ok(())
 }
+
+/// The DLQ API of a consumer service (`/api/v1/dlq/{consumer}/…`, scope `dlq:admin`), served on
+/// its health port for every consumer published on that port's board.
+pub mod api {
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+    use axum::{Json, Router};
+    use serde::Deserialize;
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::{Owner, ReplayOutcome, Status};
+    use crate::infra::extract::{Path, Query, Rejection, Rejects};
+    use crate::infra::http::{HealthBoard, error_body};
+
+    pub const ROUTES: &[(&str, &str)] = &[
+        ("get", "/api/v1/dlq/{consumer}"),
+        ("get", "/api/v1/dlq/{consumer}/{dlq_id}"),
+        ("post", "/api/v1/dlq/{consumer}/{dlq_id}/replay"),
+        ("post", "/api/v1/dlq/{consumer}/{dlq_id}/discard"),
+    ];
+
+    #[derive(Clone)]
+    pub struct DlqState {
+        pub board: HealthBoard,
+        pub port: u16,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum DlqError {
+        #[error("{0}")]
+        BadRequest(String),
+        #[error("no consumer '{0}' on this port")]
+        NoConsumer(String),
+        #[error("no dead letter {0}")]
+        NotFound(Uuid),
+        #[error("dead letter {0} is {1}, not pending")]
+        NotPending(Uuid, &'static str),
+        #[error("still failing: {0}")]
+        StillFailing(String),
+        #[error("the database is unavailable")]
+        Database(#[from] sqlx::Error),
+        #[error("{}", .0.message)]
+        Rejected(Rejection),
+    }
+
+    impl From<Rejection> for DlqError {
+        fn from(r: Rejection) -> Self {
+            DlqError::Rejected(r)
+        }
+    }
+
+    impl IntoResponse for DlqError {
+        fn into_response(self) -> Response {
+            let status = match &self {
+                DlqError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                DlqError::NoConsumer(_) | DlqError::NotFound(_) => StatusCode::NOT_FOUND,
+                DlqError::NotPending(..) => StatusCode::CONFLICT,
+                DlqError::StillFailing(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                DlqError::Rejected(r) => r.status,
+                DlqError::Database(e) => {
+                    tracing::warn!(error = %e, "DLQ request failed on the database.");
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            };
+            error_body(status, self.to_string(), json!([]))
+        }
+    }
+
+    impl Rejects for DlqState {
+        type Error = DlqError;
+    }
+
+    pub fn router() -> Router<DlqState> {
+        Router::new()
+            .route("/api/v1/dlq/{consumer}", get(list))
+            .route("/api/v1/dlq/{consumer}/{dlq_id}", get(one))
+            .route("/api/v1/dlq/{consumer}/{dlq_id}/replay", post(replay))
+            .route("/api/v1/dlq/{consumer}/{dlq_id}/discard", post(discard))
+    }
+
+    fn owner(s: &DlqState, consumer: &str) -> Result<Owner, DlqError> {
+        s.board
+            .dead_letters(s.port, consumer)
+            .ok_or_else(|| DlqError::NoConsumer(consumer.to_string()))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ListParams {
+        status: Option<String>,
+        limit: Option<i64>,
+    }
+
+    async fn list(
+        State(s): State<DlqState>,
+        Path(consumer): Path<String>,
+        Query(q): Query<ListParams>,
+    ) -> Result<Json<serde_json::Value>, DlqError> {
+        let o = owner(&s, &consumer)?;
+        let status = q
+            .status
+            .map(|st| st.parse::<Status>())
+            .transpose()
+            .map_err(DlqError::BadRequest)?;
+        let limit = q.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(DlqError::BadRequest(format!(
+                "limit must be between 1 and 1000, got {limit}"
+            )));
+        }
+        let entries = o.list(status, limit).await?;
+        Ok(Json(
+            json!({ "consumer": o.name, "entries": entries, "limit": limit }),
+        ))
+    }
+
+    async fn one(
+        State(s): State<DlqState>,
+        Path((consumer, id)): Path<(String, Uuid)>,
+    ) -> Result<Json<super::Entry>, DlqError> {
+        let o = owner(&s, &consumer)?;
+        o.get(id).await?.map(Json).ok_or(DlqError::NotFound(id))
+    }
+
+    /// Why an entry could not be acted on: it does not exist, or it is not pending.
+    async fn not_pending(o: &Owner, id: Uuid) -> DlqError {
+        match o.get(id).await {
+            Ok(Some(e)) => DlqError::NotPending(id, e.status.as_str()),
+            Ok(None) => DlqError::NotFound(id),
+            Err(e) => DlqError::Database(e),
+        }
+    }
+
+    async fn replay(
+        State(s): State<DlqState>,
+        Path((consumer, id)): Path<(String, Uuid)>,
+    ) -> Result<Response, DlqError> {
+        let o = owner(&s, &consumer)?;
+        match o.replay(id).await? {
+            ReplayOutcome::Replayed => {
+                Ok(Json(json!({ "dlq_id": id, "status": "replayed" })).into_response())
+            }
+            ReplayOutcome::Requested => Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "dlq_id": id, "status": "replaying" })),
+            )
+                .into_response()),
+            ReplayOutcome::StillFailing(e) => Err(DlqError::StillFailing(e)),
+            ReplayOutcome::NotPending => Err(not_pending(&o, id).await),
+        }
+    }
+
+    async fn discard(
+        State(s): State<DlqState>,
+        Path((consumer, id)): Path<(String, Uuid)>,
+    ) -> Result<Json<serde_json::Value>, DlqError> {
+        let o = owner(&s, &consumer)?;
+        if o.discard(id).await? {
+            Ok(Json(json!({ "dlq_id": id, "status": "discarded" })))
+        } else {
+            Err(not_pending(&o, id).await)
+        }
+    }
+}

@@ -71,9 +71,13 @@ type Published = Vec<(u16, &'static str, CheckFn)>;
 
 /// Checks published by services that run without a port of their own (because another service
 /// of the process serves the same port, SPEC §2: the tsdb-writer beside the event handler on
-/// 8084). The service serving that port adds them to its `/health`.
+/// 8084). The service serving that port adds them to its `/health`. The dead letters of every
+/// consumer on a port are published here too, so that the port's DLQ API answers for each.
 #[derive(Clone, Default)]
-pub struct HealthBoard(std::sync::Arc<std::sync::Mutex<Published>>);
+pub struct HealthBoard(
+    std::sync::Arc<std::sync::Mutex<Published>>,
+    std::sync::Arc<std::sync::Mutex<Vec<(u16, crate::infra::dlq::Owner)>>>,
+);
 
 impl HealthBoard {
     pub fn register<F, Fut>(&self, port: u16, name: &'static str, check: F)
@@ -83,6 +87,20 @@ impl HealthBoard {
     {
         let f: CheckFn = std::sync::Arc::new(move || Box::pin(check()));
         self.0.lock().expect("board lock").push((port, name, f));
+    }
+
+    pub fn register_dead_letters(&self, port: u16, owner: crate::infra::dlq::Owner) {
+        self.1.lock().expect("board lock").push((port, owner));
+    }
+
+    /// The dead letters published for a port under `name`.
+    pub fn dead_letters(&self, port: u16, name: &str) -> Option<crate::infra::dlq::Owner> {
+        self.1
+            .lock()
+            .expect("board lock")
+            .iter()
+            .find(|(p, o)| *p == port && o.name == name)
+            .map(|(_, o)| o.clone())
     }
 
     /// The published checks for a port, evaluated now.

@@ -20,7 +20,13 @@ pub mod tsdb;
 /// The scope table of every service's routes, for the authentication middleware and Traefik's
 /// ForwardAuth (which checks requests for any service).
 pub fn scope_rules() -> Vec<crate::infra::auth::ScopeRule> {
-    [ingestion::SCOPES, query::SCOPES, actions::SCOPES].concat()
+    [
+        ingestion::SCOPES,
+        query::SCOPES,
+        actions::SCOPES,
+        scaffold::SCOPES,
+    ]
+    .concat()
 }
 
 /// What a service is given by the supervisor (STYLE §1).
@@ -184,6 +190,7 @@ mod tests {
             need(Method::DELETE, "/api/v1/actions/rules/1"),
             Some(SCOPE_ACTIONS)
         );
+        assert_eq!(need(Method::POST, "/api/v1/dlq/tsdb/x/replay"), Some(crate::infra::auth::SCOPE_DLQ));
         assert_eq!(need(Method::GET, "/api/v1/ingestx"), None);
         assert_eq!(need(Method::GET, "/internal/auth/verify"), None);
     }

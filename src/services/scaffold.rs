@@ -1,7 +1,8 @@
 //! The scaffold of a service built around one consumer group — the event handler, the
 //! tsdb-writer and the action orchestrator. Each says what differs in a [`Spec`] and a
 //! [`ConsumerService`]; the scaffold does the rest, the same way for all three: serve `/health`
-//! and `/metrics` (or report on a shared port, see [`Service::health_only`]), wait for the
+//! and `/metrics` and the DLQ API (or report on a shared port, see [`Service::health_only`]),
+//! wait for the
 //! database and migrate, start the background jobs, subscribe, consume until shut down, then
 //! drain the jobs and the HTTP servers.
 
@@ -21,11 +22,22 @@ use crate::envelope::Clock;
 use crate::infra::clock_guard::ClockGuard;
 use crate::infra::consume::{self, Sink};
 use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
+use crate::infra::auth::{SCOPE_DLQ, ScopeRule};
+use crate::infra::dlq;
 use crate::infra::jobs::Jobs;
+
+/// Every consumer service's DLQ API (see [`crate::infra::dlq::api`]).
+pub const SCOPES: &[ScopeRule] = &[ScopeRule {
+    prefix: "/api/v1/dlq",
+    methods: &[],
+    scope: SCOPE_DLQ,
+}];
 
 /// What a consumer service consumes and how.
 pub struct Spec {
     pub service: Service,
+    /// Its dead letters (its `<schema>.dlq`, replayed with its sink).
+    pub dead_letters: dlq::Owner,
     pub group: String,
     pub topics: Vec<String>,
     pub retry_delays: Vec<Duration>,
@@ -46,12 +58,6 @@ pub trait ConsumerService: Send + Sync + 'static {
         _health: &ConsumerHealth,
     ) -> impl Future<Output = Vec<(&'static str, Check)>> + Send {
         async { Vec::new() }
-    }
-
-    /// Refreshes the gauges it samples from its tables: before its `/metrics` renders, or on a
-    /// timer when another service of the process serves the port.
-    fn sample(&self, _health: &ConsumerHealth) -> impl Future<Output = ()> + Send {
-        async {}
     }
 }
 
@@ -83,6 +89,33 @@ struct Shared<C> {
     health: ConsumerHealth,
     board: HealthBoard,
     port: u16,
+    dead_letters: dlq::Owner,
+    /// `(consumer, status)` label sets of `cj_dlq_entries` exported so far.
+    dlq_labels: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+impl<C> Shared<C> {
+    /// Samples the dead-letter counts into `cj_dlq_entries{consumer,status}`; a label set that
+    /// emptied is set to 0 rather than left at its last value.
+    async fn sample(&self) {
+        let sizes = match self.dead_letters.sizes().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "Could not sample the dead letters.");
+                return;
+            }
+        };
+        let mut labels = self.dlq_labels.lock().expect("dlq labels lock");
+        labels.extend(sizes.iter().map(|(c, st, _)| (c.clone(), st.clone())));
+        for (consumer, status) in labels.iter() {
+            let n = sizes
+                .iter()
+                .find(|(c, st, _)| c == consumer && st == status)
+                .map_or(0, |(_, _, n)| *n);
+            metrics::gauge!("cj_dlq_entries", "consumer" => consumer.clone(), "status" => status.clone())
+                .set(n as f64);
+        }
+    }
 }
 
 /// Runs a consumer service. `api` is a service's own API router, served on `ctx.listener`; its
@@ -102,7 +135,7 @@ pub async fn run<C: ConsumerService>(
         shutdown,
         clock,
         jobs,
-        ..
+        auth,
     } = ctx;
     let name = spec.service.name();
     let migrations = spec
@@ -110,12 +143,20 @@ pub async fn run<C: ConsumerService>(
         .migrations()
         .expect("a consumer service owns a schema");
     let health = ConsumerHealth::new(pool.clone(), &spec.group);
+    // The own group's entries are exported (at 0) from the start.
+    let dlq_labels = dlq::Status::ALL
+        .map(|st| (spec.group.clone(), st.as_str().to_string()))
+        .into_iter()
+        .collect();
     let shared = Arc::new(Shared {
         service,
         health: health.clone(),
         board: board.clone(),
         port: spec.service.port(&config),
+        dead_letters: spec.dead_letters.clone(),
+        dlq_labels: std::sync::Mutex::new(dlq_labels),
     });
+    board.register_dead_letters(shared.port, spec.dead_letters.clone());
     let serve_on = |name, listener, router| {
         tokio::spawn(serve(
             name,
@@ -141,6 +182,15 @@ pub async fn run<C: ConsumerService>(
     };
     match health_listener {
         Some(listener) => {
+            let dead_letters = dlq::api::router()
+                .with_state(dlq::api::DlqState {
+                    board: board.clone(),
+                    port: shared.port,
+                })
+                .layer(axum::middleware::from_fn_with_state(
+                    auth.clone(),
+                    crate::infra::auth::middleware,
+                ));
             let router = Router::new()
                 .route("/health", get(health_of::<C>))
                 .merge(
@@ -151,7 +201,8 @@ pub async fn run<C: ConsumerService>(
                 )
                 .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
                 .fallback(not_found)
-                .with_state(shared.clone());
+                .with_state(shared.clone())
+                .merge(dead_letters);
             let label = if servers.is_empty() { name } else { "health" };
             servers.push(serve_on(label, listener, router));
         }
@@ -175,7 +226,7 @@ pub async fn run<C: ConsumerService>(
                     .is_some()
                 {
                     if s.health.ready.get() {
-                        s.service.sample(&s.health).await;
+                        s.sample().await;
                     }
                 }
             });
@@ -247,7 +298,7 @@ async fn sample_first<C: ConsumerService>(
     next: axum::middleware::Next,
 ) -> Response {
     if s.health.ready.get()
-        && tokio::time::timeout(Duration::from_secs(2), s.service.sample(&s.health))
+        && tokio::time::timeout(Duration::from_secs(2), s.sample())
             .await
             .is_err()
     {

@@ -32,7 +32,7 @@ pub const SCOPES: &[ScopeRule] = &[ScopeRule {
 
 use super::ServiceContext;
 use super::scaffold::{self, ConsumerHealth, ConsumerService, Spec, Started};
-use crate::config::ActionsConfig;
+use crate::config::{ActionsConfig, Config};
 use crate::infra::auth::{SCOPE_ACTIONS, ScopeRule};
 use crate::infra::extract::method_not_allowed;
 use crate::infra::http::{Check, Status, not_found};
@@ -69,12 +69,32 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         ));
     let spec = Spec {
         service: super::Service::Actions,
+        dead_letters: owner(&ctx.config, ctx.db.clone(), wake.clone()),
         group: cfg.consumer_group.clone(),
         topics: cfg.topics.clone(),
         retry_delays: cfg.consumer_retry_delays.clone(),
         max_batch: 500,
     };
     scaffold::run(ctx, spec, Orchestrator { cfg, wake }, Some(api)).await
+}
+
+/// The orchestrator's dead letters, replayed through its recorder (a replayed event records its
+/// deliveries as it would have live). `wake` is the delivery worker's, when there is one.
+pub fn dead_letters(config: &Config, pool: PgPool) -> crate::infra::dlq::Owner {
+    owner(config, pool, Arc::new(Notify::new()))
+}
+
+fn owner(config: &Config, pool: PgPool, wake: Arc<Notify>) -> crate::infra::dlq::Owner {
+    crate::infra::dlq::Owner {
+        name: "actions",
+        table: "actions.dlq",
+        replay: crate::infra::dlq::Replay::InProcess(Arc::new(record::Recorder {
+            pool: pool.clone(),
+            default_dedup: config.actions.dedup_window,
+            wake,
+        })),
+        pool,
+    }
 }
 
 struct Orchestrator {

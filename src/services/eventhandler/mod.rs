@@ -9,39 +9,42 @@ pub mod store;
 
 crate::service_migrations!("eventhandler", "migrations/eventhandler");
 
-use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use super::ServiceContext;
-use super::scaffold::{self, ConsumerHealth, ConsumerService, Spec, Started};
-use crate::config::EventHandlerConfig;
+use super::scaffold::{self, ConsumerService, Spec, Started};
+use crate::config::{Config, EventHandlerConfig};
+use crate::infra::dlq;
 use consumer::Projections;
 
 struct EventHandler {
     cfg: EventHandlerConfig,
-    /// `(consumer, status)` label sets of `cj_dlq_entries` exported so far.
-    dlq_labels: Mutex<HashSet<(String, String)>>,
+}
+
+/// The event handler's dead letters, replayed through its handlers.
+pub fn dead_letters(config: &Config, pool: sqlx::PgPool) -> dlq::Owner {
+    dlq::Owner {
+        name: "eventhandler",
+        table: "eventhandler.dlq",
+        replay: dlq::Replay::InProcess(Arc::new(Projections::new(
+            pool.clone(),
+            &config.eventhandler.consumer_group,
+        ))),
+        pool,
+    }
 }
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let cfg = ctx.config.eventhandler.clone();
     let spec = Spec {
         service: super::Service::Eventhandler,
+        dead_letters: dead_letters(&ctx.config, ctx.db.clone()),
         group: cfg.consumer_group.clone(),
         topics: cfg.topics.clone(),
         retry_delays: cfg.retry_delays.clone(),
         max_batch: cfg.max_batch,
     };
-    // The own group's entries are exported (at 0) from the start.
-    let dlq_labels = ["pending", "replayed", "discarded"]
-        .map(|s| (cfg.consumer_group.clone(), s.to_string()))
-        .into_iter()
-        .collect();
-    let service = EventHandler {
-        cfg,
-        dlq_labels: Mutex::new(dlq_labels),
-    };
-    scaffold::run(ctx, spec, service, None).await
+    scaffold::run(ctx, spec, EventHandler { cfg }, None).await
 }
 
 impl ConsumerService for EventHandler {
@@ -59,30 +62,5 @@ impl ConsumerService for EventHandler {
             ));
         }
         Ok(Projections::new(ctx.pool.clone(), &self.cfg.consumer_group))
-    }
-
-    async fn sample(&self, health: &ConsumerHealth) {
-        if let Err(e) = self.dlq_gauges(&health.pool).await {
-            tracing::debug!(error = %e, "Could not sample the dead letters.");
-        }
-    }
-}
-
-impl EventHandler {
-    /// Samples the dead-letter counts into `cj_dlq_entries{consumer,status}`; a label set that
-    /// emptied is set to 0 rather than left at its last value.
-    async fn dlq_gauges(&self, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
-        let sizes = store::dlq_sizes(pool).await?;
-        let mut labels = self.dlq_labels.lock().expect("dlq labels lock");
-        labels.extend(sizes.iter().map(|(c, st, _)| (c.clone(), st.clone())));
-        for (consumer, status) in labels.iter() {
-            let n = sizes
-                .iter()
-                .find(|(c, st, _)| c == consumer && st == status)
-                .map_or(0, |(_, _, n)| *n);
-            metrics::gauge!("cj_dlq_entries", "consumer" => consumer.clone(), "status" => status.clone())
-            .set(n as f64);
-        }
-        Ok(())
     }
 }

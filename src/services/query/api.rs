@@ -11,6 +11,8 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use uuid::Uuid;
 
+use crate::infra::dlq;
+
 use super::QueryState;
 use super::error::QueryError;
 use crate::envelope::{MAX_AGGREGATE_ID_LEN, PROJECTION_TYPES, format_time};
@@ -288,14 +290,12 @@ async fn list_dlq(
     only_known(&q, &["consumer", "status", "limit", "offset"])?;
     let limit = int_param(&q, "limit", 50, 1, 500)?;
     let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
-    let status = q.get("status");
-    if let Some(st) = status
-        && !["pending", "replayed", "discarded"].contains(&st.as_str())
-    {
-        return Err(QueryError::BadRequest(format!(
-            "status must be pending, replayed or discarded, got '{st}'"
-        )));
-    }
+    let status = q
+        .get("status")
+        .map(|st| st.parse::<dlq::Status>())
+        .transpose()
+        .map_err(QueryError::BadRequest)?
+        .map(dlq::Status::as_str);
     let mut parts = Vec::new();
     for (_, table) in DLQ_TABLES {
         let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
@@ -303,10 +303,7 @@ async fn list_dlq(
             .fetch_one(&s.pool)
             .await?;
         if exists.is_some() {
-            parts.push(format!(
-                "SELECT dlq_id, consumer, event_id, event_type, aggregate_id, event_payload, raw_payload,
-                        error_message, failed_at, retry_count, status, updated_at FROM {table}"
-            ));
+            parts.push(format!("SELECT {} FROM {table}", dlq::COLUMNS));
         }
     }
     if parts.is_empty() {
@@ -321,7 +318,7 @@ async fn list_dlq(
         .bind(status)
         .fetch_one(&s.pool)
         .await?;
-    let rows = sqlx::query(&format!(
+    let entries: Vec<dlq::Entry> = sqlx::query_as(&format!(
         "SELECT * FROM ({union}) d {filter} ORDER BY failed_at, dlq_id LIMIT $3 OFFSET $4"
     ))
     .bind(q.get("consumer"))
@@ -330,25 +327,6 @@ async fn list_dlq(
     .bind(offset)
     .fetch_all(&s.pool)
     .await?;
-    let entries: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
-                "dlq_id": r.get::<Uuid, _>("dlq_id"),
-                "consumer": r.get::<String, _>("consumer"),
-                "event_id": r.get::<Option<Uuid>, _>("event_id"),
-                "event_type": r.get::<Option<String>, _>("event_type"),
-                "aggregate_id": r.get::<Option<String>, _>("aggregate_id"),
-                "event_payload": r.get::<Option<Value>, _>("event_payload"),
-                "raw_payload": r.get::<Option<String>, _>("raw_payload"),
-                "error_message": r.get::<String, _>("error_message"),
-                "failed_at": format_time(&r.get("failed_at")),
-                "retry_count": r.get::<i32, _>("retry_count"),
-                "status": r.get::<String, _>("status"),
-                "updated_at": format_time(&r.get("updated_at")),
-            })
-        })
-        .collect();
     Ok(Json(
         json!({ "entries": entries, "total": total, "limit": limit, "offset": offset }),
     ))

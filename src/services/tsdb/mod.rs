@@ -12,10 +12,23 @@ use super::scaffold::{self, ConsumerService, Spec, Started};
 
 struct Tsdb;
 
+/// The tsdb-writer's dead letters, replayed through its sink.
+pub fn dead_letters(_config: &crate::config::Config, pool: sqlx::PgPool) -> crate::infra::dlq::Owner {
+    crate::infra::dlq::Owner {
+        name: "tsdb",
+        table: "tsdb.dlq",
+        replay: crate::infra::dlq::Replay::InProcess(std::sync::Arc::new(sink::Readings {
+            pool: pool.clone(),
+        })),
+        pool,
+    }
+}
+
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let cfg = &ctx.config.tsdb;
     let spec = Spec {
         service: super::Service::Tsdb,
+        dead_letters: dead_letters(&ctx.config, ctx.db.clone()),
         group: cfg.consumer_group.clone(),
         topics: cfg.topics.clone(),
         retry_delays: cfg.retry_delays.clone(),
