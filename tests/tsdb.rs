@@ -341,4 +341,19 @@ async fn the_writer_reports_on_the_event_handlers_port_when_both_run_in_one_proc
     .await;
     assert!(v["checks"]["consumer"].is_object(), "{v}");
     assert_eq!(v["checks"]["tsdb"]["database"]["status"], "healthy", "{v}");
+    // The port's DLQ API answers for both consumers.
+    for consumer in ["eventhandler", "tsdb"] {
+        let url = format!("http://127.0.0.1:{port}/api/v1/dlq/{consumer}");
+        let v: Value = app
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["consumer"], consumer, "{v}");
+        assert!(v["entries"].is_array(), "{v}");
+    }
 }

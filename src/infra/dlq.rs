@@ -400,8 +400,11 @@ pub mod api {
         ("post", "/api/v1/dlq/{consumer}/{dlq_id}/discard"),
     ];
 
+    /// The consumer serving the port, and the board where the consumers sharing it publish
+    /// theirs.
     #[derive(Clone)]
     pub struct DlqState {
+        pub own: Owner,
         pub board: HealthBoard,
         pub port: u16,
     }
@@ -460,6 +463,9 @@ pub mod api {
     }
 
     fn owner(s: &DlqState, consumer: &str) -> Result<Owner, DlqError> {
+        if s.own.name == consumer {
+            return Ok(s.own.clone());
+        }
         s.board
             .dead_letters(s.port, consumer)
             .ok_or_else(|| DlqError::NoConsumer(consumer.to_string()))

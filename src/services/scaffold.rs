@@ -156,7 +156,6 @@ pub async fn run<C: ConsumerService>(
         dead_letters: spec.dead_letters.clone(),
         dlq_labels: std::sync::Mutex::new(dlq_labels),
     });
-    board.register_dead_letters(shared.port, spec.dead_letters.clone());
     let serve_on = |name, listener, router| {
         tokio::spawn(serve(
             name,
@@ -184,6 +183,7 @@ pub async fn run<C: ConsumerService>(
         Some(listener) => {
             let dead_letters = dlq::api::router()
                 .with_state(dlq::api::DlqState {
+                    own: shared.dead_letters.clone(),
                     board: board.clone(),
                     port: shared.port,
                 })
@@ -207,8 +207,10 @@ pub async fn run<C: ConsumerService>(
             servers.push(serve_on(label, listener, router));
         }
         None => {
-            // Another service of this process serves the port: report on its /health, and
-            // sample the gauges on a timer since its /metrics render without us.
+            // Another service of this process serves the port: report on its /health and
+            // through its DLQ API, and sample the gauges on a timer since its /metrics render
+            // without us.
+            board.register_dead_letters(shared.port, shared.dead_letters.clone());
             let s = shared.clone();
             board.register(shared.port, name, move || {
                 let s = s.clone();
