@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     kafka_retention_ms: int = Field("24h", validation_alias="CJ_KAFKA_RETENTION")
     consumer_group: str = Field(SERVICE_NAME, min_length=1, validation_alias="CJ_AI_CONSUMER_GROUP")
     session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000, validation_alias="CJ_AI_SESSION_TIMEOUT_MS")
+    # How often the DLQ replay worker looks for rows `cornjacket dlq replay` marked 'replaying'.
+    dlq_replay_interval_ms: int = Field(
+        1000, ge=10, le=3_600_000, validation_alias="CJ_AI_DLQ_REPLAY_INTERVAL_MS"
+    )
     # Shared with the platform: Tansu answers a fetch only when this expires.
     fetch_wait_max_ms: int = Field(10, ge=1, le=10_000, validation_alias="CJ_KAFKA_FETCH_WAIT_MAX_MS")
     # The platform's retention settings (SPEC §13): results are kept like sensor readings.

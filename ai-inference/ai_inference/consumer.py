@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from ai_inference import store
 from ai_inference.config import Settings
 from ai_inference.db import OUTAGE_ERRORS, connect
-from ai_inference.envelope import Poison, Reading, Skip, decode
+from ai_inference.handler import Handler, Refused
 from ai_inference.ingest import Disposition, IngestClient, Submission
 from ai_inference.metrics import Metrics
 from ai_inference.model import ModelParams
@@ -110,6 +110,7 @@ class InferenceConsumer:
         self._state = state
         self._metrics = metrics
         self._ingest = ingest
+        self._handler = Handler(self._params, metrics, self._with_db, self._submit)
         self._on_fatal = on_fatal
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="consumer", daemon=True)
@@ -196,47 +197,13 @@ class InferenceConsumer:
     def _handle(self, msg: Message) -> None:
         started = time.monotonic()
         try:
-            item = decode(msg.value(), msg.headers())
-        except Poison as e:
-            self._dead_letter(msg, str(e), "poison")
+            outcome = self._handler.handle(msg.value(), msg.headers())
+        except Refused as e:
+            self._dead_letter(msg, e.error, e.reason)
             return
-        if isinstance(item, Skip):
-            self._metrics.messages.labels(outcome="skipped").inc()
-            return
-        try:
-            result = self._with_db(lambda db: store.score_and_store(db, item, self._params))
-        except psycopg.DataError as e:
-            self._dead_letter(msg, f"the reading cannot be stored: {e}", "unstorable")
-            return
-        if result.new:
-            self._metrics.scored.inc()
-            if result.is_anomaly:
-                self._metrics.anomalies.inc()
-        if result.is_anomaly:
-            self._log_anomaly(item, result)
-            sub = self._submit(result)
-            if sub.disposition is Disposition.REJECTED:
-                self._dead_letter(
-                    msg,
-                    f"the ingestion API refused the ai.anomaly event ({sub.status}): {sub.detail}",
-                    "ingest_rejected",
-                )
-                return
-        self._metrics.messages.labels(outcome="scored" if result.new else "redelivered").inc()
-        self._metrics.latency.observe(time.monotonic() - started)
-
-    def _log_anomaly(self, r: Reading, result: store.Result) -> None:
-        log.info(
-            "Anomaly.",
-            extra={
-                "event_id": str(r.event_id),
-                "device_id": r.device_id,
-                "value": r.value,
-                "score": round(result.score, 3),
-                "threshold": self._params.threshold,
-                "redelivered": not result.new,
-            },
-        )
+        self._metrics.messages.labels(outcome=outcome).inc()
+        if outcome != "skipped":
+            self._metrics.latency.observe(time.monotonic() - started)
 
     def _dead_letter(self, msg: Message, error: str, reason: str) -> None:
         letter = store.DeadLetter(

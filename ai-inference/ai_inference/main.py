@@ -1,8 +1,9 @@
-"""Entry point: configuration, migrations, then the consumer and the HTTP server together.
+"""Entry point: configuration, migrations, then the consumer, the DLQ replay worker and the HTTP
+server together.
 
 Migrations run before the port opens (SPEC §4). SIGTERM/SIGINT stop uvicorn, whose shutdown
-stops the consumer after its current message and commits; a consumer failure stops the server
-and the process exits non-zero (SPEC §13).
+stops the replay worker after its current row and the consumer after its current message, which
+then commits; a consumer failure stops the server and the process exits non-zero (SPEC §13).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ai_inference.ingest import IngestClient, TokenSource
 from ai_inference.logs import setup_logging
 from ai_inference.metrics import Metrics
 from ai_inference.model import LIBRARY, MODEL_NAME, MODEL_VERSION
+from ai_inference.replay import ReplayWorker
 from ai_inference.retention import RetentionJob
 from ai_inference.state import ServiceState
 
@@ -60,7 +62,19 @@ def main() -> int:
             server.should_exit = True
 
     consumer = InferenceConsumer(settings, state, metrics, ingest, on_fatal=fatal)
-    app = create_app(settings, state, metrics, on_startup=consumer.start, on_shutdown=consumer.stop)
+    # A client of its own: the worker's submissions never wait behind the consumer's.
+    replay_ingest = IngestClient(settings, metrics, tokens)
+    replay = ReplayWorker(settings, metrics, replay_ingest)
+
+    def start() -> None:
+        consumer.start()
+        replay.start()
+
+    def stop() -> None:
+        replay.stop()
+        consumer.stop()
+
+    app = create_app(settings, state, metrics, on_startup=start, on_shutdown=stop)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -100,11 +114,12 @@ def main() -> int:
         server.run()
     except SystemExit as e:
         # uvicorn exits this way when it cannot bind; the consumer may already be running.
-        consumer.stop()
+        stop()
         log.critical("The HTTP server could not start.", extra={"port": settings.port})
         return int(e.code) if isinstance(e.code, int) and e.code else 1
     finally:
         ingest.close()
+        replay_ingest.close()
         if retention is not None:
             retention.stop()
     if failure or not server.started:

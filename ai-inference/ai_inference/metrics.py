@@ -18,6 +18,13 @@ class Metrics:
         self.scored = Counter("cj_ai_readings_scored", "Sensor readings scored and learned.", registry=r)
         self.anomalies = Counter("cj_ai_anomalies", "Readings scored as anomalous.", registry=r)
         self.dlq = Counter("cj_ai_dlq", "Messages dead-lettered, by reason.", ["reason"], registry=r)
+        self.dlq_replays = Counter(
+            "cj_ai_dlq_replays",
+            "Dead letters replayed, by outcome (replayed; failed: pending again with the new error; "
+            "deferred: an outage, left 'replaying' for a later round).",
+            ["outcome"],
+            registry=r,
+        )
         self.ingest = Counter(
             "cj_ai_ingest_submissions",
             "ai.anomaly submissions to the ingestion API, by HTTP status (or 'error').",

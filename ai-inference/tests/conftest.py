@@ -113,8 +113,23 @@ def database() -> Iterator[Database]:
     try:
         yield Database(with_database(ADMIN_DB_URL, name))
     finally:
-        with psycopg.connect(ADMIN_DB_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        drop_database(name)
+
+
+def drop_database(name: str, timeout_s: float = 10) -> None:
+    # FORCE refuses to terminate an autovacuum worker for a role that is not a superuser (it has
+    # no role to be a member of), and with the other suites' databases around the launcher often
+    # visits a fresh one: wait for the worker to move on.
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            with psycopg.connect(ADMIN_DB_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
 
 
 # --- the bus ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ def test_defaults() -> None:
     assert s.kafka_retention_ms == 86_400_000
     assert (s.log_level, s.log_format) == ("INFO", "json")
     assert (s.retention_ms, s.retention_interval_ms, s.retention_enabled) == (604_800_000, 3_600_000, True)
+    assert s.dlq_replay_interval_ms == 1000
 
 
 def test_database_url_falls_back_to_the_shared_one() -> None:
@@ -81,6 +82,8 @@ def test_values_are_parsed() -> None:
         ("CJ_AI_THRESHOLD", "inf"),
         ("CJ_AI_WARMUP", "1"),
         ("CJ_AI_WARMUP", "ten"),
+        ("CJ_AI_DLQ_REPLAY_INTERVAL_MS", "0"),
+        ("CJ_AI_DLQ_REPLAY_INTERVAL_MS", "soon"),
         ("CJ_JWT_SECRET", "too-short"),
         ("CJ_LOG_LEVEL", "loud"),
         ("CJ_LOG_FORMAT", "xml"),
