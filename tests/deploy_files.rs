@@ -2,17 +2,20 @@
 //! engine here, so the Dockerfile, the compose files, Traefik's configuration and the Terraform are
 //! read as data and every port, route, health check and `CJ_*` variable in them is compared with
 //! what the code itself says — the configuration parser (`Config::known_variables()`, the defaults
-//! of `Config::from_map`), the services' route tables (`ROUTES`, `query::routes()`) and ports
-//! (`Service::ALL`), and for the ai-inference sidecar its settings class
-//! (`ai-inference/ai_inference/config.py`: variable names and defaults) and its HTTP routes
-//! (`ai_inference/api.py`). Nothing is copied from SPEC.
+//! of `Config::from_map`), the services' route tables (`ROUTES`, `query::routes()`, the consumers'
+//! DLQ API `dlq::api::ROUTES`), ports (`Service::ALL`) and scope table (`scope_rules()`), and for
+//! the ai-inference sidecar its settings class (`ai-inference/ai_inference/config.py`: variable
+//! names and defaults) and its HTTP routes (`ai_inference/api.py`). Nothing is copied from SPEC.
 //! The Terraform task definition is checked in more depth by tests/deploy/check_terraform.py.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
+use axum::http::Method;
 use cornjacket::config::{Config, DEFAULT_DATABASE_URL};
-use cornjacket::services::{Service, actions, ingestion, query};
+use cornjacket::infra::auth::required_scope;
+use cornjacket::infra::dlq;
+use cornjacket::services::{Service, actions, ingestion, query, scope_rules};
 use regex::Regex;
 use serde_yaml::{Mapping, Value};
 
@@ -140,18 +143,40 @@ fn concrete(path: &str) -> String {
         .into_owned()
 }
 
-/// Every route of the binary with the port that serves it.
-fn routes_with_ports() -> Vec<(&'static str, &'static str, u16)> {
+/// The consumers whose DLQ API `serve` runs, by the name in its paths (`{consumer}`: the
+/// service's name, which tests/openapi.rs asks each port for), with the port that serves it: the
+/// consumer service's health port (the event handler's and the tsdb-writer's are one, 8084).
+fn dlq_consumers() -> Vec<(&'static str, u16)> {
+    let cfg = defaults();
+    [Service::Eventhandler, Service::Tsdb, Service::Actions]
+        .into_iter()
+        .map(|s| {
+            (
+                s.name(),
+                s.health_port(&cfg).unwrap_or_else(|| s.port(&cfg)),
+            )
+        })
+        .collect()
+}
+
+/// Every route of the binary with the port that serves it (a DLQ route once per consumer, its
+/// `{consumer}` filled in).
+fn routes_with_ports() -> Vec<(&'static str, String, u16)> {
     let ports = app_ports();
     let mut all = Vec::new();
     for (method, path) in ingestion::ROUTES {
-        all.push((*method, *path, ports["ingestion"]));
+        all.push((*method, path.to_string(), ports["ingestion"]));
     }
     for (method, path) in query::routes() {
-        all.push((method, path, ports["query"]));
+        all.push((method, path.to_string(), ports["query"]));
     }
     for (method, path) in actions::ROUTES {
-        all.push((*method, *path, ports["actions"]));
+        all.push((*method, path.to_string(), ports["actions"]));
+    }
+    for (consumer, port) in dlq_consumers() {
+        for (method, path) in dlq::api::ROUTES {
+            all.push((*method, path.replace("{consumer}", consumer), port));
+        }
     }
     all
 }
@@ -1101,12 +1126,18 @@ fn every_public_route_reaches_its_service_port_through_traefik() {
     let expected: Vec<(String, u16)> = routes_with_ports()
         .into_iter()
         .filter(|(_, path, _)| is_public(path))
-        .map(|(_, path, port)| (concrete(path), port))
+        .map(|(_, path, port)| (concrete(&path), port))
         .collect();
     assert!(
         expected.iter().any(|(_, p)| *p == ports["actions"]),
         "the actions API has public routes"
     );
+    for health in ["eventhandler_health", "actions_health"] {
+        assert!(
+            expected.iter().any(|(_, p)| *p == ports[health]),
+            "the DLQ API has public routes on the {health} port"
+        );
+    }
 
     for (path, port) in expected {
         let matching: Vec<&Router> = routers.iter().filter(|r| r.matches(&path)).collect();
@@ -1141,7 +1172,7 @@ fn every_public_route_reaches_its_service_port_through_traefik() {
     let public: Vec<(String, u16)> = routes_with_ports()
         .into_iter()
         .filter(|(_, path, _)| is_public(path))
-        .map(|(_, path, port)| (concrete(path), port))
+        .map(|(_, path, port)| (concrete(&path), port))
         .collect();
     for r in &routers {
         let targets: BTreeSet<u16> = service_servers(&http, &r.service)
@@ -1166,13 +1197,76 @@ fn every_public_route_reaches_its_service_port_through_traefik() {
     }
 }
 
+/// The gateway's ForwardAuth grants a request only what the scope table opens: every public route
+/// needs a scope (else the gateway refuses it with 403), and every line of the table opens a
+/// route that a router sends on.
+#[test]
+fn every_public_route_needs_a_scope_and_every_scope_rule_has_a_router() {
+    let routers = routers(&traefik_http());
+    let rules = scope_rules();
+    let method = |m: &str| Method::from_bytes(m.to_uppercase().as_bytes()).unwrap();
+    let public: Vec<(Method, String)> = routes_with_ports()
+        .into_iter()
+        .filter(|(_, path, _)| is_public(path))
+        .map(|(m, path, _)| (method(m), concrete(&path)))
+        .collect();
+    for (m, path) in &public {
+        assert!(
+            required_scope(&rules, m, path).is_some(),
+            "{m} {path} is served but no scope opens it: ForwardAuth would refuse every token"
+        );
+    }
+    for rule in &rules {
+        let under = |p: &str| {
+            p.strip_prefix(rule.prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        let routed: Vec<&(Method, String)> = public
+            .iter()
+            .filter(|(m, p)| under(p) && required_scope(&rules, m, p) == Some(rule.scope))
+            .filter(|(_, p)| routers.iter().any(|r| r.matches(p)))
+            .collect();
+        assert!(
+            !routed.is_empty(),
+            "scope rule {} ({}) opens no route that a Traefik router sends on",
+            rule.prefix,
+            rule.scope
+        );
+    }
+}
+
+/// In `CJ_AUTH_MODE=gateway` the platform trusts the gateway's `X-Auth-*` headers and checks no
+/// token itself, so a port that serves an API must be reachable only through Traefik.
+#[test]
+fn in_gateway_mode_no_api_port_of_the_app_is_published() {
+    let all = all_services();
+    let app = &all[APP_SERVICE];
+    let env = environment(app);
+    assert_eq!(
+        env.get("CJ_AUTH_MODE").map(String::as_str),
+        Some("gateway"),
+        "{FULLSTACK}: the app runs behind the gateway"
+    );
+    let api_ports: BTreeSet<u16> = routes_with_ports()
+        .into_iter()
+        .filter(|(_, path, _)| is_public(path))
+        .map(|(_, _, port)| port)
+        .collect();
+    for (host, container) in ports(app) {
+        assert!(
+            host.is_none() || !api_ports.contains(&container),
+            "{FULLSTACK}: app publishes port {container}, which serves an API without checking tokens"
+        );
+    }
+}
+
 #[test]
 fn internal_health_and_metrics_paths_are_not_routed() {
     let routers = routers(&traefik_http());
     let mut private: Vec<String> = routes_with_ports()
         .into_iter()
         .filter(|(_, path, _)| !is_public(path))
-        .map(|(_, path, _)| concrete(path))
+        .map(|(_, path, _)| concrete(&path))
         .collect();
     assert!(
         private.iter().any(|p| p.starts_with("/internal/")),

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
+use cornjacket::infra::dlq;
 use cornjacket::services::{Service, actions, ingestion, query};
 use serde_json::Value;
 
@@ -30,12 +31,17 @@ fn documented(file: &str) -> BTreeSet<(String, String)> {
     out
 }
 
-fn in_code(routes: &[(&str, &str)]) -> BTreeSet<(String, String)> {
-    routes
-        .iter()
-        .chain([("get", "/health"), ("get", "/metrics")].iter())
+fn routes(list: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    list.iter()
         .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect()
+}
+
+/// A service's routes with the `/health` and `/metrics` every service serves.
+fn in_code(service_routes: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+    let mut all = routes(service_routes);
+    all.extend(routes(&[("get", "/health"), ("get", "/metrics")]));
+    all
 }
 
 #[test]
@@ -43,13 +49,36 @@ fn documents_list_exactly_the_routes_in_code() {
     assert_eq!(documented("ingestion.yaml"), in_code(ingestion::ROUTES));
     assert_eq!(documented("query.yaml"), in_code(&query::routes()));
     assert_eq!(documented("actions.yaml"), in_code(actions::ROUTES));
+    // Served beside each consumer's /health and /metrics, which its service's file documents.
+    assert_eq!(documented("dlq.yaml"), routes(dlq::api::ROUTES));
+}
+
+async fn send(app: &TestApp, method: &str, url: &str) -> (u16, Value) {
+    let body = serde_json::json!({});
+    let req = match method {
+        "post" => app.http.post(url).json(&body),
+        "put" => app.http.put(url).json(&body),
+        "patch" => app.http.patch(url).json(&body),
+        "delete" => app.http.delete(url),
+        _ => app.http.get(url),
+    };
+    let r = req.timeout(Duration::from_secs(10)).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// Every documented route is really served: a request never falls through to the router's
 /// "no such route" answer.
 #[tokio::test]
 async fn every_documented_route_is_served() {
-    let app = TestApp::spawn(&[Service::Ingestion, Service::Query, Service::Actions]).await;
+    let app = TestApp::spawn(&[
+        Service::Ingestion,
+        Service::Query,
+        Service::Actions,
+        Service::Eventhandler,
+        Service::Tsdb,
+    ])
+    .await;
     for (file, svc) in [
         ("ingestion.yaml", Service::Ingestion),
         ("query.yaml", Service::Query),
@@ -68,20 +97,34 @@ async fn every_documented_route_is_served() {
             } else {
                 app.url(svc, &concrete)
             };
-            let body = serde_json::json!({});
-            let req = match method.as_str() {
-                "post" => app.http.post(&url).json(&body),
-                "put" => app.http.put(&url).json(&body),
-                "patch" => app.http.patch(&url).json(&body),
-                "delete" => app.http.delete(&url),
-                _ => app.http.get(&url),
-            };
-            let r = req.timeout(Duration::from_secs(10)).send().await.unwrap();
-            let status = r.status();
-            let body: Value = r.json().await.unwrap_or(Value::Null);
+            let (status, body) = send(&app, &method, &url).await;
             assert!(
                 !(status == 404 && body["error"] == "no such route"),
                 "{method} {path} is documented but not served"
+            );
+        }
+    }
+    // The DLQ API on the consumers' health ports: the event handler's, the tsdb-writer's (on
+    // 8084 the event handler's server answers for both; here every port is 0, so it has its own)
+    // and the action orchestrator's. "no consumer" would mean the port does not serve it.
+    let tsdb = match app.addrs.get(&Service::Tsdb) {
+        Some(_) => app.url(Service::Tsdb, ""),
+        None => app.url(Service::Eventhandler, ""),
+    };
+    for (consumer, url) in [
+        ("eventhandler", app.url(Service::Eventhandler, "")),
+        ("tsdb", tsdb),
+        ("actions", app.health_url(Service::Actions, "")),
+    ] {
+        for (method, path) in documented("dlq.yaml") {
+            let concrete = path
+                .replace("{consumer}", consumer)
+                .replace("{dlq_id}", &uuid::Uuid::now_v7().to_string());
+            let (status, body) = send(&app, &method, &format!("{url}{concrete}")).await;
+            let error = body["error"].as_str().unwrap_or_default();
+            assert!(
+                !(status == 404 && (error == "no such route" || error.starts_with("no consumer"))),
+                "{method} {concrete} is documented but not served on {url}: {status} {body}"
             );
         }
     }
