@@ -31,7 +31,7 @@ pub enum Command {
         #[arg(long, value_enum)]
         service: Option<MigratableService>,
     },
-    /// Inspect and act on the event handler's dead letters.
+    /// Inspect and act on every consumer's dead letters (event handler, tsdb-writer, action orchestrator, ai-inference).
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
@@ -228,13 +228,16 @@ pub async fn main() -> i32 {
             crate::supervisor::serve(config, &services).await
         }
         Command::Migrate { service } => {
-            let targets: Vec<&db::Migrations> = match service {
-                Some(s) => Service::from(s).migrations().into_iter().collect(),
-                None => Service::ALL.iter().filter_map(|s| s.migrations()).collect(),
-            };
-            for m in targets {
+            let targets: Vec<(Service, &db::Migrations)> = match service {
+                Some(s) => Vec::from([Service::from(s)]),
+                None => Service::ALL.to_vec(),
+            }
+            .into_iter()
+            .filter_map(|s| s.migrations().map(|m| (s, m)))
+            .collect();
+            for (service, m) in targets {
                 let name = m.schema;
-                match db::migrate(config.database_url(name), m).await {
+                match db::migrate(config.database_url(service), m).await {
                     Ok(r) => println!(
                         "{name}: {} migration(s) applied",
                         r.applied_migrations().len()
@@ -352,7 +355,7 @@ async fn replay_cmd(
     f: &replay::ReplayFilter,
     dry_run: bool,
 ) -> anyhow::Result<i32> {
-    let pool = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
+    let pool = db::lazy_pool(config.database_url(Service::Ingestion), config, 2)?;
     if dry_run {
         println!(
             "{} event(s) would be republished",
@@ -384,7 +387,7 @@ async fn rebuild_cmd(
             crate::envelope::PROJECTION_TYPES.join(", ")
         );
     }
-    let events = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
+    let events = db::lazy_pool(config.database_url(Service::Ingestion), config, 2)?;
     if dry_run {
         println!(
             "{} event(s) would be read",
@@ -392,7 +395,7 @@ async fn rebuild_cmd(
         );
         return Ok(0);
     }
-    let projections = db::lazy_pool(config.database_url("eventhandler"), config, 2)?;
+    let projections = db::lazy_pool(config.database_url(Service::Eventhandler), config, 2)?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (read, refused) = rebuild::rebuild(&events, &projections, projection, progress).await?;
     println!("{read} event(s) read, {refused} refused by their handler");
@@ -401,7 +404,7 @@ async fn rebuild_cmd(
 
 async fn retention_cmd(config: &Config, dry_run: bool) -> anyhow::Result<i32> {
     use crate::services::{eventhandler, ingestion};
-    let now = chrono::Utc::now();
+    let now = crate::envelope::Clock::now(&crate::envelope::SystemClock);
     let never = tokio_util::sync::CancellationToken::new();
     let verb = |done: &'static str| {
         if dry_run {
@@ -410,8 +413,8 @@ async fn retention_cmd(config: &Config, dry_run: bool) -> anyhow::Result<i32> {
             done.to_string()
         }
     };
-    let events = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
-    let projections = db::lazy_pool(config.database_url("eventhandler"), config, 2)?;
+    let events = db::lazy_pool(config.database_url(Service::Ingestion), config, 2)?;
+    let projections = db::lazy_pool(config.database_url(Service::Eventhandler), config, 2)?;
     // The services' guard: no cutoff from a host clock the database disagrees with.
     for (job, pool) in [("ingestion", &events), ("eventhandler", &projections)] {
         let guard = crate::infra::clock_guard::ClockGuard {
@@ -494,7 +497,7 @@ fn token(config: &Config, sub: &str, scopes: &str, ttl: std::time::Duration) -> 
 }
 
 async fn quarantine_cmd(config: &Config, action: QuarantineAction) -> anyhow::Result<i32> {
-    let pool = db::lazy_pool(config.database_url("ingestion"), config, 2)?;
+    let pool = db::lazy_pool(config.database_url(Service::Ingestion), config, 2)?;
     match action {
         QuarantineAction::List { limit } => {
             for row in quarantine::list(&pool, limit).await? {
@@ -534,15 +537,18 @@ async fn quarantine_cmd(config: &Config, action: QuarantineAction) -> anyhow::Re
 /// Every consumer's dead letters. The sidecar's `ai.dlq` is read through the query service's
 /// database, which holds the read side of every schema.
 fn dead_letter_owners(config: &Config) -> anyhow::Result<Vec<dlq::Owner>> {
-    let pool = |service: &str| db::lazy_pool(config.database_url(service), config, 2);
+    let pool = |service| db::lazy_pool(config.database_url(service), config, 2);
     Ok(vec![
-        crate::services::eventhandler::dead_letters(config, pool("eventhandler")?),
-        crate::services::tsdb::dead_letters(config, pool("tsdb")?),
-        crate::services::actions::dead_letters(config, pool("actions")?),
+        crate::services::eventhandler::dead_letters(
+            &config.eventhandler,
+            pool(Service::Eventhandler)?,
+        ),
+        crate::services::tsdb::dead_letters(pool(Service::Tsdb)?),
+        crate::services::actions::dead_letters(&config.actions, pool(Service::Actions)?),
         dlq::Owner {
             name: "ai",
             table: "ai.dlq",
-            pool: pool("query")?,
+            pool: pool(Service::Query)?,
             replay: dlq::Replay::Requested,
         },
     ])

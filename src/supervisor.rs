@@ -74,6 +74,7 @@ pub async fn start(
     let mut health_addrs = HashMap::new();
     let mut tasks = JoinSet::new();
     let board = crate::infra::http::HealthBoard::default();
+    let common = Arc::new(config.common());
     for (svc, listener, health_listener) in bound {
         if let Some(l) = &listener {
             addrs.insert(svc, l.local_addr()?);
@@ -83,9 +84,13 @@ pub async fn start(
         }
         let max = config.db_max_connections;
         let token = shutdown.child_token();
+        let url = svc.database_url(&config);
         let ctx = ServiceContext {
-            db: db::lazy_pool(svc.database_url(&config), &config, max)?,
-            config: config.clone(),
+            db: db::lazy_pool(url, &config, max)?,
+            db_url: secrecy::SecretString::from(url.to_string()),
+            port: svc.port(&config),
+            common: common.clone(),
+            config: (),
             listener,
             health_listener,
             board: board.clone(),
@@ -95,13 +100,19 @@ pub async fn start(
             jobs: crate::infra::jobs::Jobs::new(token),
         };
         let root = shutdown.clone();
+        let (ingestion, eventhandler, tsdb, actions) = (
+            config.ingestion_section(),
+            config.eventhandler.clone(),
+            config.tsdb.clone(),
+            config.actions.clone(),
+        );
         tasks.spawn(async move {
             let r = match svc {
-                Service::Ingestion => services::ingestion::run(ctx).await,
-                Service::Eventhandler => services::eventhandler::run(ctx).await,
-                Service::Tsdb => services::tsdb::run(ctx).await,
+                Service::Ingestion => services::ingestion::run(ctx.with(ingestion)).await,
+                Service::Eventhandler => services::eventhandler::run(ctx.with(eventhandler)).await,
+                Service::Tsdb => services::tsdb::run(ctx.with(tsdb)).await,
                 Service::Query => services::query::run(ctx).await,
-                Service::Actions => services::actions::run(ctx).await,
+                Service::Actions => services::actions::run(ctx.with(actions)).await,
             };
             // Whatever ended a service — error or unexpected return — ends the process.
             root.cancel();

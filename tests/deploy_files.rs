@@ -629,7 +629,7 @@ fn the_platform_container_environment_is_valid_for_the_binary() {
     );
 
     // Every host the platform connects to is a service of the stack, on the port it listens on.
-    let (_, _, db_host, db_port, _) = parse_pg_url(cfg.database_url("ingestion"));
+    let (_, _, db_host, db_port, _) = parse_pg_url(cfg.database_url(Service::Ingestion));
     let pg = &all[&db_host];
     assert!(
         scalar(&pg["image"]).is_some_and(|i| i.contains("postgres") || i.contains("timescale")),
@@ -800,7 +800,7 @@ fn the_ai_inference_service_in_compose_matches_the_sidecar() {
     let cfg = Config::from_map(&app_env).unwrap_or_else(|e| panic!("app environment: {e}"));
     let db = value("database_url").expect("a database URL");
     let (_, _, db_host, db_port, db_name) = parse_pg_url(&db);
-    let (_, _, app_host, app_port, app_db) = parse_pg_url(cfg.database_url("ingestion"));
+    let (_, _, app_host, app_port, app_db) = parse_pg_url(cfg.database_url(Service::Ingestion));
     assert_eq!(
         (db_host, db_port, db_name),
         (app_host, app_port, app_db),

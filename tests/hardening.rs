@@ -38,7 +38,7 @@ fn same_shard(n: usize) -> Vec<String> {
 /// An envelope as the writer stores it, to plant rows that bypassed validation (written by an
 /// older version, or by hand).
 fn envelope(agg: &str, v: f64) -> Value {
-    let now = cornjacket::envelope::format_time(&chrono::Utc::now());
+    let now = cornjacket::envelope::format_time(&wall_clock());
     json!({"event_id": Uuid::now_v7(), "event_type": "sensor.reading", "aggregate_id": agg,
            "event_time": now, "ingested_at": now, "payload": {"value": v, "unit": "c"},
            "metadata": {"source": "http", "schema_version": 1}})

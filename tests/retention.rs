@@ -123,7 +123,7 @@ async fn wait_stored(pool: &PgPool, ids: &[Uuid]) {
 
 #[tokio::test]
 async fn old_partitions_rows_and_idempotency_records_go_and_newer_ones_stay() {
-    let now = truncate_micros(Utc::now());
+    let now = truncate_micros(wall_clock());
     let clock = FixedClock::at(now - TimeDelta::days(10));
     let db = TestDb::new().await;
     let prefix = topic_prefix();
@@ -245,7 +245,7 @@ async fn old_partitions_rows_and_idempotency_records_go_and_newer_ones_stay() {
 async fn partitions_exist_ahead_after_startup_and_maintenance_is_idempotent_and_race_safe() {
     // The service's clock decides the days, at startup already; retention being off only
     // stops removals, not the partitions ahead.
-    let now = truncate_micros(Utc::now());
+    let now = truncate_micros(wall_clock());
     let later = now + TimeDelta::days(30);
     let db = TestDb::new().await;
     let prefix = topic_prefix();
@@ -418,7 +418,7 @@ async fn stale_projections_and_resolved_dead_letters_are_removed_fresh_ones_stay
     .await;
     let pool = app.pool().await;
     wait_migrated(&pool, "eventhandler.dlq").await;
-    let now = Utc::now();
+    let now = wall_clock();
     let (old, fresh) = (now - TimeDelta::days(10), now - TimeDelta::days(1));
     insert_projection(&pool, "silent-1", old).await;
     insert_projection(&pool, "silent-2", old).await;
@@ -463,7 +463,7 @@ async fn the_cli_reports_what_is_due_then_removes_it() {
     app.wait_ready().await;
     let pool = app.pool().await;
     wait_migrated(&pool, "eventhandler.dlq").await;
-    let now = Utc::now();
+    let now = wall_clock();
     let old = now - TimeDelta::days(20);
     retention::create_ahead(&pool, old).await.unwrap();
     let in_partition = store_event(&pool, old).await;
@@ -533,7 +533,7 @@ async fn old_readings_and_finished_deliveries_go_pending_ones_stay() {
     let pool = app.pool().await;
     wait_migrated(&pool, "tsdb.sensor_readings").await;
     wait_migrated(&pool, "actions.deliveries").await;
-    let now = Utc::now();
+    let now = wall_clock();
     let old = now - TimeDelta::days(10);
     for (device, t) in [("d-old", old), ("d-new", now - TimeDelta::days(1))] {
         sqlx::query(

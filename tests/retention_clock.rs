@@ -119,7 +119,7 @@ async fn healths(app: &TestApp) -> Vec<Value> {
 
 #[tokio::test]
 async fn retention_removes_nothing_while_the_host_clock_disagrees_with_the_database() {
-    let now = truncate_micros(Utc::now());
+    let now = truncate_micros(wall_clock());
     let clock = FixedClock::at(now + TimeDelta::days(30));
     let db = TestDb::new().await;
     let prefix = topic_prefix();
@@ -197,7 +197,7 @@ async fn retention_removes_nothing_while_the_host_clock_disagrees_with_the_datab
     }
 
     // The clocks agree again: the next rounds run, and the 7-day window holds.
-    clock.set(truncate_micros(Utc::now()));
+    clock.set(truncate_micros(wall_clock()));
     let fresh = vec!["fresh".to_string()];
     eventually(Duration::from_secs(30), || async {
         (remaining(&pool).await == vec![fresh.clone(); 4]).then_some(())

@@ -29,11 +29,17 @@ pub fn scope_rules() -> Vec<crate::infra::auth::ScopeRule> {
     .concat()
 }
 
-/// What a service is given by the supervisor (STYLE §1).
-pub struct ServiceContext {
-    pub config: Arc<Config>,
+/// What a service is given by the supervisor (STYLE §1): the common configuration and its own
+/// section `S` of it — nothing of the other services'.
+pub struct ServiceContext<S = ()> {
+    pub common: Arc<crate::config::Common>,
+    pub config: S,
     /// The service's own pool (its own `CJ_<SERVICE>_DATABASE_URL`), connecting lazily.
     pub db: PgPool,
+    /// That URL, for the migrations' own connection.
+    pub db_url: secrecy::SecretString,
+    /// Its configured main port (the one shared ports are published under on `board`).
+    pub port: u16,
     /// Its listener, bound before anything started; `None` when another service of this process
     /// already serves the same port (the tsdb-writer beside the event handler on 8084, SPEC §2):
     /// the service then publishes its checks on `board` for that port's `/health`.
@@ -48,6 +54,26 @@ pub struct ServiceContext {
     pub auth: Arc<crate::infra::auth::Auth>,
     /// Where the service spawns its background work; it drains them before `run` returns.
     pub jobs: crate::infra::jobs::Jobs,
+}
+
+impl ServiceContext {
+    /// The same context, carrying the service's section.
+    pub fn with<S>(self, config: S) -> ServiceContext<S> {
+        ServiceContext {
+            common: self.common,
+            config,
+            db: self.db,
+            db_url: self.db_url,
+            port: self.port,
+            listener: self.listener,
+            health_listener: self.health_listener,
+            board: self.board,
+            shutdown: self.shutdown,
+            clock: self.clock,
+            auth: self.auth,
+            jobs: self.jobs,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -117,7 +143,7 @@ impl Service {
     }
 
     pub fn database_url(self, config: &Config) -> &str {
-        config.database_url(self.name())
+        config.database_url(self)
     }
 }
 
@@ -190,7 +216,10 @@ mod tests {
             need(Method::DELETE, "/api/v1/actions/rules/1"),
             Some(SCOPE_ACTIONS)
         );
-        assert_eq!(need(Method::POST, "/api/v1/dlq/tsdb/x/replay"), Some(crate::infra::auth::SCOPE_DLQ));
+        assert_eq!(
+            need(Method::POST, "/api/v1/dlq/tsdb/x/replay"),
+            Some(crate::infra::auth::SCOPE_DLQ)
+        );
         assert_eq!(need(Method::GET, "/api/v1/ingestx"), None);
         assert_eq!(need(Method::GET, "/internal/auth/verify"), None);
     }

@@ -17,14 +17,15 @@ use axum::routing::get;
 use sqlx::PgPool;
 
 use super::{Ready, Service, ServiceContext, migrate_when_reachable};
-use crate::config::Config;
+use crate::config::{Common, KafkaConfig};
 use crate::envelope::Clock;
+use crate::infra::auth::{SCOPE_DLQ, ScopeRule};
 use crate::infra::clock_guard::ClockGuard;
 use crate::infra::consume::{self, Sink};
-use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
-use crate::infra::auth::{SCOPE_DLQ, ScopeRule};
 use crate::infra::dlq;
+use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
 use crate::infra::jobs::Jobs;
+use secrecy::ExposeSecret;
 
 /// Every consumer service's DLQ API (see [`crate::infra::dlq::api`]).
 pub const SCOPES: &[ScopeRule] = &[ScopeRule {
@@ -63,7 +64,7 @@ pub trait ConsumerService: Send + Sync + 'static {
 
 /// What a service's [`ConsumerService::start`] is given.
 pub struct Started {
-    pub config: Arc<Config>,
+    pub common: Arc<Common>,
     pub pool: PgPool,
     pub jobs: Jobs,
     pub health: ConsumerHealth,
@@ -78,7 +79,7 @@ impl Started {
         ClockGuard {
             job: self.job_name,
             clock: self.clock.clone(),
-            max_skew: self.config.retention.max_clock_skew,
+            max_skew: self.common.retention.max_clock_skew,
             state: self.health.retention.clone(),
         }
     }
@@ -120,15 +121,17 @@ impl<C> Shared<C> {
 
 /// Runs a consumer service. `api` is a service's own API router, served on `ctx.listener`; its
 /// health port is then `ctx.health_listener`. Without one, `ctx.listener` is the health port.
-pub async fn run<C: ConsumerService>(
-    ctx: ServiceContext,
+pub async fn run<C: ConsumerService, S>(
+    ctx: ServiceContext<S>,
     spec: Spec,
     service: C,
     api: Option<Router>,
 ) -> anyhow::Result<()> {
     let ServiceContext {
-        config,
+        common,
         db: pool,
+        db_url,
+        port,
         listener,
         health_listener,
         board,
@@ -136,6 +139,7 @@ pub async fn run<C: ConsumerService>(
         clock,
         jobs,
         auth,
+        config: _,
     } = ctx;
     let name = spec.service.name();
     let migrations = spec
@@ -152,7 +156,7 @@ pub async fn run<C: ConsumerService>(
         service,
         health: health.clone(),
         board: board.clone(),
-        port: spec.service.port(&config),
+        port,
         dead_letters: spec.dead_letters.clone(),
         dlq_labels: std::sync::Mutex::new(dlq_labels),
     });
@@ -162,8 +166,8 @@ pub async fn run<C: ConsumerService>(
             listener,
             router,
             shutdown.clone(),
-            config.http,
-            config.shutdown_timeout,
+            common.http,
+            common.shutdown_timeout,
         ))
     };
     let mut servers = Vec::new();
@@ -182,6 +186,7 @@ pub async fn run<C: ConsumerService>(
     match health_listener {
         Some(listener) => {
             let dead_letters = dlq::api::router()
+                .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
                 .with_state(dlq::api::DlqState {
                     own: shared.dead_letters.clone(),
                     board: board.clone(),
@@ -237,13 +242,12 @@ pub async fn run<C: ConsumerService>(
 
     // Setup waits on the database and the broker; a shutdown must be able to interrupt it.
     let setup = async {
-        let url = config.database_url(migrations.schema);
-        if !migrate_when_reachable(url, migrations, &shutdown).await? {
+        if !migrate_when_reachable(db_url.expose_secret(), migrations, &shutdown).await? {
             return Ok(None);
         }
         health.ready.set();
         let started = Started {
-            config: config.clone(),
+            common: common.clone(),
             pool: pool.clone(),
             jobs: jobs.clone(),
             health: health.clone(),
@@ -251,7 +255,7 @@ pub async fn run<C: ConsumerService>(
             job_name: name,
         };
         let sink = shared.service.start(&started).await?;
-        let consumer = health.subscribe(&config, &spec.topics).await?;
+        let consumer = health.subscribe(&common.kafka, &spec.topics).await?;
         anyhow::Ok(Some((sink, consumer)))
     };
     let work = async {
@@ -355,15 +359,15 @@ impl ConsumerHealth {
     /// Subscribes the group to `topics`, creating those missing on a fresh broker.
     pub async fn subscribe(
         &self,
-        config: &Config,
+        kafka: &KafkaConfig,
         topics: &[String],
     ) -> anyhow::Result<Arc<crate::infra::bus::ObservedConsumer>> {
         use crate::infra::bus;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        if let Err(e) = bus::ensure_topics(&config.kafka, &names).await {
+        if let Err(e) = bus::ensure_topics(kafka, &names).await {
             tracing::warn!(error = %e, "Could not ensure topics; subscribing anyway.");
         }
-        let (consumer, observed) = bus::consumer(&config.kafka, &self.group, topics).await?;
+        let (consumer, observed) = bus::consumer(kafka, &self.group, topics).await?;
         let _ = self.consumer.set(observed);
         tracing::info!(group = %self.group, ?topics, "Consuming.");
         Ok(consumer)

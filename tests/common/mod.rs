@@ -55,10 +55,20 @@ pub fn unique(prefix: &str) -> String {
 
 /// A unique topic prefix that carries its creation time, so later runs can delete what earlier
 /// runs left on the shared broker (Tansu keeps topics in memory).
+/// The host's clock, for what tests stamp or compare with real time (names, cut-offs, token
+/// times); the platform itself reads time only through its injected clock.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "tests compare with the real time the platform's system clock also reads"
+)]
+pub fn wall_clock() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+}
+
 pub fn topic_prefix() -> String {
     format!(
         "t{}_{}.",
-        chrono::Utc::now().timestamp(),
+        wall_clock().timestamp(),
         unique("").to_lowercase()
     )
 }
@@ -79,7 +89,7 @@ pub async fn delete_stale_topics() {
             .create()
             .ok()?;
         let md = c.fetch_metadata(None, Duration::from_secs(5)).ok()?;
-        let cutoff = chrono::Utc::now().timestamp() - 3600;
+        let cutoff = wall_clock().timestamp() - 3600;
         Some(
             md.topics()
                 .iter()
@@ -126,7 +136,7 @@ impl TestDb {
     pub async fn new() -> Self {
         let name = format!(
             "cjtest_{}_{}",
-            chrono::Utc::now().timestamp(),
+            wall_clock().timestamp(),
             unique("").to_lowercase()
         );
         let mut admin = PgConnection::connect(&admin_url())

@@ -32,7 +32,7 @@ pub const SCOPES: &[ScopeRule] = &[ScopeRule {
 
 use super::ServiceContext;
 use super::scaffold::{self, ConsumerHealth, ConsumerService, Spec, Started};
-use crate::config::{ActionsConfig, Config};
+use crate::config::ActionsConfig;
 use crate::infra::auth::{SCOPE_ACTIONS, ScopeRule};
 use crate::infra::extract::method_not_allowed;
 use crate::infra::http::{Check, Status, not_found};
@@ -43,16 +43,16 @@ struct ApiState {
     wake: Arc<Notify>,
 }
 
-pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
-    let cfg = ctx.config.actions.clone();
+pub async fn run(ctx: ServiceContext<ActionsConfig>) -> anyhow::Result<()> {
+    let cfg = ctx.config.clone();
     let wake = Arc::new(Notify::new());
     let api_state = ApiState {
         pool: ctx.db.clone(),
         wake: wake.clone(),
     };
     let limit = crate::infra::http::ClientLimit::new(
-        ctx.config.api_limit.per_second,
-        ctx.config.api_limit.burst,
+        ctx.common.api_limit.per_second,
+        ctx.common.api_limit.burst,
         &ctx.jobs,
     );
     let api = Router::new()
@@ -80,17 +80,17 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
 
 /// The orchestrator's dead letters, replayed through its recorder (a replayed event records its
 /// deliveries as it would have live). `wake` is the delivery worker's, when there is one.
-pub fn dead_letters(config: &Config, pool: PgPool) -> crate::infra::dlq::Owner {
+pub fn dead_letters(config: &ActionsConfig, pool: PgPool) -> crate::infra::dlq::Owner {
     owner(config, pool, Arc::new(Notify::new()))
 }
 
-fn owner(config: &Config, pool: PgPool, wake: Arc<Notify>) -> crate::infra::dlq::Owner {
+fn owner(config: &ActionsConfig, pool: PgPool, wake: Arc<Notify>) -> crate::infra::dlq::Owner {
     crate::infra::dlq::Owner {
         name: "actions",
         table: "actions.dlq",
         replay: crate::infra::dlq::Replay::InProcess(Arc::new(record::Recorder {
             pool: pool.clone(),
-            default_dedup: config.actions.dedup_window,
+            default_dedup: config.dedup_window,
             wake,
         })),
         pool,
@@ -112,11 +112,11 @@ impl ConsumerService for Orchestrator {
             self.cfg.clone(),
             self.wake.clone(),
             ctx.clock.clone(),
-            ctx.config.shutdown_timeout,
+            ctx.common.shutdown_timeout,
         )?);
         // Deliveries recorded before a restart are sent whether or not the bus is up.
         ctx.jobs.spawn(deliverer.run(ctx.jobs.shutdown.clone()));
-        let r = &ctx.config.retention;
+        let r = &ctx.common.retention;
         if r.enabled {
             ctx.jobs.spawn(retention::run(
                 ctx.pool.clone(),

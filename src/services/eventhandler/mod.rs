@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::ServiceContext;
 use super::scaffold::{self, ConsumerService, Spec, Started};
-use crate::config::{Config, EventHandlerConfig};
+use crate::config::EventHandlerConfig;
 use crate::infra::dlq;
 use consumer::Projections;
 
@@ -22,23 +22,23 @@ struct EventHandler {
 }
 
 /// The event handler's dead letters, replayed through its handlers.
-pub fn dead_letters(config: &Config, pool: sqlx::PgPool) -> dlq::Owner {
+pub fn dead_letters(config: &EventHandlerConfig, pool: sqlx::PgPool) -> dlq::Owner {
     dlq::Owner {
         name: "eventhandler",
         table: "eventhandler.dlq",
         replay: dlq::Replay::InProcess(Arc::new(Projections::new(
             pool.clone(),
-            &config.eventhandler.consumer_group,
+            &config.consumer_group,
         ))),
         pool,
     }
 }
 
-pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
-    let cfg = ctx.config.eventhandler.clone();
+pub async fn run(ctx: ServiceContext<EventHandlerConfig>) -> anyhow::Result<()> {
+    let cfg = ctx.config.clone();
     let spec = Spec {
         service: super::Service::Eventhandler,
-        dead_letters: dead_letters(&ctx.config, ctx.db.clone()),
+        dead_letters: dead_letters(&cfg, ctx.db.clone()),
         group: cfg.consumer_group.clone(),
         topics: cfg.topics.clone(),
         retry_delays: cfg.retry_delays.clone(),
@@ -51,7 +51,7 @@ impl ConsumerService for EventHandler {
     type Sink = Projections;
 
     async fn start(&self, ctx: &Started) -> anyhow::Result<Projections> {
-        let r = &ctx.config.retention;
+        let r = &ctx.common.retention;
         if r.enabled {
             ctx.jobs.spawn(retention::run(
                 ctx.pool.clone(),

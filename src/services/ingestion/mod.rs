@@ -49,15 +49,17 @@ pub const SCOPES: &[ScopeRule] = &[
 ];
 
 use super::{Ready, ServiceContext, migrate_when_reachable};
-use crate::config::Config;
+use crate::config::{Common, IngestionSection};
 use crate::envelope::Clock;
 use crate::infra::auth::{Auth, SCOPE_INGEST, SCOPE_OUTBOX, ScopeRule};
 use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
 use crate::infra::{bus, db};
+use secrecy::ExposeSecret;
 
 #[derive(Clone)]
 pub struct AppState {
-    config: Arc<Config>,
+    config: Arc<IngestionSection>,
+    common: Arc<Common>,
     pool: sqlx::PgPool,
     writer: writer::Writer,
     clock: Arc<dyn Clock>,
@@ -75,10 +77,12 @@ impl AppState {
     }
 }
 
-pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
+pub async fn run(ctx: ServiceContext<IngestionSection>) -> anyhow::Result<()> {
     let ServiceContext {
         config,
+        common,
         db: pool,
+        db_url,
         listener,
         shutdown,
         clock,
@@ -94,6 +98,10 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         &jobs,
     );
     let wakers = writer::Wakers::new(config.outbox.worker_count);
+    let state_mqtt = config
+        .mqtt
+        .as_ref()
+        .map(|_| Arc::new(mqtt::MqttState::default()));
     let state = AppState {
         writer: writer::Writer::spawn(
             pool.clone(),
@@ -103,15 +111,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             &tracker,
         ),
         wakers,
-        config: config.clone(),
+        config: Arc::new(config),
+        common: common.clone(),
         pool: pool.clone(),
         clock,
         ready: Ready::default(),
         producer: Arc::new(tokio::sync::OnceCell::new()),
-        mqtt: config
-            .mqtt
-            .as_ref()
-            .map(|_| Arc::new(mqtt::MqttState::default())),
+        mqtt: state_mqtt,
         auth: auth.clone(),
         retention: Default::default(),
     };
@@ -139,12 +145,12 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         router,
         shutdown.clone(),
-        config.http,
-        config.shutdown_timeout,
+        common.http,
+        common.shutdown_timeout,
     ));
 
     // Migrate (waiting for the database if need be), then open for writes and start the processor.
-    let url = config.database_url("ingestion").to_string();
+    let url = db_url.expose_secret().to_string();
     let background = {
         let (state, shutdown, tracker) = (state.clone(), shutdown.clone(), tracker.clone());
         async move {
@@ -157,13 +163,13 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
             let guard = crate::infra::clock_guard::ClockGuard {
                 job: "ingestion",
                 clock: state.clock.clone(),
-                max_skew: state.config.retention.max_clock_skew,
+                max_skew: state.common.retention.max_clock_skew,
                 state: state.retention.clone(),
             };
             tracker.spawn(retention::run(
                 state.pool.clone(),
                 guard,
-                state.config.retention.clone(),
+                state.common.retention.clone(),
                 shutdown.clone(),
             ));
             if let (Some(cfg), Some(mqtt_state)) = (&state.config.mqtt, &state.mqtt) {
@@ -203,7 +209,7 @@ async fn start_processor(
     shutdown: &tokio_util::sync::CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<()> {
-    let kafka = state.config.kafka.clone();
+    let kafka = state.common.kafka.clone();
     let producer = Arc::new(bus::SharedProducer::new(bus::producer(&kafka).await?));
     let _ = state.producer.set(producer.clone());
     // Exported from the start, so a dashboard shows 0 rather than nothing.
@@ -216,7 +222,8 @@ async fn start_processor(
     let recovery = Arc::new(recovery::Recovery::new(
         state.pool.clone(),
         producer.clone(),
-        &state.config,
+        &kafka,
+        state.config.readers.clone(),
     ));
     tracker.spawn(
         recovery

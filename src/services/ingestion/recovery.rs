@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::processor::LOCK_NAMESPACE;
 use super::replay::envelope_sql;
 use super::writer::{SHARDS, shard_of};
-use crate::config::{Config, KafkaConfig, Topics};
+use crate::config::{KafkaConfig, Topics};
 use crate::infra::bus;
 
 /// Rows republished per page.
@@ -76,13 +76,18 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    pub fn new(pool: PgPool, producer: Arc<bus::SharedProducer>, config: &Config) -> Self {
+    pub fn new(
+        pool: PgPool,
+        producer: Arc<bus::SharedProducer>,
+        kafka: &KafkaConfig,
+        readers: Vec<(String, Vec<String>)>,
+    ) -> Self {
         Self {
             pool,
             producer,
-            kafka: config.kafka.clone(),
-            topics: config.kafka.topics.clone(),
-            groups: consumer_groups(config),
+            kafka: kafka.clone(),
+            topics: kafka.topics.clone(),
+            groups: readers,
             readers: tokio::sync::OnceCell::new(),
             gate: RwLock::new(()),
             // A process checks before its first publish: the bus may have lost data while it
@@ -446,29 +451,6 @@ fn consumed(marks: &[Mark], topic: &str, committed: &[i64]) -> Vec<(i16, i64)> {
         .collect();
     v.sort_unstable();
     v
-}
-
-/// The consumer groups that read the platform's topics: the three Rust consumers and the
-/// ai-inference sidecar (`CJ_AI_CONSUMER_GROUP`, on the sensor topic).
-fn consumer_groups(config: &Config) -> Vec<(String, Vec<String>)> {
-    let mut groups = vec![
-        (
-            config.eventhandler.consumer_group.clone(),
-            config.eventhandler.topics.clone(),
-        ),
-        (
-            config.tsdb.consumer_group.clone(),
-            config.tsdb.topics.clone(),
-        ),
-        (
-            config.actions.consumer_group.clone(),
-            config.actions.topics.clone(),
-        ),
-    ];
-    if let Some(g) = &config.outbox.sidecar_group {
-        groups.push((g.clone(), vec![config.kafka.topics.sensor.clone()]));
-    }
-    groups
 }
 
 #[cfg(test)]

@@ -42,16 +42,19 @@ pub struct QueryState {
     pool: sqlx::PgPool,
     /// Whether the database has TimescaleDB (decides `time_bucket` or `date_bin`), asked once.
     timescale: std::sync::Arc<tokio::sync::OnceCell<bool>>,
+    /// "Now" for windows a request leaves open.
+    clock: std::sync::Arc<dyn crate::envelope::Clock>,
 }
 
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let state = QueryState {
         pool: ctx.db,
         timescale: Default::default(),
+        clock: ctx.clock.clone(),
     };
     let limit = crate::infra::http::ClientLimit::new(
-        ctx.config.api_limit.per_second,
-        ctx.config.api_limit.burst,
+        ctx.common.api_limit.per_second,
+        ctx.common.api_limit.burst,
         &ctx.jobs,
     );
     let api = api::router()
@@ -77,8 +80,8 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
         listener,
         router,
         ctx.shutdown,
-        ctx.config.http,
-        ctx.config.shutdown_timeout,
+        ctx.common.http,
+        ctx.common.shutdown_timeout,
     )
     .await;
     ctx.jobs.drain().await;

@@ -86,7 +86,7 @@ async fn timeseries(
             "agg must be avg, min, max, count or last, got '{agg_name}'"
         ))
     })?;
-    let to = time_param(&q, "to")?.unwrap_or_else(Utc::now);
+    let to = time_param(&q, "to")?.unwrap_or_else(|| s.clock.now());
     let from = match time_param(&q, "from")? {
         Some(f) => f,
         None => to - chrono::Duration::hours(1),
@@ -148,7 +148,7 @@ async fn anomalies(
     only_known(&q, &["device_id", "since", "limit", "include_normal"])?;
     let limit = int_param(&q, "limit", 100, 1, 1000)?;
     let since =
-        time_param(&q, "since")?.unwrap_or_else(|| Utc::now() - chrono::Duration::hours(24));
+        time_param(&q, "since")?.unwrap_or_else(|| s.clock.now() - chrono::Duration::hours(24));
     let include_normal = match q.get("include_normal").map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,

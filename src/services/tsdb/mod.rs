@@ -13,7 +13,7 @@ use super::scaffold::{self, ConsumerService, Spec, Started};
 struct Tsdb;
 
 /// The tsdb-writer's dead letters, replayed through its sink.
-pub fn dead_letters(_config: &crate::config::Config, pool: sqlx::PgPool) -> crate::infra::dlq::Owner {
+pub fn dead_letters(pool: sqlx::PgPool) -> crate::infra::dlq::Owner {
     crate::infra::dlq::Owner {
         name: "tsdb",
         table: "tsdb.dlq",
@@ -24,11 +24,11 @@ pub fn dead_letters(_config: &crate::config::Config, pool: sqlx::PgPool) -> crat
     }
 }
 
-pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
-    let cfg = &ctx.config.tsdb;
+pub async fn run(ctx: ServiceContext<crate::config::TsdbConfig>) -> anyhow::Result<()> {
+    let cfg = &ctx.config;
     let spec = Spec {
         service: super::Service::Tsdb,
-        dead_letters: dead_letters(&ctx.config, ctx.db.clone()),
+        dead_letters: dead_letters(ctx.db.clone()),
         group: cfg.consumer_group.clone(),
         topics: cfg.topics.clone(),
         retry_delays: cfg.retry_delays.clone(),
@@ -41,7 +41,7 @@ impl ConsumerService for Tsdb {
     type Sink = sink::Readings;
 
     async fn start(&self, ctx: &Started) -> anyhow::Result<sink::Readings> {
-        let r = &ctx.config.retention;
+        let r = &ctx.common.retention;
         let keep = r.enabled.then_some(r.timeseries);
         let policy = retention::apply_policy(&ctx.pool, keep)
             .await
