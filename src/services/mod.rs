@@ -190,7 +190,10 @@ mod tests {
             need(Method::DELETE, "/api/v1/actions/rules/1"),
             Some(SCOPE_ACTIONS)
         );
-        assert_eq!(need(Method::POST, "/api/v1/dlq/tsdb/x/replay"), Some(crate::infra::auth::SCOPE_DLQ));
+        assert_eq!(
+            need(Method::POST, "/api/v1/dlq/tsdb/x/replay"),
+            Some(crate::infra::auth::SCOPE_DLQ)
+        );
         assert_eq!(need(Method::GET, "/api/v1/ingestx"), None);
         assert_eq!(need(Method::GET, "/internal/auth/verify"), None);
     }

@@ -19,11 +19,11 @@ use sqlx::PgPool;
 use super::{Ready, Service, ServiceContext, migrate_when_reachable};
 use crate::config::Config;
 use crate::envelope::Clock;
+use crate::infra::auth::{SCOPE_DLQ, ScopeRule};
 use crate::infra::clock_guard::ClockGuard;
 use crate::infra::consume::{self, Sink};
-use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
-use crate::infra::auth::{SCOPE_DLQ, ScopeRule};
 use crate::infra::dlq;
+use crate::infra::http::{Check, HealthBoard, health_response, metrics_router, not_found, serve};
 use crate::infra::jobs::Jobs;
 
 /// Every consumer service's DLQ API (see [`crate::infra::dlq::api`]).

@@ -13,7 +13,10 @@ use super::scaffold::{self, ConsumerService, Spec, Started};
 struct Tsdb;
 
 /// The tsdb-writer's dead letters, replayed through its sink.
-pub fn dead_letters(_config: &crate::config::Config, pool: sqlx::PgPool) -> crate::infra::dlq::Owner {
+pub fn dead_letters(
+    _config: &crate::config::Config,
+    pool: sqlx::PgPool,
+) -> crate::infra::dlq::Owner {
     crate::infra::dlq::Owner {
         name: "tsdb",
         table: "tsdb.dlq",

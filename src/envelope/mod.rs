@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+pub mod trace;
+
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
 pub const MAX_AGGREGATE_ID_LEN: usize = 256;
 pub const MAX_PAYLOAD_DEPTH: usize = 32;
@@ -338,11 +340,7 @@ pub fn validate_request(
 
     let traceparent = match obj.get("trace_id") {
         None | Some(Value::Null) => sub.traceparent.clone(),
-        Some(Value::String(s)) if is_trace_id(s) => Some(format!(
-            "00-{}-{}-01",
-            s.to_ascii_lowercase(),
-            &Uuid::now_v7().simple().to_string()[16..]
-        )),
+        Some(Value::String(s)) if trace::is_trace_id(s) => Some(trace::for_trace_id(s)),
         Some(_) => {
             fe(
                 &mut errors,
@@ -384,22 +382,6 @@ pub fn validate_request(
             subject: sub.subject.clone(),
         },
     })
-}
-
-fn is_trace_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) && s.bytes().any(|b| b != b'0')
-}
-
-/// A W3C `traceparent` header value, checked for shape (version 00).
-pub fn is_traceparent(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('-').collect();
-    parts.len() == 4
-        && parts[0] == "00"
-        && is_trace_id(parts[1])
-        && parts[2].len() == 16
-        && parts[2].bytes().all(|b| b.is_ascii_hexdigit())
-        && parts[3].len() == 2
-        && parts[3].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn check_event_type(t: &str, errors: &mut Vec<FieldError>) {
@@ -732,7 +714,7 @@ mod tests {
         let body = json!({"event_type": "a.b", "aggregate_id": "a", "payload": {},
             "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"});
         let tp = check(body).unwrap().metadata.traceparent.unwrap();
-        assert!(is_traceparent(&tp), "{tp}");
+        assert!(trace::is_valid(&tp), "{tp}");
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
     }
 
