@@ -1,7 +1,6 @@
 //! The event envelope (SPEC §5): its type, validation at the boundary, the catalogue of known
 //! event types, topic routing, and the injectable clock of ADR-0015.
 
-use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
 use chrono::{DateTime, Datelike, SecondsFormat, Utc};
@@ -10,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+pub mod catalogue;
 pub mod trace;
 
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
@@ -134,6 +134,11 @@ impl Envelope {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("an envelope always serialises")
+    }
+
+    /// The payload as the catalogue type `P` reads it.
+    pub fn payload_as<P: catalogue::Payload>(&self) -> Result<P, catalogue::PayloadError> {
+        P::read(&self.payload)
     }
 }
 
@@ -440,71 +445,21 @@ fn scan(v: &Value) -> (usize, bool) {
 /// writes them and the one that serves them.
 pub const PROJECTION_TYPES: &[&str] = &["sensor_state", "user_session"];
 
-/// The event types whose payloads the platform knows (SPEC §5).
-pub const CATALOGUE: &[&str] = &["sensor.reading", "user.login", "system.alert", "ai.anomaly"];
-
 fn check_catalogue(
     event_type: &str,
     p: &Map<String, Value>,
     rules: Rules,
     errors: &mut Vec<FieldError>,
 ) {
-    let num = |errors: &mut Vec<FieldError>, k: &str| match p.get(k) {
-        Some(Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => {}
-        Some(_) => fe(errors, format!("payload.{k}"), "must be a finite number"),
-        None => fe(errors, format!("payload.{k}"), "required"),
-    };
-    let string = |errors: &mut Vec<FieldError>, k: &str, non_empty: bool| match p.get(k) {
-        Some(Value::String(s)) if !non_empty || !s.trim().is_empty() => {}
-        Some(Value::String(_)) => fe(errors, format!("payload.{k}"), "must not be empty"),
-        Some(_) => fe(errors, format!("payload.{k}"), "must be a string"),
-        None => fe(errors, format!("payload.{k}"), "required"),
-    };
-    match event_type {
-        "sensor.reading" => {
-            num(errors, "value");
-            string(errors, "unit", true);
-        }
-        "user.login" => {
-            string(errors, "user_id", true);
-            match p.get("ip") {
-                Some(Value::String(s)) if s.parse::<IpAddr>().is_ok() => {}
-                Some(_) => fe(errors, "payload.ip", "must be an IPv4 or IPv6 address"),
-                None => fe(errors, "payload.ip", "required"),
-            }
-        }
-        "system.alert" => {
-            match p.get("level").and_then(Value::as_str) {
-                Some("debug" | "info" | "warn" | "error" | "critical") => {}
-                Some(_) | None if p.contains_key("level") => fe(
-                    errors,
-                    "payload.level",
-                    "must be one of debug, info, warn, error, critical",
-                ),
-                _ => fe(errors, "payload.level", "required"),
-            }
-            string(errors, "message", false);
-        }
-        "ai.anomaly" => {
-            match p.get("source_event_id").and_then(Value::as_str) {
-                Some(s) if Uuid::parse_str(s).is_ok() => {}
-                _ => fe(errors, "payload.source_event_id", "must be a UUID string"),
-            }
-            string(errors, "device_id", true);
-            num(errors, "value");
-            num(errors, "score");
-            num(errors, "threshold");
-            string(errors, "model", true);
-        }
-        other if rules.strict_types => fe(
+    if !catalogue::check(event_type, p, errors) && rules.strict_types {
+        fe(
             errors,
             "event_type",
             format!(
-                "'{other}' is not in the catalogue ({}) and strict types are on",
-                CATALOGUE.join(", ")
+                "'{event_type}' is not in the catalogue ({}) and strict types are on",
+                catalogue::EVENT_TYPES.join(", ")
             ),
-        ),
-        _ => {}
+        );
     }
 }
 
