@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::producer::Producer;
 use sqlx::{PgPool, Row};
 use tokio::sync::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,7 @@ use super::replay::envelope_sql;
 use super::writer::{SHARDS, shard_of};
 use crate::config::{Config, KafkaConfig, Topics};
 use crate::infra::bus;
+use crate::infra::bus::message::{EventMessage, Resend};
 
 /// Rows republished per page.
 const PAGE: i64 = 1000;
@@ -263,16 +264,15 @@ impl Recovery {
                 if !lost.iter().any(|t| t == topic) || seq <= threshold(topic, shard) {
                     continue;
                 }
-                let headers = bus::event_headers(
+                let record = EventMessage {
                     event_type,
-                    r.get("event_id"),
-                    r.get("traceparent"),
-                    &[("cj-redelivery", "bus-recovery")],
-                );
-                let record = FutureRecord::to(topic)
-                    .key(aggregate_id)
-                    .payload(r.get::<&str, _>("body"))
-                    .headers(headers);
+                    event_id: r.get("event_id"),
+                    aggregate_id,
+                    body: r.get("body"),
+                    traceparent: r.get("traceparent"),
+                    resend: Some(Resend::BusRecovery),
+                }
+                .record(topic);
                 let deadline = std::time::Instant::now() + self.kafka.message_timeout;
                 let f = bus::enqueue(&producer, record, deadline)
                     .await

@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::config::KafkaConfig;
+use crate::infra::bus::message::{EventMessage, Resend};
 use crate::infra::{bus, telemetry};
 
 #[derive(Debug, Clone, Default)]
@@ -90,20 +91,26 @@ pub async fn replay(
         if rows.is_empty() {
             break;
         }
+        // Borrowed from the page (and these ids), which outlive the deliveries.
+        let ids: Vec<String> = rows
+            .iter()
+            .map(|r| r.get::<Uuid, _>("event_id").to_string())
+            .collect();
         let mut deliveries = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let event_id: Uuid = r.get("event_id");
-            // Borrowed from the page, which outlives the deliveries.
+        for (r, id) in rows.iter().zip(&ids) {
             let event_type: &str = r.get("event_type");
             let aggregate_id: &str = r.get("aggregate_id");
             let body: &str = r.get("body");
             let traceparent: Option<&str> = r.get("traceparent");
-            let id = event_id.to_string();
-            let headers = bus::event_headers(event_type, &id, traceparent, &[("cj-replay", "1")]);
-            let record = FutureRecord::to(kafka.topics.for_event_type(event_type))
-                .key(aggregate_id)
-                .payload(body)
-                .headers(headers);
+            let record = EventMessage {
+                event_type,
+                event_id: id,
+                aggregate_id,
+                body,
+                traceparent,
+                resend: Some(Resend::Replay),
+            }
+            .record(kafka.topics.for_event_type(event_type));
             // `send` waits for queue space rather than failing, and keeps per-key order.
             deliveries.push(producer.send(record, Duration::from_secs(30)));
         }
