@@ -1,5 +1,19 @@
-//! The event envelope (SPEC §5): its type, validation at the boundary, the catalogue of known
-//! event types, topic routing, and the injectable clock of ADR-0015.
+//! The event envelope (SPEC §5): its type, validation at the boundary, topic routing, and the
+//! injectable clock of ADR-0015.
+//!
+//! Each form of the event has one home:
+//! - its JSON (outbox, bus body, webhook body): [`Envelope`], here;
+//! - its payloads: [`catalogue`], one typed payload and one check per known event type;
+//! - its trace context: [`trace`], the W3C `traceparent`;
+//! - its bus message (key, body, headers): `infra::bus::message`;
+//! - its stored form: the event store keeps the envelope as columns, and the SQL function
+//!   `ingestion.envelope_json` (migrations/ingestion/V8) turns a row back into this JSON. It lives
+//!   with the table, not here, because ingestion owns `event_store`: the replay and the bus
+//!   recovery are ingestion's, the event handler's rebuild reads the store with ingestion's
+//!   database URL and so depends on what ingestion publishes rather than on its columns, and a
+//!   Rust copy of the SQL here would teach the domain a service's schema. Derived, not stored:
+//!   a second copy of every event would grow the largest table for what an inlined expression
+//!   gives.
 
 use std::sync::{Arc, LazyLock};
 

@@ -36,7 +36,6 @@ use tokio::sync::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 
 use super::processor::LOCK_NAMESPACE;
-use super::replay::envelope_sql;
 use super::writer::{SHARDS, shard_of};
 use crate::config::{Config, KafkaConfig, Topics};
 use crate::infra::bus;
@@ -239,15 +238,15 @@ impl Recovery {
         let mut count = 0u64;
         let mut after = from;
         loop {
-            let rows = sqlx::query(&format!(
+            let rows = sqlx::query(
                 "SELECT event_id::text AS event_id, event_type, aggregate_id, publish_seq,
-                        {} AS body, metadata->>'traceparent' AS traceparent
-                 FROM ingestion.event_store
+                        ingestion.envelope_json(s)::text AS body,
+                        metadata->>'traceparent' AS traceparent
+                 FROM ingestion.event_store s
                  WHERE publish_seq > $1
                  ORDER BY publish_seq
                  LIMIT $2",
-                envelope_sql("metadata")
-            ))
+            )
             .bind(after)
             .bind(PAGE)
             .fetch_all(&mut *tx)

@@ -24,20 +24,6 @@ pub struct ReplayFilter {
 
 const PAGE: i64 = 1000;
 
-/// The bus body of a stored event re-assembled from the event store's columns (the JSON object
-/// the processor published), with `metadata` as the given SQL expression. Used by the replay and
-/// by the bus recovery.
-pub(crate) fn envelope_sql(metadata: &str) -> String {
-    format!(
-        "jsonb_build_object(
-           'event_id', event_id, 'event_type', event_type, 'aggregate_id', aggregate_id,
-           'event_time', to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-           'ingested_at', to_char(ingested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-           'payload', payload,
-           'metadata', {metadata})::text"
-    )
-}
-
 /// Counts what a replay would send.
 pub async fn count(pool: &PgPool, f: &ReplayFilter) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
@@ -67,18 +53,20 @@ pub async fn replay(
     let mut after: Option<(DateTime<Utc>, Uuid)> = None;
     let mut sent = 0u64;
     loop {
-        let rows = sqlx::query(&format!(
+        // The stored envelope (ingestion.envelope_json, migration V8), marked as a replay.
+        let rows = sqlx::query(
             "SELECT event_id, event_type, aggregate_id, event_time,
-                    {} AS body,
+                    (ingestion.envelope_json(s)
+                     || jsonb_build_object('metadata', metadata || '{\"source\": \"replay\"}'::jsonb))::text
+                        AS body,
                     metadata->>'traceparent' AS traceparent
-             FROM ingestion.event_store
+             FROM ingestion.event_store s
              WHERE ($1::timestamptz IS NULL OR event_time >= $1) AND ($2::timestamptz IS NULL OR event_time < $2)
                AND ($3::text IS NULL OR aggregate_id = $3) AND ($4::text IS NULL OR event_type = $4)
                AND ($5::timestamptz IS NULL OR (event_time, event_id) > ($5, $6))
              ORDER BY event_time, event_id
              LIMIT $7",
-            envelope_sql("metadata || '{\"source\": \"replay\"}'::jsonb")
-        ))
+        )
         .bind(f.since)
         .bind(f.until)
         .bind(&f.aggregate_id)
