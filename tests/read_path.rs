@@ -131,11 +131,7 @@ async fn reordering_and_duplicates_never_regress_a_projection() {
     // A duplicate delivery of the newer event (straight onto the bus) changes nothing either.
     let pool = app.pool().await;
     let env: Value = sqlx::query_scalar(
-        "SELECT jsonb_build_object('event_id', event_id, 'event_type', event_type, 'aggregate_id', aggregate_id,
-            'event_time', to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-            'ingested_at', to_char(ingested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-            'payload', payload, 'metadata', metadata)
-         FROM ingestion.event_store WHERE event_id = $1",
+        "SELECT ingestion.envelope_json(s) FROM ingestion.event_store s WHERE event_id = $1",
     )
     .bind(Uuid::parse_str(newer["event_id"].as_str().unwrap()).unwrap())
     .fetch_one(&pool)

@@ -25,13 +25,13 @@ use std::time::Duration;
 use futures::FutureExt;
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::message::Headers;
 use rdkafka::message::OwnedMessage;
 
 pub use crate::infra::dlq::DeadLetter;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use super::bus::message;
 use super::bus::{ConsumerState, ObservedConsumer};
 use super::db::{self, Failure};
 use super::http::{Check, Status};
@@ -329,12 +329,6 @@ impl<S: Sink> Worker<S> {
     }
 
     fn message_span(&self, m: &OwnedMessage) -> tracing::Span {
-        let traceparent = m.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key == "traceparent")
-                .and_then(|h| h.value)
-                .and_then(|v| std::str::from_utf8(v).ok())
-        });
         telemetry::with_parent(
             tracing::info_span!(
                 "event",
@@ -343,7 +337,7 @@ impl<S: Sink> Worker<S> {
                 messaging.consumer.group.name = %self.group,
                 messaging.destination.name = m.topic(),
             ),
-            traceparent,
+            message::traceparent(m),
         )
     }
 

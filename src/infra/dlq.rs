@@ -18,12 +18,13 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use rdkafka::Message;
-use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+use rdkafka::message::{OwnedMessage, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::infra::bus::message::Resend;
 use crate::infra::consume::{Poison, Sink};
 
 /// Where a dead letter is in its life.
@@ -285,10 +286,7 @@ impl Owner {
 /// (an operator may have corrected it), its key and source position, marked as a replay.
 fn message_of(e: &Entry) -> Option<OwnedMessage> {
     let payload = e.event_payload.as_ref()?.to_string().into_bytes();
-    let headers = OwnedHeaders::new().insert(Header {
-        key: "cj-replay",
-        value: Some("dlq"),
-    });
+    let headers = Resend::DeadLetter.headers();
     Some(OwnedMessage::new(
         Some(payload),
         e.aggregate_id.clone().map(String::into_bytes),

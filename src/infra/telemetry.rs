@@ -30,6 +30,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{Config, LogFormat};
+use crate::envelope::trace;
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 static TRACES: AtomicBool = AtomicBool::new(false);
@@ -138,7 +139,7 @@ pub fn flush_traces() {
 /// The trace context of a W3C `traceparent`, when it is a valid one.
 pub fn context_of(traceparent: Option<&str>) -> Option<opentelemetry::Context> {
     let tp = traceparent?;
-    let carrier = HashMap::from([("traceparent".to_string(), tp.to_string())]);
+    let carrier = HashMap::from([(trace::HEADER.to_string(), tp.to_string())]);
     let cx = TraceContextPropagator::new().extract(&carrier);
     cx.span().span_context().is_valid().then_some(cx)
 }
@@ -151,14 +152,8 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     }
     let cx = span.context();
     let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
-    })
+    sc.is_valid()
+        .then(|| trace::format(sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
 }
 
 /// A span for one event's step, continuing the event's trace; disabled (free) when traces are
@@ -234,14 +229,16 @@ pub async fn http_metrics(req: Request, next: Next) -> Response {
         );
         let parent = req
             .headers()
-            .get("traceparent")
+            .get(trace::HEADER)
             .and_then(|v| v.to_str().ok());
         if let Some(cx) = context_of(parent) {
             let _ = span.set_parent(cx);
         }
-        if let Some(tp) = traceparent_of(&span) {
+        if let Some(tp) = traceparent_of(&span)
+            && let Some(id) = trace::trace_id_of(&tp)
+        {
             // Log lines of the request carry its trace id.
-            span.record("trace_id", &tp[3..35]);
+            span.record("trace_id", id);
         }
         let resp = next.run(req).instrument(span.clone()).await;
         span.record("http.response.status_code", resp.status().as_u16());

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::Message;
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -21,6 +21,7 @@ use super::condition::Condition;
 use super::rules::{self, Rule};
 use super::status::DeliveryStatus;
 use crate::envelope::Envelope;
+use crate::infra::bus::message;
 use crate::infra::consume::{DeadLetter, Poison, Sink};
 use crate::infra::dlq;
 
@@ -44,15 +45,6 @@ pub struct Recorder {
     pub wake: Arc<Notify>,
 }
 
-fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::to_string)
-}
-
 impl Sink for Recorder {
     type Item = Event;
 
@@ -64,12 +56,13 @@ impl Sink for Recorder {
         let env = Envelope::decode(bytes).map_err(undecodable)?;
         let body = String::from_utf8(bytes.to_vec()).map_err(|e| undecodable(e.to_string()))?;
         let json: Value = serde_json::from_str(&body).map_err(|e| undecodable(e.to_string()))?;
-        let traceparent = header(m, "traceparent").or_else(|| {
-            json.pointer("/metadata/traceparent")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        });
-        let replayed = header(m, "cj-replay").is_some();
+        let traceparent = message::traceparent(m)
+            .or_else(|| {
+                json.pointer("/metadata/traceparent")
+                    .and_then(Value::as_str)
+            })
+            .map(str::to_string);
+        let replayed = message::is_replay(m);
         Ok(Some(Event {
             replayed,
             event_id: env.event_id,

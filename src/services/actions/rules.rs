@@ -26,7 +26,7 @@ const RESERVED_HEADERS: &[&str] = &[
     "webhook-id",
     "webhook-timestamp",
     "webhook-signature",
-    "traceparent",
+    crate::envelope::trace::HEADER,
 ];
 const MAX_TIMEOUT_S: f64 = 300.0;
 const MAX_URL_LEN: usize = 2048;

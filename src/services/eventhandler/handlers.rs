@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::envelope::catalogue::{Payload, SensorReading, UserLogin};
 use crate::envelope::{Envelope, format_time};
 
 /// An upsert of one projection row, applied only if newer than what is stored.
@@ -39,14 +40,14 @@ pub struct Entry {
 pub fn registry() -> HashMap<&'static str, Entry> {
     HashMap::from([
         (
-            "sensor.reading",
+            SensorReading::EVENT_TYPE,
             Entry {
                 projection: "sensor_state",
                 handler: sensor_state,
             },
         ),
         (
-            "user.login",
+            UserLogin::EVENT_TYPE,
             Entry {
                 projection: "user_session",
                 handler: user_session,
@@ -56,18 +57,7 @@ pub fn registry() -> HashMap<&'static str, Entry> {
 }
 
 fn sensor_state(e: &Envelope) -> Result<ProjectionWrite, String> {
-    let value = e
-        .payload
-        .get("value")
-        .and_then(Value::as_f64)
-        .filter(|v| v.is_finite())
-        .ok_or("payload.value must be a finite number")?;
-    let unit = e
-        .payload
-        .get("unit")
-        .and_then(Value::as_str)
-        .filter(|u| !u.trim().is_empty())
-        .ok_or("payload.unit must be a non-empty string")?;
+    let SensorReading { value, unit } = e.payload_as().map_err(|e| e.to_string())?;
     Ok(ProjectionWrite {
         projection_type: "sensor_state",
         aggregate_id: e.aggregate_id.clone(),
@@ -78,17 +68,7 @@ fn sensor_state(e: &Envelope) -> Result<ProjectionWrite, String> {
 }
 
 fn user_session(e: &Envelope) -> Result<ProjectionWrite, String> {
-    let user_id = e
-        .payload
-        .get("user_id")
-        .and_then(Value::as_str)
-        .ok_or("payload.user_id must be a string")?;
-    let ip = e
-        .payload
-        .get("ip")
-        .and_then(Value::as_str)
-        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
-        .ok_or("payload.ip must be an IP address")?;
+    let UserLogin { user_id, ip } = e.payload_as().map_err(|e| e.to_string())?;
     Ok(ProjectionWrite {
         projection_type: "user_session",
         aggregate_id: e.aggregate_id.clone(),

@@ -47,12 +47,8 @@ pub async fn rebuild(
     let (mut read, mut refused) = (0u64, 0u64);
     loop {
         let rows = sqlx::query(
-            "SELECT jsonb_build_object(
-                      'event_id', event_id, 'event_type', event_type, 'aggregate_id', aggregate_id,
-                      'event_time', to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                      'ingested_at', to_char(ingested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-                      'payload', payload, 'metadata', metadata)::text AS body, event_id
-             FROM ingestion.event_store
+            "SELECT ingestion.envelope_json(s)::text AS body, event_id
+             FROM ingestion.event_store s
              WHERE event_type = ANY($1) AND ($2::uuid IS NULL OR event_id > $2)
              ORDER BY event_id LIMIT $3",
         )

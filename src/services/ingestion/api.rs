@@ -11,12 +11,11 @@ use axum::{Json, Router};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tracing::Instrument;
-use uuid::Uuid;
 
 use super::AppState;
 use super::error::IngestError;
 use super::writer::{Outcome, Pending, WriteError};
-use crate::envelope::{self, Rules, Source, Submission};
+use crate::envelope::{self, Rules, Source, Submission, trace};
 use crate::infra::auth::Subject;
 
 /// Every route this module serves, for the OpenAPI agreement test.
@@ -163,25 +162,18 @@ fn submission(headers: &HeaderMap, subject: Option<Extension<Subject>>) -> Submi
     let traceparent = crate::infra::telemetry::traceparent_of(&tracing::Span::current())
         .or_else(|| {
             headers
-                .get("traceparent")
+                .get(trace::HEADER)
                 .and_then(|v| v.to_str().ok())
-                .filter(|v| envelope::is_traceparent(v))
+                .filter(|v| trace::is_valid(v))
                 .map(str::to_string)
         })
-        .unwrap_or_else(new_traceparent);
+        .unwrap_or_else(trace::new_trace);
     Submission {
         source: Source::Http,
         subject: subject.map(|Extension(Subject(s))| s),
         traceparent: Some(traceparent),
         aggregate_id: None,
     }
-}
-
-/// Starts a trace for a request that did not bring one (W3C trace-context, sampled).
-pub fn new_traceparent() -> String {
-    let trace = Uuid::now_v7().simple().to_string();
-    let span = Uuid::now_v7().simple().to_string();
-    format!("00-{trace}-{}-01", &span[16..])
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, IngestError> {

@@ -290,7 +290,7 @@ impl Subscriber {
                 let sub = Submission {
                     source: Source::Mqtt,
                     subject: None,
-                    traceparent: Some(super::api::new_traceparent()),
+                    traceparent: Some(crate::envelope::trace::new_trace()),
                     aggregate_id: Some(device.clone()),
                 };
                 envelope::validate_request(&body, &sub, self.rules, self.clock.now())

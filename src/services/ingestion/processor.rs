@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureRecord;
 use sqlx::postgres::PgListener;
 use sqlx::{PgPool, Row};
 use tokio::sync::Notify;
@@ -24,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::writer::SHARDS;
 use crate::config::{KafkaConfig, OutboxConfig, Topics};
 use crate::envelope;
+use crate::infra::bus::message::EventMessage;
 use crate::infra::{bus, db, telemetry};
 
 /// Namespace of the shard advisory locks (the other key is the shard). Whoever holds
@@ -418,12 +418,15 @@ impl Processor {
                 telemetry::event_span("outbox.publish", r.traceparent.as_deref(), &r.event_id);
             let traceparent = telemetry::traceparent_of(&span).or_else(|| r.traceparent.clone());
             spans.push(span);
-            let headers =
-                bus::event_headers(&r.event_type, &r.event_id, traceparent.as_deref(), &[]);
-            let record = FutureRecord::to(topic)
-                .key(r.aggregate_id.as_str())
-                .payload(r.body.as_str())
-                .headers(headers);
+            let record = EventMessage {
+                event_type: &r.event_type,
+                event_id: &r.event_id,
+                aggregate_id: &r.aggregate_id,
+                body: &r.body,
+                traceparent: traceparent.as_deref(),
+                resend: None,
+            }
+            .record(topic);
             // Enqueue strictly in order; a full local queue waits rather than reordering.
             match bus::enqueue(&producer, record, Instant::now() + timeout).await {
                 Ok(f) => deliveries.push((topic, f)),

@@ -30,16 +30,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::producer::Producer;
 use sqlx::{PgPool, Row};
 use tokio::sync::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 
 use super::processor::LOCK_NAMESPACE;
-use super::replay::envelope_sql;
 use super::writer::{SHARDS, shard_of};
 use crate::config::{KafkaConfig, Topics};
 use crate::infra::bus;
+use crate::infra::bus::message::{EventMessage, Resend};
 
 /// Rows republished per page.
 const PAGE: i64 = 1000;
@@ -243,15 +243,15 @@ impl Recovery {
         let mut count = 0u64;
         let mut after = from;
         loop {
-            let rows = sqlx::query(&format!(
+            let rows = sqlx::query(
                 "SELECT event_id::text AS event_id, event_type, aggregate_id, publish_seq,
-                        {} AS body, metadata->>'traceparent' AS traceparent
-                 FROM ingestion.event_store
+                        ingestion.envelope_json(s)::text AS body,
+                        metadata->>'traceparent' AS traceparent
+                 FROM ingestion.event_store s
                  WHERE publish_seq > $1
                  ORDER BY publish_seq
                  LIMIT $2",
-                envelope_sql("metadata")
-            ))
+            )
             .bind(after)
             .bind(PAGE)
             .fetch_all(&mut *tx)
@@ -268,16 +268,15 @@ impl Recovery {
                 if !lost.iter().any(|t| t == topic) || seq <= threshold(topic, shard) {
                     continue;
                 }
-                let headers = bus::event_headers(
+                let record = EventMessage {
                     event_type,
-                    r.get("event_id"),
-                    r.get("traceparent"),
-                    &[("cj-redelivery", "bus-recovery")],
-                );
-                let record = FutureRecord::to(topic)
-                    .key(aggregate_id)
-                    .payload(r.get::<&str, _>("body"))
-                    .headers(headers);
+                    event_id: r.get("event_id"),
+                    aggregate_id,
+                    body: r.get("body"),
+                    traceparent: r.get("traceparent"),
+                    resend: Some(Resend::BusRecovery),
+                }
+                .record(topic);
                 let deadline = std::time::Instant::now() + self.kafka.message_timeout;
                 let f = bus::enqueue(&producer, record, deadline)
                     .await

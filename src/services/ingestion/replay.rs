@@ -6,11 +6,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::config::KafkaConfig;
+use crate::infra::bus::message::{EventMessage, Resend};
 use crate::infra::{bus, telemetry};
 
 #[derive(Debug, Clone, Default)]
@@ -22,20 +23,6 @@ pub struct ReplayFilter {
 }
 
 const PAGE: i64 = 1000;
-
-/// The bus body of a stored event re-assembled from the event store's columns (the JSON object
-/// the processor published), with `metadata` as the given SQL expression. Used by the replay and
-/// by the bus recovery.
-pub(crate) fn envelope_sql(metadata: &str) -> String {
-    format!(
-        "jsonb_build_object(
-           'event_id', event_id, 'event_type', event_type, 'aggregate_id', aggregate_id,
-           'event_time', to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-           'ingested_at', to_char(ingested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-           'payload', payload,
-           'metadata', {metadata})::text"
-    )
-}
 
 /// Counts what a replay would send.
 pub async fn count(pool: &PgPool, f: &ReplayFilter) -> Result<i64, sqlx::Error> {
@@ -66,18 +53,20 @@ pub async fn replay(
     let mut after: Option<(DateTime<Utc>, Uuid)> = None;
     let mut sent = 0u64;
     loop {
-        let rows = sqlx::query(&format!(
+        // The stored envelope (ingestion.envelope_json, migration V8), marked as a replay.
+        let rows = sqlx::query(
             "SELECT event_id, event_type, aggregate_id, event_time,
-                    {} AS body,
+                    (ingestion.envelope_json(s)
+                     || jsonb_build_object('metadata', metadata || '{\"source\": \"replay\"}'::jsonb))::text
+                        AS body,
                     metadata->>'traceparent' AS traceparent
-             FROM ingestion.event_store
+             FROM ingestion.event_store s
              WHERE ($1::timestamptz IS NULL OR event_time >= $1) AND ($2::timestamptz IS NULL OR event_time < $2)
                AND ($3::text IS NULL OR aggregate_id = $3) AND ($4::text IS NULL OR event_type = $4)
                AND ($5::timestamptz IS NULL OR (event_time, event_id) > ($5, $6))
              ORDER BY event_time, event_id
              LIMIT $7",
-            envelope_sql("metadata || '{\"source\": \"replay\"}'::jsonb")
-        ))
+        )
         .bind(f.since)
         .bind(f.until)
         .bind(&f.aggregate_id)
@@ -90,20 +79,26 @@ pub async fn replay(
         if rows.is_empty() {
             break;
         }
+        // Borrowed from the page (and these ids), which outlive the deliveries.
+        let ids: Vec<String> = rows
+            .iter()
+            .map(|r| r.get::<Uuid, _>("event_id").to_string())
+            .collect();
         let mut deliveries = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let event_id: Uuid = r.get("event_id");
-            // Borrowed from the page, which outlives the deliveries.
+        for (r, id) in rows.iter().zip(&ids) {
             let event_type: &str = r.get("event_type");
             let aggregate_id: &str = r.get("aggregate_id");
             let body: &str = r.get("body");
             let traceparent: Option<&str> = r.get("traceparent");
-            let id = event_id.to_string();
-            let headers = bus::event_headers(event_type, &id, traceparent, &[("cj-replay", "1")]);
-            let record = FutureRecord::to(kafka.topics.for_event_type(event_type))
-                .key(aggregate_id)
-                .payload(body)
-                .headers(headers);
+            let record = EventMessage {
+                event_type,
+                event_id: id,
+                aggregate_id,
+                body,
+                traceparent,
+                resend: Some(Resend::Replay),
+            }
+            .record(kafka.topics.for_event_type(event_type));
             // `send` waits for queue space rather than failing, and keeps per-key order.
             deliveries.push(producer.send(record, Duration::from_secs(30)));
         }

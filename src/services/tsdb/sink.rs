@@ -3,11 +3,11 @@
 use chrono::{DateTime, Utc};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
-use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::envelope::Envelope;
+use crate::envelope::catalogue::{Payload, PayloadError, SensorReading};
 use crate::infra::consume::{DeadLetter, Poison, Sink};
 use crate::infra::dlq;
 
@@ -21,23 +21,13 @@ pub struct Reading {
     pub ingested_at: DateTime<Utc>,
 }
 
-pub fn reading(env: &Envelope) -> Result<Reading, String> {
-    let value = match env.payload.get("value") {
-        Some(Value::Number(n)) => n.as_f64().filter(|v| v.is_finite()),
-        _ => None,
-    }
-    .ok_or("payload.value must be a finite number")?;
-    let unit = env
-        .payload
-        .get("unit")
-        .and_then(Value::as_str)
-        .filter(|u| !u.trim().is_empty())
-        .ok_or("payload.unit must be a non-empty string")?;
+pub fn reading(env: &Envelope) -> Result<Reading, PayloadError> {
+    let SensorReading { value, unit } = env.payload_as()?;
     Ok(Reading {
         time: env.event_time,
         device_id: env.aggregate_id.clone(),
         value,
-        unit: unit.to_string(),
+        unit,
         event_id: env.event_id,
         ingested_at: env.ingested_at,
     })
@@ -55,12 +45,12 @@ impl Sink for Readings {
             .payload()
             .ok_or_else(|| Poison::Undecodable("empty message".into()))?;
         let env = Envelope::decode(bytes).map_err(Poison::Undecodable)?;
-        if env.event_type != "sensor.reading" {
+        if env.event_type != SensorReading::EVENT_TYPE {
             return Ok(None);
         }
         reading(&env)
             .map(Some)
-            .map_err(|e| Poison::Refused(format!("sensor.reading: {e}")))
+            .map_err(|e| Poison::Refused(format!("{}: {e}", SensorReading::EVENT_TYPE)))
     }
 
     async fn apply(&self, rows: &[Reading], letters: &[DeadLetter]) -> Result<(), sqlx::Error> {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use super::{Claimed, Deliverer, egress, signing};
+use crate::envelope::trace;
 use crate::infra::telemetry;
 use crate::services::actions::rules::{self, Rule};
 
@@ -15,25 +16,6 @@ const ERROR_BODY_BYTES: usize = 1024;
 pub(super) enum Outcome {
     Success(u16),
     Failure { status: Option<u16>, error: String },
-}
-
-/// The `traceparent` of the webhook call: the event's trace continued with a new span id (W3C
-/// Trace Context), or a new trace when the event carried none.
-fn child_traceparent(parent: Option<&str>) -> String {
-    let span: u64 = rand::random::<u64>() | 1;
-    if let Some(p) = parent {
-        let parts: Vec<&str> = p.split('-').collect();
-        if parts.len() == 4
-            && parts[0].len() == 2
-            && parts[1].len() == 32
-            && parts[1].chars().all(|c| c.is_ascii_hexdigit())
-            && parts[3].len() == 2
-        {
-            return format!("{}-{}-{span:016x}-{}", parts[0], parts[1], parts[3]);
-        }
-    }
-    let trace: u128 = rand::random::<u128>() | 1;
-    format!("00-{trace:032x}-{span:016x}-01")
 }
 
 impl Deliverer {
@@ -56,8 +38,9 @@ impl Deliverer {
             };
         }
         let span = telemetry::event_span("webhook.send", d.traceparent.as_deref(), &id);
+        // The event's trace continued: by this span when traces are on, else by a new span id.
         let traceparent = telemetry::traceparent_of(&span)
-            .unwrap_or_else(|| child_traceparent(d.traceparent.as_deref()));
+            .unwrap_or_else(|| trace::child_of(d.traceparent.as_deref()));
         let signature = signing::sign(&key, &id, ts, d.body.as_bytes());
         let mut req = self
             .http
@@ -67,7 +50,7 @@ impl Deliverer {
             .header("webhook-id", &id)
             .header("webhook-timestamp", ts.to_string())
             .header("webhook-signature", signature)
-            .header("traceparent", traceparent);
+            .header(trace::HEADER, traceparent);
         for (k, v) in rule.headers() {
             req = req.header(k, v);
         }
@@ -123,21 +106,5 @@ impl Deliverer {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn traceparent_continues_the_events_trace() {
-        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let child = child_traceparent(Some(parent));
-        assert!(child.starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
-        assert!(child.ends_with("-01"));
-        assert_ne!(child, parent);
-        let fresh = child_traceparent(Some("garbage"));
-        assert_eq!(fresh.len(), 55);
     }
 }

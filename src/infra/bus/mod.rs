@@ -1,5 +1,8 @@
 //! The Kafka-API bus: producers, consumers and topic administration built from config.
 //! Client creation does blocking I/O in librdkafka, so it runs on the blocking pool (STYLE §8).
+//! What an event looks like on the bus (key, body, headers) is [`message`]'s.
+
+pub mod message;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -347,39 +350,6 @@ impl GroupOffsets {
             )
             .collect())
     }
-}
-
-/// The headers of an event's bus message (SPEC §5): `event_type`, `event_id`, the trace context
-/// when there is one, then `extra` (a replay's marker). One builder for every publisher.
-pub fn event_headers(
-    event_type: &str,
-    event_id: &str,
-    traceparent: Option<&str>,
-    extra: &[(&str, &str)],
-) -> rdkafka::message::OwnedHeaders {
-    use rdkafka::message::{Header, OwnedHeaders};
-    let mut headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "event_type",
-            value: Some(event_type),
-        })
-        .insert(Header {
-            key: "event_id",
-            value: Some(event_id),
-        });
-    if let Some(tp) = traceparent {
-        headers = headers.insert(Header {
-            key: "traceparent",
-            value: Some(tp),
-        });
-    }
-    for (key, value) in extra {
-        headers = headers.insert(Header {
-            key,
-            value: Some(*value),
-        });
-    }
-    headers
 }
 
 /// Enqueues `record` now (so records are sent in the order they are enqueued), waiting for room
