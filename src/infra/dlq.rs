@@ -391,7 +391,7 @@ pub mod api {
 
     use super::{Owner, ReplayOutcome, Status};
     use crate::infra::extract::{Path, Query, Rejection, Rejects};
-    use crate::infra::http::{HealthBoard, error_body};
+    use crate::infra::http::{self, DbFailure, HealthBoard, error_body};
 
     pub const ROUTES: &[(&str, &str)] = &[
         ("get", "/api/v1/dlq/{consumer}"),
@@ -421,10 +421,22 @@ pub mod api {
         NotPending(Uuid, &'static str),
         #[error("still failing: {0}")]
         StillFailing(String),
+        /// Also while the consumer's table does not exist yet (its service has not migrated).
         #[error("the database is unavailable")]
-        Database(#[from] sqlx::Error),
+        Unavailable,
+        #[error(transparent)]
+        Internal(sqlx::Error),
         #[error("{}", .0.message)]
         Rejected(Rejection),
+    }
+
+    impl From<sqlx::Error> for DlqError {
+        fn from(e: sqlx::Error) -> Self {
+            match DbFailure::of(e) {
+                DbFailure::Unavailable | DbFailure::NotMigrated => DlqError::Unavailable,
+                DbFailure::Internal(e) => DlqError::Internal(e),
+            }
+        }
     }
 
     impl From<Rejection> for DlqError {
@@ -441,10 +453,8 @@ pub mod api {
                 DlqError::NotPending(..) => StatusCode::CONFLICT,
                 DlqError::StillFailing(_) => StatusCode::UNPROCESSABLE_ENTITY,
                 DlqError::Rejected(r) => r.status,
-                DlqError::Database(e) => {
-                    tracing::warn!(error = %e, "DLQ request failed on the database.");
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                DlqError::Unavailable => return http::unavailable(self.to_string()),
+                DlqError::Internal(e) => return http::internal("DLQ request failed.", e),
             };
             error_body(status, self.to_string(), json!([]))
         }
@@ -514,7 +524,7 @@ pub mod api {
         match o.get(id).await {
             Ok(Some(e)) => DlqError::NotPending(id, e.status.as_str()),
             Ok(None) => DlqError::NotFound(id),
-            Err(e) => DlqError::Database(e),
+            Err(e) => e.into(),
         }
     }
 

@@ -1,5 +1,5 @@
 //! HTTP plumbing shared by every port: health reports, the metrics endpoint, serving with
-//! graceful shutdown, and the request-tracing layer.
+//! graceful shutdown, error answers, and the per-client rate limit.
 
 use std::time::Duration;
 
@@ -12,7 +12,9 @@ use serde_json::{Value, json};
 
 use super::telemetry;
 
+mod error;
 mod server;
+pub use error::{DbFailure, error_body, internal, invalid, unavailable};
 pub use server::serve;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -156,15 +158,6 @@ pub fn metrics_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
             )
         }),
     )
-}
-
-/// A JSON error body `{"error": ..., "details": [...]}`.
-pub fn error_body(status: StatusCode, error: impl Into<String>, details: Value) -> Response {
-    (
-        status,
-        Json(json!({ "error": error.into(), "details": details })),
-    )
-        .into_response()
 }
 
 /// Whether a request declares a JSON body (`application/json` or `application/*+json`).

@@ -16,10 +16,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::ApiState;
-use super::error::{ActionsError, FieldError};
+use super::error::ActionsError;
 use super::rules::{self, View};
 use super::status::{BreakerState, DeliveryStatus};
-use crate::envelope::format_time;
+use crate::envelope::{FieldError, format_time};
 use crate::infra::extract::{NUL_REFUSED, Path, Query, json_nul};
 
 /// Every route this module serves, for the OpenAPI agreement test.

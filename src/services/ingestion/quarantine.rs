@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::AppState;
-use crate::infra::http::error_body;
+use crate::infra::http::{self, DbFailure, error_body};
 
 /// Its routes are listed in `api::ROUTES` with the rest of the service's.
 #[derive(Debug, Serialize)]
@@ -145,19 +145,11 @@ struct ListParams {
 }
 
 fn failed(e: sqlx::Error) -> Response {
-    if crate::infra::db::is_unavailable(&e) {
-        error_body(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the database is unavailable; retry later",
-            json!([]),
-        )
-    } else {
-        tracing::error!(error = ?e, "Quarantine request failed.");
-        error_body(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error",
-            json!([]),
-        )
+    match DbFailure::of(e) {
+        DbFailure::Unavailable | DbFailure::NotMigrated => {
+            http::unavailable("the database is unavailable; retry later")
+        }
+        DbFailure::Internal(e) => http::internal("Quarantine request failed.", &e),
     }
 }
 
