@@ -27,8 +27,8 @@ use uuid::Uuid;
 use crate::infra::consume::{Poison, Sink};
 
 /// Where a dead letter is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case", try_from = "String")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -54,18 +54,30 @@ impl Status {
             Status::Discarded => "discarded",
         }
     }
+
+    /// The status of that name; the error says what follows the word "status".
+    fn named(s: &str) -> Result<Self, String> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("must be pending, replaying, replayed or discarded, got '{s}'"))
+    }
 }
 
 impl std::str::FromStr for Status {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Status::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                format!("status must be pending, replaying, replayed or discarded, got '{s}'")
-            })
+        Status::named(s).map_err(|why| format!("status {why}"))
+    }
+}
+
+/// A status as a query parameter gives it.
+impl TryFrom<String> for Status {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Status::named(&s)
     }
 }
 
@@ -484,7 +496,7 @@ pub mod api {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct ListParams {
-        status: Option<String>,
+        status: Option<Status>,
         limit: Option<i64>,
     }
 
@@ -494,18 +506,13 @@ pub mod api {
         Query(q): Query<ListParams>,
     ) -> Result<Json<serde_json::Value>, DlqError> {
         let o = owner(&s, &consumer)?;
-        let status = q
-            .status
-            .map(|st| st.parse::<Status>())
-            .transpose()
-            .map_err(DlqError::BadRequest)?;
         let limit = q.limit.unwrap_or(100);
         if !(1..=1000).contains(&limit) {
             return Err(DlqError::BadRequest(format!(
                 "limit must be between 1 and 1000, got {limit}"
             )));
         }
-        let entries = o.list(status, limit).await?;
+        let entries = o.list(q.status, limit).await?;
         Ok(Json(
             json!({ "consumer": o.name, "entries": entries, "limit": limit }),
         ))

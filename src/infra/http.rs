@@ -172,24 +172,6 @@ pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
         })
 }
 
-/// An integer query parameter within bounds; the error names the parameter and the range.
-pub fn int_param(
-    q: &std::collections::HashMap<String, String>,
-    name: &str,
-    default: i64,
-    min: i64,
-    max: i64,
-) -> Result<i64, String> {
-    match q.get(name) {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (min..=max).contains(n))
-            .ok_or_else(|| format!("{name} must be an integer from {min} to {max}, got '{v}'")),
-    }
-}
-
 /// A per-client (IP) request rate limit for an API port (SPEC §11: rate limits per client in
 /// the gateway and in the app). `None` when configured off.
 #[derive(Clone)]
