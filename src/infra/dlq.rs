@@ -392,11 +392,10 @@ pub async fn insert(
 /// The DLQ API of a consumer service (`/api/v1/dlq/{consumer}/…`, scope `dlq:admin`), served on
 /// its health port for every consumer published on that port's board.
 pub mod api {
+    use axum::Json;
     use axum::extract::State;
     use axum::http::StatusCode;
     use axum::response::{IntoResponse, Response};
-    use axum::routing::{get, post};
-    use axum::{Json, Router};
     use serde::Deserialize;
     use serde_json::json;
     use uuid::Uuid;
@@ -405,12 +404,16 @@ pub mod api {
     use crate::infra::extract::{Path, Query, Rejection, Rejects};
     use crate::infra::http::{self, DbFailure, HealthBoard, error_body};
 
-    pub const ROUTES: &[(&str, &str)] = &[
-        ("get", "/api/v1/dlq/{consumer}"),
-        ("get", "/api/v1/dlq/{consumer}/{dlq_id}"),
-        ("post", "/api/v1/dlq/{consumer}/{dlq_id}/replay"),
-        ("post", "/api/v1/dlq/{consumer}/{dlq_id}/discard"),
-    ];
+    crate::infra::http::routes! {
+        /// Every route of the DLQ API.
+        pub const ROUTES;
+        pub fn router() -> Router<DlqState> {
+            get "/api/v1/dlq/{consumer}" => list;
+            get "/api/v1/dlq/{consumer}/{dlq_id}" => one;
+            post "/api/v1/dlq/{consumer}/{dlq_id}/replay" => replay;
+            post "/api/v1/dlq/{consumer}/{dlq_id}/discard" => discard;
+        }
+    }
 
     /// The consumer serving the port, and the board where the consumers sharing it publish
     /// theirs.
@@ -474,14 +477,6 @@ pub mod api {
 
     impl Rejects for DlqState {
         type Error = DlqError;
-    }
-
-    pub fn router() -> Router<DlqState> {
-        Router::new()
-            .route("/api/v1/dlq/{consumer}", get(list))
-            .route("/api/v1/dlq/{consumer}/{dlq_id}", get(one))
-            .route("/api/v1/dlq/{consumer}/{dlq_id}/replay", post(replay))
-            .route("/api/v1/dlq/{consumer}/{dlq_id}/discard", post(discard))
     }
 
     fn owner(s: &DlqState, consumer: &str) -> Result<Owner, DlqError> {

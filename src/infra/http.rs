@@ -1,5 +1,5 @@
 //! HTTP plumbing shared by every port: health reports, the metrics endpoint, serving with
-//! graceful shutdown, error answers, and the per-client rate limit.
+//! graceful shutdown, error answers, route tables, and the per-client rate limit.
 
 use std::time::Duration;
 
@@ -13,8 +13,11 @@ use serde_json::{Value, json};
 use super::telemetry;
 
 mod error;
+pub mod routes;
 mod server;
 pub use error::{DbFailure, error_body, internal, invalid, unavailable};
+pub use routes::Route;
+pub(crate) use routes::{concat_routes, routes};
 pub use server::serve;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

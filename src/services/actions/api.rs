@@ -1,13 +1,12 @@
 //! The action API on :8082 (SPEC §10): rules CRUD and the read side of deliveries and
 //! endpoints.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -21,40 +20,21 @@ use crate::envelope::{FieldError, format_time};
 use crate::infra::extract::query::Int;
 use crate::infra::extract::{NUL_REFUSED, Path, Query, json_nul};
 
-/// Every route this module serves, for the OpenAPI agreement test.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("post", "/api/v1/actions/rules"),
-    ("get", "/api/v1/actions/rules"),
-    ("get", "/api/v1/actions/rules/{rule_id}"),
-    ("put", "/api/v1/actions/rules/{rule_id}"),
-    ("patch", "/api/v1/actions/rules/{rule_id}"),
-    ("delete", "/api/v1/actions/rules/{rule_id}"),
-    ("get", "/api/v1/actions/deliveries"),
-    ("get", "/api/v1/actions/deliveries/{delivery_id}"),
-    ("post", "/api/v1/actions/deliveries/{delivery_id}/retry"),
-    ("get", "/api/v1/actions/endpoints"),
-];
-
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/actions/rules", post(create_rule).get(list_rules))
-        .route(
-            "/api/v1/actions/rules/{rule_id}",
-            get(get_rule)
-                .put(replace_rule)
-                .patch(patch_rule)
-                .delete(delete_rule),
-        )
-        .route("/api/v1/actions/deliveries", get(list_deliveries))
-        .route(
-            "/api/v1/actions/deliveries/{delivery_id}",
-            get(get_delivery),
-        )
-        .route(
-            "/api/v1/actions/deliveries/{delivery_id}/retry",
-            post(retry_delivery),
-        )
-        .route("/api/v1/actions/endpoints", get(list_endpoints))
+crate::infra::http::routes! {
+    /// Every route this module serves, for the OpenAPI agreement test.
+    pub const ROUTES;
+    pub fn router() -> Router<ApiState> {
+        post "/api/v1/actions/rules" => create_rule;
+        get "/api/v1/actions/rules" => list_rules;
+        get "/api/v1/actions/rules/{rule_id}" => get_rule;
+        put "/api/v1/actions/rules/{rule_id}" => replace_rule;
+        patch "/api/v1/actions/rules/{rule_id}" => patch_rule;
+        delete "/api/v1/actions/rules/{rule_id}" => delete_rule;
+        get "/api/v1/actions/deliveries" => list_deliveries;
+        get "/api/v1/actions/deliveries/{delivery_id}" => get_delivery;
+        post "/api/v1/actions/deliveries/{delivery_id}/retry" => retry_delivery;
+        get "/api/v1/actions/endpoints" => list_endpoints;
+    }
 }
 
 /// The largest rule document accepted.

@@ -1,8 +1,7 @@
 //! The read API (SPEC §8): projections, the event log and dead letters.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -17,30 +16,17 @@ use crate::envelope::{MAX_AGGREGATE_ID_LEN, PROJECTION_TYPES, format_time};
 use crate::infra::extract::query::{Int, Time};
 use crate::infra::extract::{Path, Query};
 
-/// Every route this module serves, for the OpenAPI agreement test.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/api/v1/query/projections/{type}/{aggregate_id}"),
-    ("get", "/api/v1/query/projections/{type}"),
-    ("get", "/api/v1/projections/{type}/{aggregate_id}"),
-    ("get", "/api/v1/projections/{type}"),
-    ("get", "/api/v1/query/events"),
-    ("get", "/api/v1/query/dlq"),
-];
-
-pub fn router() -> Router<QueryState> {
-    Router::new()
-        .route(
-            "/api/v1/query/projections/{type}/{aggregate_id}",
-            get(get_projection),
-        )
-        .route("/api/v1/query/projections/{type}", get(list_projections))
-        .route(
-            "/api/v1/projections/{type}/{aggregate_id}",
-            get(get_projection),
-        )
-        .route("/api/v1/projections/{type}", get(list_projections))
-        .route("/api/v1/query/events", get(list_events))
-        .route("/api/v1/query/dlq", get(list_dlq))
+crate::infra::http::routes! {
+    /// Every route this module serves, for the OpenAPI agreement test.
+    pub const ROUTES;
+    pub fn router() -> Router<QueryState> {
+        get "/api/v1/query/projections/{type}/{aggregate_id}" => get_projection;
+        get "/api/v1/query/projections/{type}" => list_projections;
+        get "/api/v1/projections/{type}/{aggregate_id}" => get_projection;
+        get "/api/v1/projections/{type}" => list_projections;
+        get "/api/v1/query/events" => list_events;
+        get "/api/v1/query/dlq" => list_dlq;
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::State;
-use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -20,21 +18,19 @@ use crate::envelope::format_time;
 use crate::infra::extract::query::{Int, Time};
 use crate::infra::extract::{Path, Query};
 
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/api/v1/query/timeseries/{device_id}"),
-    ("get", "/api/v1/query/anomalies"),
-];
+crate::infra::http::routes! {
+    /// Every route this module serves, for the OpenAPI agreement test.
+    pub const ROUTES;
+    pub fn router() -> Router<QueryState> {
+        get "/api/v1/query/timeseries/{device_id}" => timeseries;
+        get "/api/v1/query/anomalies" => anomalies;
+    }
+}
 
 /// More buckets than this in one answer is a mistake (or an attack), not a chart.
 const MAX_BUCKETS: i64 = 10_000;
 const MIN_BUCKET: Duration = Duration::from_secs(1);
 const MAX_BUCKET: Duration = Duration::from_secs(86_400);
-
-pub fn router() -> Router<QueryState> {
-    Router::new()
-        .route("/api/v1/query/timeseries/{device_id}", get(timeseries))
-        .route("/api/v1/query/anomalies", get(anomalies))
-}
 
 /// A bucket width as the client wrote it (the answer echoes it) and as a duration.
 #[derive(Debug, Deserialize)]
