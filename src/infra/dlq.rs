@@ -28,8 +28,8 @@ use crate::infra::bus::message::Resend;
 use crate::infra::consume::{Poison, Sink};
 
 /// Where a dead letter is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case", try_from = "String")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum Status {
     Pending,
@@ -55,18 +55,30 @@ impl Status {
             Status::Discarded => "discarded",
         }
     }
+
+    /// The status of that name; the error says what follows the word "status".
+    fn named(s: &str) -> Result<Self, String> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("must be pending, replaying, replayed or discarded, got '{s}'"))
+    }
 }
 
 impl std::str::FromStr for Status {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Status::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                format!("status must be pending, replaying, replayed or discarded, got '{s}'")
-            })
+        Status::named(s).map_err(|why| format!("status {why}"))
+    }
+}
+
+/// A status as a query parameter gives it.
+impl TryFrom<String> for Status {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Status::named(&s)
     }
 }
 
@@ -378,25 +390,28 @@ pub async fn insert(
 /// The DLQ API of a consumer service (`/api/v1/dlq/{consumer}/…`, scope `dlq:admin`), served on
 /// its health port for every consumer published on that port's board.
 pub mod api {
+    use axum::Json;
     use axum::extract::State;
     use axum::http::StatusCode;
     use axum::response::{IntoResponse, Response};
-    use axum::routing::{get, post};
-    use axum::{Json, Router};
     use serde::Deserialize;
     use serde_json::json;
     use uuid::Uuid;
 
     use super::{Owner, ReplayOutcome, Status};
     use crate::infra::extract::{Path, Query, Rejection, Rejects};
-    use crate::infra::http::{HealthBoard, error_body};
+    use crate::infra::http::{self, DbFailure, HealthBoard, error_body};
 
-    pub const ROUTES: &[(&str, &str)] = &[
-        ("get", "/api/v1/dlq/{consumer}"),
-        ("get", "/api/v1/dlq/{consumer}/{dlq_id}"),
-        ("post", "/api/v1/dlq/{consumer}/{dlq_id}/replay"),
-        ("post", "/api/v1/dlq/{consumer}/{dlq_id}/discard"),
-    ];
+    crate::infra::http::routes! {
+        /// Every route of the DLQ API.
+        pub const ROUTES;
+        pub fn router() -> Router<DlqState> {
+            get "/api/v1/dlq/{consumer}" => list;
+            get "/api/v1/dlq/{consumer}/{dlq_id}" => one;
+            post "/api/v1/dlq/{consumer}/{dlq_id}/replay" => replay;
+            post "/api/v1/dlq/{consumer}/{dlq_id}/discard" => discard;
+        }
+    }
 
     /// The consumer serving the port, and the board where the consumers sharing it publish
     /// theirs.
@@ -419,10 +434,22 @@ pub mod api {
         NotPending(Uuid, &'static str),
         #[error("still failing: {0}")]
         StillFailing(String),
+        /// Also while the consumer's table does not exist yet (its service has not migrated).
         #[error("the database is unavailable")]
-        Database(#[from] sqlx::Error),
+        Unavailable,
+        #[error(transparent)]
+        Internal(sqlx::Error),
         #[error("{}", .0.message)]
         Rejected(Rejection),
+    }
+
+    impl From<sqlx::Error> for DlqError {
+        fn from(e: sqlx::Error) -> Self {
+            match DbFailure::of(e) {
+                DbFailure::Unavailable | DbFailure::NotMigrated => DlqError::Unavailable,
+                DbFailure::Internal(e) => DlqError::Internal(e),
+            }
+        }
     }
 
     impl From<Rejection> for DlqError {
@@ -439,10 +466,8 @@ pub mod api {
                 DlqError::NotPending(..) => StatusCode::CONFLICT,
                 DlqError::StillFailing(_) => StatusCode::UNPROCESSABLE_ENTITY,
                 DlqError::Rejected(r) => r.status,
-                DlqError::Database(e) => {
-                    tracing::warn!(error = %e, "DLQ request failed on the database.");
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                DlqError::Unavailable => return http::unavailable(self.to_string()),
+                DlqError::Internal(e) => return http::internal("DLQ request failed.", e),
             };
             error_body(status, self.to_string(), json!([]))
         }
@@ -450,14 +475,6 @@ pub mod api {
 
     impl Rejects for DlqState {
         type Error = DlqError;
-    }
-
-    pub fn router() -> Router<DlqState> {
-        Router::new()
-            .route("/api/v1/dlq/{consumer}", get(list))
-            .route("/api/v1/dlq/{consumer}/{dlq_id}", get(one))
-            .route("/api/v1/dlq/{consumer}/{dlq_id}/replay", post(replay))
-            .route("/api/v1/dlq/{consumer}/{dlq_id}/discard", post(discard))
     }
 
     fn owner(s: &DlqState, consumer: &str) -> Result<Owner, DlqError> {
@@ -472,7 +489,7 @@ pub mod api {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct ListParams {
-        status: Option<String>,
+        status: Option<Status>,
         limit: Option<i64>,
     }
 
@@ -482,18 +499,13 @@ pub mod api {
         Query(q): Query<ListParams>,
     ) -> Result<Json<serde_json::Value>, DlqError> {
         let o = owner(&s, &consumer)?;
-        let status = q
-            .status
-            .map(|st| st.parse::<Status>())
-            .transpose()
-            .map_err(DlqError::BadRequest)?;
         let limit = q.limit.unwrap_or(100);
         if !(1..=1000).contains(&limit) {
             return Err(DlqError::BadRequest(format!(
                 "limit must be between 1 and 1000, got {limit}"
             )));
         }
-        let entries = o.list(status, limit).await?;
+        let entries = o.list(q.status, limit).await?;
         Ok(Json(
             json!({ "consumer": o.name, "entries": entries, "limit": limit }),
         ))
@@ -512,7 +524,7 @@ pub mod api {
         match o.get(id).await {
             Ok(Some(e)) => DlqError::NotPending(id, e.status.as_str()),
             Ok(None) => DlqError::NotFound(id),
-            Err(e) => DlqError::Database(e),
+            Err(e) => e.into(),
         }
     }
 

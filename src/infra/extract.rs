@@ -4,7 +4,8 @@
 //! then refuses: a NUL (U+0000) in `text` or `jsonb` is an error of the database, which a
 //! handler can only answer with a 500. These wrappers refuse it at the boundary instead, and
 //! `Query` also refuses percent-encodings that are not UTF-8 (axum would replace them with
-//! U+FFFD and answer as if the client had asked for something else). The router's state names
+//! U+FFFD and answer as if the client had asked for something else), then deserializes into
+//! the route's typed parameters with messages that name them ([`query`]). The router's state names
 //! the error type the rejections become (`Rejects`), so each service keeps its mapping to HTTP
 //! in its one error module.
 
@@ -16,6 +17,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::http::error_body;
+
+pub mod query;
 
 /// A request an extractor refused, with the status axum would have answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,8 +94,10 @@ fn field(at: String) -> String {
     if at.is_empty() { "body".into() } else { at }
 }
 
-/// `axum::extract::Query` that refuses a NUL or a non-UTF-8 percent-encoding in any name or
-/// value, and rejects with the service's error.
+/// The query string as the route's typed parameters (`T`, usually a struct with
+/// `deny_unknown_fields` of the types in [`query`]), rejected with the service's error. Every
+/// name and value must be UTF-8 once percent-decoded and free of NUL; what `T` refuses is told
+/// by name ([`query`]).
 #[derive(Debug, Clone)]
 pub struct Query<T>(pub T);
 
@@ -104,21 +109,16 @@ where
     type Rejection = S::Error;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        check_query(parts.uri.query().unwrap_or_default())?;
-        axum::extract::Query::<T>::try_from_uri(&parts.uri)
-            .map(|axum::extract::Query(v)| Query(v))
-            .map_err(|e| {
-                Rejection {
-                    status: e.status(),
-                    message: e.body_text(),
-                }
-                .into()
-            })
+        let pairs = decode_query(parts.uri.query().unwrap_or_default())?;
+        query::from_pairs(pairs)
+            .map(Query)
+            .map_err(|e| Rejection::bad_request(e.0).into())
     }
 }
 
 /// Every name and value of an `application/x-www-form-urlencoded` query, decoded strictly.
-fn check_query(query: &str) -> Result<(), Rejection> {
+fn decode_query(query: &str) -> Result<Vec<(String, String)>, Rejection> {
+    let mut pairs = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let name = decode(k).ok_or_else(|| {
@@ -140,8 +140,9 @@ fn check_query(query: &str) -> Result<(), Rejection> {
                 "query parameter '{shown}' {why}"
             )));
         }
+        pairs.push((name, value));
     }
-    Ok(())
+    Ok(pairs)
 }
 
 /// Form decoding (`+` is a space, `%XX` a byte; a `%` not followed by two hex digits stays as
@@ -221,9 +222,19 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn query_decoding_is_strict_about_utf8_and_nul() {
-        assert!(check_query("").is_ok());
-        assert!(check_query("a=1&b=&c&&d=%C3%A9+x%zz%").is_ok());
+    fn query_decoding_is_strict_about_utf8_and_nul_and_keeps_every_pair() {
+        assert_eq!(decode_query(""), Ok(vec![]));
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            decode_query("a=1&b=&c&&d=%C3%A9+x%zz%&a=2"),
+            Ok(vec![
+                pair("a", "1"),
+                pair("b", ""),
+                pair("c", ""),
+                pair("d", "é x%zz%"),
+                pair("a", "2"),
+            ])
+        );
         for bad in [
             "event_type=%00x",
             "consumer=x%00",
@@ -232,11 +243,11 @@ mod tests {
             "%00=1",
             "a=%C3%28",
         ] {
-            let e = check_query(bad).unwrap_err();
+            let e = decode_query(bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
         }
         assert!(
-            check_query("consumer=x%00")
+            decode_query("consumer=x%00")
                 .unwrap_err()
                 .message
                 .contains("'consumer'")

@@ -1,5 +1,5 @@
 //! HTTP plumbing shared by every port: health reports, the metrics endpoint, serving with
-//! graceful shutdown, and the request-tracing layer.
+//! graceful shutdown, error answers, route tables, and the per-client rate limit.
 
 use std::time::Duration;
 
@@ -12,7 +12,12 @@ use serde_json::{Value, json};
 
 use super::telemetry;
 
+mod error;
+pub mod routes;
 mod server;
+pub use error::{DbFailure, error_body, internal, invalid, unavailable};
+pub use routes::Route;
+pub(crate) use routes::{concat_routes, routes};
 pub use server::serve;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -158,15 +163,6 @@ pub fn metrics_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     )
 }
 
-/// A JSON error body `{"error": ..., "details": [...]}`.
-pub fn error_body(status: StatusCode, error: impl Into<String>, details: Value) -> Response {
-    (
-        status,
-        Json(json!({ "error": error.into(), "details": details })),
-    )
-        .into_response()
-}
-
 /// Whether a request declares a JSON body (`application/json` or `application/*+json`).
 pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
     headers
@@ -177,24 +173,6 @@ pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
             let m = m.trim().to_ascii_lowercase();
             m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
         })
-}
-
-/// An integer query parameter within bounds; the error names the parameter and the range.
-pub fn int_param(
-    q: &std::collections::HashMap<String, String>,
-    name: &str,
-    default: i64,
-    min: i64,
-    max: i64,
-) -> Result<i64, String> {
-    match q.get(name) {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (min..=max).contains(n))
-            .ok_or_else(|| format!("{name} must be an integer from {min} to {max}, got '{v}'")),
-    }
 }
 
 /// A per-client (IP) request rate limit for an API port (SPEC §11: rate limits per client in

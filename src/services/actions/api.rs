@@ -1,61 +1,40 @@
 //! The action API on :8082 (SPEC §10): rules CRUD and the read side of deliveries and
 //! endpoints.
 
-use std::collections::HashMap;
-
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::{BytesRejection, FailedToBufferBody};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::ApiState;
-use super::error::{ActionsError, FieldError};
+use super::error::ActionsError;
 use super::rules::{self, View};
 use super::status::{BreakerState, DeliveryStatus};
-use crate::envelope::format_time;
+use crate::envelope::{FieldError, format_time};
+use crate::infra::extract::query::Int;
 use crate::infra::extract::{NUL_REFUSED, Path, Query, json_nul};
 
-/// Every route this module serves, for the OpenAPI agreement test.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("post", "/api/v1/actions/rules"),
-    ("get", "/api/v1/actions/rules"),
-    ("get", "/api/v1/actions/rules/{rule_id}"),
-    ("put", "/api/v1/actions/rules/{rule_id}"),
-    ("patch", "/api/v1/actions/rules/{rule_id}"),
-    ("delete", "/api/v1/actions/rules/{rule_id}"),
-    ("get", "/api/v1/actions/deliveries"),
-    ("get", "/api/v1/actions/deliveries/{delivery_id}"),
-    ("post", "/api/v1/actions/deliveries/{delivery_id}/retry"),
-    ("get", "/api/v1/actions/endpoints"),
-];
-
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/api/v1/actions/rules", post(create_rule).get(list_rules))
-        .route(
-            "/api/v1/actions/rules/{rule_id}",
-            get(get_rule)
-                .put(replace_rule)
-                .patch(patch_rule)
-                .delete(delete_rule),
-        )
-        .route("/api/v1/actions/deliveries", get(list_deliveries))
-        .route(
-            "/api/v1/actions/deliveries/{delivery_id}",
-            get(get_delivery),
-        )
-        .route(
-            "/api/v1/actions/deliveries/{delivery_id}/retry",
-            post(retry_delivery),
-        )
-        .route("/api/v1/actions/endpoints", get(list_endpoints))
+crate::infra::http::routes! {
+    /// Every route this module serves, for the OpenAPI agreement test.
+    pub const ROUTES;
+    pub fn router() -> Router<ApiState> {
+        post "/api/v1/actions/rules" => create_rule;
+        get "/api/v1/actions/rules" => list_rules;
+        get "/api/v1/actions/rules/{rule_id}" => get_rule;
+        put "/api/v1/actions/rules/{rule_id}" => replace_rule;
+        patch "/api/v1/actions/rules/{rule_id}" => patch_rule;
+        delete "/api/v1/actions/rules/{rule_id}" => delete_rule;
+        get "/api/v1/actions/deliveries" => list_deliveries;
+        get "/api/v1/actions/deliveries/{delivery_id}" => get_delivery;
+        post "/api/v1/actions/deliveries/{delivery_id}/retry" => retry_delivery;
+        get "/api/v1/actions/endpoints" => list_endpoints;
+    }
 }
 
 /// The largest rule document accepted.
@@ -89,6 +68,19 @@ fn uuid_param(name: &str, v: &str) -> Result<Uuid, ActionsError> {
     Uuid::parse_str(v).map_err(|_| ActionsError::BadRequest(format!("{name} must be a UUID")))
 }
 
+/// A UUID in a query parameter.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(try_from = "String")]
+struct Id(Uuid);
+
+impl TryFrom<String> for Id {
+    type Error = &'static str;
+
+    fn try_from(v: String) -> Result<Self, &'static str> {
+        Uuid::parse_str(&v).map(Id).map_err(|_| "must be a UUID")
+    }
+}
+
 fn rule_not_found(id: Uuid) -> ActionsError {
     ActionsError::NotFound(format!("no rule with id {id}"))
 }
@@ -110,17 +102,20 @@ async fn create_rule(
         .into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesParams {
+    #[serde(default)]
+    limit: Int<1, 500, 50>,
+    #[serde(default)]
+    offset: Int<0, { i64::MAX }, 0>,
+}
+
 async fn list_rules(
     State(s): State<ApiState>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<RulesParams>,
 ) -> Result<Json<Value>, ActionsError> {
-    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "limit" | "offset")) {
-        return Err(ActionsError::BadRequest(format!(
-            "unknown query parameter '{k}'; allowed: limit, offset"
-        )));
-    }
-    let limit = int_param(&q, "limit", 50, 1, 500)?;
-    let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
+    let (Int(limit), Int(offset)) = (q.limit, q.offset);
     let (rules, total) = rules::list(&s.pool, limit, offset).await?;
     Ok(Json(json!({
         "rules": rules.iter().map(|r| r.to_json(View::Read)).collect::<Vec<_>>(),
@@ -207,16 +202,6 @@ async fn delete_rule(
     }
 }
 
-fn int_param(
-    q: &HashMap<String, String>,
-    name: &str,
-    default: i64,
-    min: i64,
-    max: i64,
-) -> Result<i64, ActionsError> {
-    crate::infra::http::int_param(q, name, default, min, max).map_err(ActionsError::BadRequest)
-}
-
 #[derive(Debug, Serialize, sqlx::FromRow)]
 struct Delivery {
     delivery_id: Uuid,
@@ -254,34 +239,23 @@ const DELIVERY_COLUMNS: &str = "delivery_id, rule_id, event_id, event_type, aggr
     status, attempts, next_attempt_at, last_status_code, last_error, created_at, updated_at,
     delivered_at";
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveriesParams {
+    rule_id: Option<Id>,
+    status: Option<DeliveryStatus>,
+    event_id: Option<Id>,
+    #[serde(default)]
+    limit: Int<1, 500, 50>,
+}
+
 async fn list_deliveries(
     State(s): State<ApiState>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<DeliveriesParams>,
 ) -> Result<Json<Value>, ActionsError> {
-    for k in q.keys() {
-        if !matches!(k.as_str(), "rule_id" | "status" | "event_id" | "limit") {
-            return Err(ActionsError::BadRequest(format!(
-                "unknown query parameter '{k}'; allowed: rule_id, status, event_id, limit"
-            )));
-        }
-    }
-    let rule_id = q
-        .get("rule_id")
-        .map(|v| uuid_param("rule_id", v))
-        .transpose()?;
-    let event_id = q
-        .get("event_id")
-        .map(|v| uuid_param("event_id", v))
-        .transpose()?;
-    let status = q
-        .get("status")
-        .map(|st| st.parse::<DeliveryStatus>())
-        .transpose()
-        .map_err(|_| {
-            let names: Vec<_> = DeliveryStatus::ALL.map(DeliveryStatus::as_str).into();
-            ActionsError::BadRequest(format!("status must be one of {}", names.join(", ")))
-        })?;
-    let limit = int_param(&q, "limit", 50, 1, 500)?;
+    let rule_id = q.rule_id.map(|Id(id)| id);
+    let event_id = q.event_id.map(|Id(id)| id);
+    let (status, Int(limit)) = (q.status, q.limit);
     let rows: Vec<Delivery> = sqlx::query_as(&format!(
         "SELECT {DELIVERY_COLUMNS} FROM actions.deliveries
          WHERE ($1::uuid IS NULL OR rule_id = $1) AND ($2::text IS NULL OR status = $2)

@@ -14,6 +14,8 @@
 
 use serde_json::Value;
 
+use crate::envelope::FieldError;
+
 /// A parsed condition.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Condition {
@@ -64,15 +66,9 @@ impl Op {
     }
 }
 
-/// A problem in a condition, with where it is (`condition.all[1].op`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConditionError {
-    pub field: String,
-    pub message: String,
-}
-
 impl Condition {
-    pub fn parse(v: &Value) -> Result<Condition, Vec<ConditionError>> {
+    /// The condition, or every problem in it, each with where it is (`condition.all[1].op`).
+    pub fn parse(v: &Value) -> Result<Condition, Vec<FieldError>> {
         let mut errors = Vec::new();
         let c = parse_at(v, "condition", 0, &mut errors);
         match c {
@@ -91,19 +87,14 @@ impl Condition {
     }
 }
 
-fn err(errors: &mut Vec<ConditionError>, field: &str, message: impl Into<String>) {
-    errors.push(ConditionError {
+fn err(errors: &mut Vec<FieldError>, field: &str, message: impl Into<String>) {
+    errors.push(FieldError {
         field: field.to_string(),
         message: message.into(),
     });
 }
 
-fn parse_at(
-    v: &Value,
-    at: &str,
-    depth: usize,
-    errors: &mut Vec<ConditionError>,
-) -> Option<Condition> {
+fn parse_at(v: &Value, at: &str, depth: usize, errors: &mut Vec<FieldError>) -> Option<Condition> {
     if depth > MAX_DEPTH {
         err(errors, at, format!("nested deeper than {MAX_DEPTH} levels"));
         return None;

@@ -1,21 +1,13 @@
 //! Action API errors and their HTTP answers, in one place.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 use serde_json::json;
 
 use super::ApiState;
-use crate::infra::db;
+use crate::envelope::FieldError;
 use crate::infra::extract::{Rejection, Rejects};
-use crate::infra::http::error_body;
-
-/// One problem in a request, by field.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
+use crate::infra::http::{self, DbFailure, error_body};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActionsError {
@@ -41,15 +33,11 @@ pub enum ActionsError {
 
 impl From<sqlx::Error> for ActionsError {
     fn from(e: sqlx::Error) -> Self {
-        if db::is_unavailable(&e) {
-            return ActionsError::Unavailable;
+        match DbFailure::of(e) {
+            DbFailure::Unavailable => ActionsError::Unavailable,
+            DbFailure::NotMigrated => ActionsError::NotReady,
+            DbFailure::Internal(e) => ActionsError::Internal(e.into()),
         }
-        if let sqlx::Error::Database(d) = &e
-            && matches!(d.code().as_deref(), Some("42P01" | "3F000"))
-        {
-            return ActionsError::NotReady;
-        }
-        ActionsError::Internal(e.into())
     }
 }
 
@@ -73,9 +61,7 @@ impl IntoResponse for ActionsError {
     fn into_response(self) -> Response {
         let msg = self.to_string();
         match self {
-            ActionsError::Invalid(details) => {
-                error_body(StatusCode::BAD_REQUEST, msg, json!(details))
-            }
+            ActionsError::Invalid(details) => http::invalid(msg, &details),
             ActionsError::BadRequest(_) => error_body(StatusCode::BAD_REQUEST, msg, json!([])),
             ActionsError::NotFound(_) => error_body(StatusCode::NOT_FOUND, msg, json!([])),
             ActionsError::Conflict(_) => error_body(StatusCode::CONFLICT, msg, json!([])),
@@ -83,20 +69,8 @@ impl IntoResponse for ActionsError {
             ActionsError::UnsupportedMediaType => {
                 error_body(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg, json!([]))
             }
-            ActionsError::Unavailable | ActionsError::NotReady => {
-                let mut r = error_body(StatusCode::SERVICE_UNAVAILABLE, msg, json!([]));
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
-            }
-            ActionsError::Internal(e) => {
-                tracing::error!(error = ?e, "Action API request failed.");
-                error_body(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal error",
-                    json!([]),
-                )
-            }
+            ActionsError::Unavailable | ActionsError::NotReady => http::unavailable(msg),
+            ActionsError::Internal(e) => http::internal("Action API request failed.", &e),
         }
     }
 }

@@ -13,7 +13,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::condition::Condition;
-use super::error::FieldError;
+use crate::envelope::FieldError;
 
 const SECRET_PREFIX: &str = "whsec_";
 /// Headers the platform sets itself: a rule cannot override the signature or the framing.
@@ -248,10 +248,7 @@ pub fn validate(body: &Value) -> Result<RuleInput, Vec<FieldError>> {
         Some(c) => match Condition::parse(c) {
             Ok(_) => Some(c.clone()),
             Err(es) => {
-                errors.extend(es.into_iter().map(|e| FieldError {
-                    field: e.field,
-                    message: e.message,
-                }));
+                errors.extend(es);
                 None
             }
         },

@@ -6,11 +6,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Where a delivery is in its course (`actions.deliveries.status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
-#[serde(rename_all = "snake_case")]
+/// Where a delivery is in its course (`actions.deliveries.status`). Deserialized from a query
+/// parameter's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[serde(rename_all = "snake_case", try_from = "String")]
 #[sqlx(type_name = "text", rename_all = "snake_case")]
 pub(super) enum DeliveryStatus {
     /// Due at `next_attempt_at`.
@@ -90,6 +91,17 @@ impl FromStr for DeliveryStatus {
             .into_iter()
             .find(|v| v.as_str() == s)
             .ok_or_else(|| UnknownStatus(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for DeliveryStatus {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse().map_err(|_| {
+            let names: Vec<_> = Self::ALL.map(Self::as_str).into();
+            format!("must be one of {}", names.join(", "))
+        })
     }
 }
 

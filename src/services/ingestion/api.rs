@@ -1,13 +1,12 @@
 //! `POST /api/v1/ingest`, its alias `/api/v1/events`, and `/api/v1/ingest/batch` (SPEC §5).
 
 use axum::Extension;
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -18,33 +17,17 @@ use super::writer::{Outcome, Pending, WriteError};
 use crate::envelope::{self, Rules, Source, Submission, trace};
 use crate::infra::auth::Subject;
 
-/// Every route this module serves, for the OpenAPI agreement test.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("post", "/api/v1/ingest"),
-    ("post", "/api/v1/events"),
-    ("post", "/api/v1/ingest/batch"),
-    ("get", "/internal/auth/verify"),
-    ("get", "/api/v1/outbox/quarantine"),
-    ("post", "/api/v1/outbox/quarantine/{seq}/requeue"),
-    ("delete", "/api/v1/outbox/quarantine/{seq}"),
-];
-
-pub fn router(state: &AppState) -> Router<AppState> {
-    let single = state.config.ingestion.max_body_bytes;
-    let batch = state.config.ingestion.max_batch_body_bytes;
-    Router::new()
-        .route(
-            "/api/v1/ingest",
-            post(ingest).layer(DefaultBodyLimit::max(single)),
-        )
-        .route(
-            "/api/v1/events",
-            post(ingest).layer(DefaultBodyLimit::max(single)),
-        )
-        .route(
-            "/api/v1/ingest/batch",
-            post(ingest_batch).layer(DefaultBodyLimit::max(batch)),
-        )
+crate::infra::http::routes! {
+    /// This module's routes; [`super::ROUTES`] lists all of the service's.
+    pub const ROUTES;
+    pub fn router(state: &AppState) -> Router<AppState> {
+        post "/api/v1/ingest" => ingest,
+            layer(DefaultBodyLimit::max(state.config.ingestion.max_body_bytes));
+        post "/api/v1/events" => ingest,
+            layer(DefaultBodyLimit::max(state.config.ingestion.max_body_bytes));
+        post "/api/v1/ingest/batch" => ingest_batch,
+            layer(DefaultBodyLimit::max(state.config.ingestion.max_batch_body_bytes));
+    }
 }
 
 /// Checks shared by both endpoints, cheapest first: media type, size. (The per-client rate

@@ -1,12 +1,12 @@
 //! Every way an ingestion request can fail, and its HTTP answer (SPEC §5). Client errors keep
 //! their message; anything else is logged with its cause and answered as an opaque 500.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::envelope::FieldError;
-use crate::infra::http::error_body;
+use crate::infra::http::{self, error_body};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -35,15 +35,8 @@ pub enum IngestError {
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let msg = self.to_string();
-        let retry = |mut r: Response, s: u64| {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-            r
-        };
         match self {
-            IngestError::Validation(details) => {
-                error_body(StatusCode::BAD_REQUEST, msg, json!(details))
-            }
+            IngestError::Validation(details) => http::invalid(msg, &details),
             IngestError::InvalidJson(_) | IngestError::BadRequest(_) => {
                 error_body(StatusCode::BAD_REQUEST, msg, json!([]))
             }
@@ -54,18 +47,8 @@ impl IntoResponse for IngestError {
             IngestError::UnsupportedMediaType => {
                 error_body(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg, json!([]))
             }
-            IngestError::Unavailable | IngestError::Starting => retry(
-                error_body(StatusCode::SERVICE_UNAVAILABLE, msg, json!([])),
-                1,
-            ),
-            IngestError::Internal(e) => {
-                tracing::error!(error = ?e, "Ingestion request failed.");
-                error_body(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal error",
-                    json!([]),
-                )
-            }
+            IngestError::Unavailable | IngestError::Starting => http::unavailable(msg),
+            IngestError::Internal(e) => http::internal("Ingestion request failed.", &e),
         }
     }
 }

@@ -26,7 +26,9 @@ use axum::routing::get;
 use serde_json::json;
 use tokio_util::task::TaskTracker;
 
-pub use api::ROUTES;
+/// Every route the service serves, for the OpenAPI agreement test and the deployment checks.
+pub const ROUTES: &[crate::infra::http::Route] =
+    crate::infra::http::concat_routes!(api::ROUTES, INTERNAL, quarantine::ROUTES);
 
 /// Who may call the service's routes (SPEC §13): devices and clients write events; the outbox
 /// quarantine is for operators.
@@ -125,8 +127,8 @@ pub async fn run(ctx: ServiceContext<IngestionSection>) -> anyhow::Result<()> {
     let router = Router::new()
         .merge(crate::infra::http::limited(api::router(&state), limit))
         .merge(quarantine::router())
+        .merge(internal())
         .route("/health", get(health))
-        .route("/internal/auth/verify", get(verify))
         .merge(
             metrics_router().route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
@@ -284,6 +286,13 @@ async fn sample_gauges(
         }
     }
     next.run(req).await
+}
+
+crate::infra::http::routes! {
+    const INTERNAL;
+    fn internal() -> Router<AppState> {
+        get "/internal/auth/verify" => verify;
+    }
 }
 
 /// Traefik's ForwardAuth target (SPEC §11); never routed by the gateway itself.

@@ -272,9 +272,9 @@ impl Subscriber {
             metrics::counter!("cj_ingest_rejected_total", "reason" => "too_large_mqtt")
                 .increment(1);
             tracing::warn!(device = %device, bytes = p.payload.len(), limit, "MQTT message over the body limit; rejected.");
-            let details = json!([{
-                "field": "",
-                "message": format!("{} bytes; the limit is {limit} bytes", p.payload.len()),
+            let details = json!([FieldError {
+                field: String::new(),
+                message: format!("{} bytes; the limit is {limit} bytes", p.payload.len()),
             }]);
             report(client, &p.topic, "message too large", details);
             return Err(Handled::Rejected);
@@ -283,7 +283,10 @@ impl Subscriber {
             .map_err(|e| {
                 (
                     "invalid JSON".to_string(),
-                    json!([{"field": "", "message": e.to_string()}]),
+                    json!([FieldError {
+                        field: String::new(),
+                        message: e.to_string(),
+                    }]),
                 )
             })
             .and_then(|body| {

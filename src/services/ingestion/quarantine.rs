@@ -2,11 +2,10 @@
 //! listed, re-queued and discarded by operators through `cornjacket outbox quarantine …` and
 //! `/api/v1/outbox/quarantine` (scope `outbox:admin`).
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -14,9 +13,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::AppState;
-use crate::infra::http::error_body;
+use crate::infra::http::{self, DbFailure, error_body};
 
-/// Its routes are listed in `api::ROUTES` with the rest of the service's.
 #[derive(Debug, Serialize)]
 pub struct Quarantined {
     /// The row's place in its shard when it was quarantined; its id here.
@@ -129,14 +127,14 @@ pub async fn discard(pool: &PgPool, seq: i64) -> Result<bool, sqlx::Error> {
     Ok(gone > 0)
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/outbox/quarantine", get(http_list))
-        .route(
-            "/api/v1/outbox/quarantine/{seq}/requeue",
-            post(http_requeue),
-        )
-        .route("/api/v1/outbox/quarantine/{seq}", delete(http_discard))
+crate::infra::http::routes! {
+    /// This module's routes; [`super::ROUTES`] lists all of the service's.
+    pub const ROUTES;
+    pub fn router() -> Router<AppState> {
+        get "/api/v1/outbox/quarantine" => http_list;
+        post "/api/v1/outbox/quarantine/{seq}/requeue" => http_requeue;
+        delete "/api/v1/outbox/quarantine/{seq}" => http_discard;
+    }
 }
 
 #[derive(Deserialize)]
@@ -145,19 +143,11 @@ struct ListParams {
 }
 
 fn failed(e: sqlx::Error) -> Response {
-    if crate::infra::db::is_unavailable(&e) {
-        error_body(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the database is unavailable; retry later",
-            json!([]),
-        )
-    } else {
-        tracing::error!(error = ?e, "Quarantine request failed.");
-        error_body(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error",
-            json!([]),
-        )
+    match DbFailure::of(e) {
+        DbFailure::Unavailable | DbFailure::NotMigrated => {
+            http::unavailable("the database is unavailable; retry later")
+        }
+        DbFailure::Internal(e) => http::internal("Quarantine request failed.", &e),
     }
 }
 

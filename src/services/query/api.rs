@@ -1,12 +1,9 @@
 //! The read API (SPEC §8): projections, the event log and dead letters.
 
-use std::collections::HashMap;
-
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::Row;
 use uuid::Uuid;
@@ -16,32 +13,20 @@ use crate::infra::dlq;
 use super::QueryState;
 use super::error::QueryError;
 use crate::envelope::{MAX_AGGREGATE_ID_LEN, PROJECTION_TYPES, format_time};
+use crate::infra::extract::query::{Int, Time};
 use crate::infra::extract::{Path, Query};
 
-/// Every route this module serves, for the OpenAPI agreement test.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/api/v1/query/projections/{type}/{aggregate_id}"),
-    ("get", "/api/v1/query/projections/{type}"),
-    ("get", "/api/v1/projections/{type}/{aggregate_id}"),
-    ("get", "/api/v1/projections/{type}"),
-    ("get", "/api/v1/query/events"),
-    ("get", "/api/v1/query/dlq"),
-];
-
-pub fn router() -> Router<QueryState> {
-    Router::new()
-        .route(
-            "/api/v1/query/projections/{type}/{aggregate_id}",
-            get(get_projection),
-        )
-        .route("/api/v1/query/projections/{type}", get(list_projections))
-        .route(
-            "/api/v1/projections/{type}/{aggregate_id}",
-            get(get_projection),
-        )
-        .route("/api/v1/projections/{type}", get(list_projections))
-        .route("/api/v1/query/events", get(list_events))
-        .route("/api/v1/query/dlq", get(list_dlq))
+crate::infra::http::routes! {
+    /// Every route this module serves, for the OpenAPI agreement test.
+    pub const ROUTES;
+    pub fn router() -> Router<QueryState> {
+        get "/api/v1/query/projections/{type}/{aggregate_id}" => get_projection;
+        get "/api/v1/query/projections/{type}" => list_projections;
+        get "/api/v1/projections/{type}/{aggregate_id}" => get_projection;
+        get "/api/v1/projections/{type}" => list_projections;
+        get "/api/v1/query/events" => list_events;
+        get "/api/v1/query/dlq" => list_dlq;
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -109,69 +94,50 @@ async fn get_projection(
     }
 }
 
-pub(super) type Params = Query<HashMap<String, String>>;
-
-pub(super) fn int_param(
-    q: &HashMap<String, String>,
-    k: &str,
-    default: i64,
-    min: i64,
-    max: i64,
-) -> Result<i64, QueryError> {
-    crate::infra::http::int_param(q, k, default, min, max).map_err(QueryError::BadRequest)
-}
-
-pub(super) fn time_param(
-    q: &HashMap<String, String>,
-    k: &str,
-) -> Result<Option<DateTime<Utc>>, QueryError> {
-    q.get(k)
-        .map(|v| {
-            DateTime::parse_from_rfc3339(v)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| {
-                    QueryError::BadRequest(format!("{k} must be an RFC 3339 timestamp, got '{v}'"))
-                })
-        })
-        .transpose()
-}
-
-pub(super) fn only_known(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), QueryError> {
-    match q.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(QueryError::BadRequest(format!(
-            "unknown query parameter '{k}'; allowed: {}",
-            allowed.join(", ")
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// A projection cursor is the last `aggregate_id` of a page, so anything ingestion could not
 /// have accepted as one (envelope: 1 to `MAX_AGGREGATE_ID_LEN` printable characters) is not a
 /// cursor but a client's mistake.
-fn projection_cursor(a: &str) -> Result<&str, QueryError> {
-    let n = a.chars().count();
-    if (1..=MAX_AGGREGATE_ID_LEN).contains(&n) && !a.chars().any(char::is_control) {
-        Ok(a)
-    } else {
-        Err(QueryError::BadRequest(format!(
-            "after must be the next_cursor of a previous page (an aggregate_id of 1 to \
-             {MAX_AGGREGATE_ID_LEN} printable characters)"
-        )))
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+struct ProjectionCursor(String);
+
+impl TryFrom<String> for ProjectionCursor {
+    type Error = String;
+
+    fn try_from(a: String) -> Result<Self, String> {
+        let n = a.chars().count();
+        if (1..=MAX_AGGREGATE_ID_LEN).contains(&n) && !a.chars().any(char::is_control) {
+            Ok(ProjectionCursor(a))
+        } else {
+            Err(format!(
+                "must be the next_cursor of a previous page (an aggregate_id of 1 to \
+                 {MAX_AGGREGATE_ID_LEN} printable characters)"
+            ))
+        }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProjectionsParams {
+    #[serde(default)]
+    limit: Int<1, 100, 20>,
+    #[serde(default)]
+    offset: Int<0, { i64::MAX }, 0>,
+    after: Option<ProjectionCursor>,
 }
 
 #[tracing::instrument(skip_all, fields(projection_type = %ptype))]
 async fn list_projections(
     State(s): State<QueryState>,
     Path(ptype): Path<String>,
-    Query(q): Params,
+    // An unknown type is answered (404) before the parameters are looked at.
+    q: Result<Query<ProjectionsParams>, QueryError>,
 ) -> Result<Json<Value>, QueryError> {
     known_type(&ptype)?;
-    only_known(&q, &["limit", "offset", "after"])?;
-    let limit = int_param(&q, "limit", 20, 1, 100)?;
-    let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
-    let after = q.get("after").map(|a| projection_cursor(a)).transpose()?;
+    let Query(q) = q?;
+    let (Int(limit), Int(offset)) = (q.limit, q.offset);
+    let after = q.after.map(|ProjectionCursor(a)| a);
     if after.is_some() && offset != 0 {
         return Err(QueryError::BadRequest(
             "use either offset or after (a cursor), not both".into(),
@@ -205,31 +171,47 @@ async fn list_projections(
     })))
 }
 
+/// An event cursor is the last `event_id` of a page.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+struct EventCursor(Uuid);
+
+impl TryFrom<String> for EventCursor {
+    type Error = String;
+
+    fn try_from(a: String) -> Result<Self, String> {
+        Uuid::parse_str(&a)
+            .map(EventCursor)
+            .map_err(|_| format!("must be an event_id, got '{a}'"))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsParams {
+    aggregate_id: Option<String>,
+    event_type: Option<String>,
+    from: Option<Time>,
+    to: Option<Time>,
+    #[serde(default)]
+    limit: Int<1, 1000, 100>,
+    after: Option<EventCursor>,
+}
+
 #[tracing::instrument(skip_all)]
 async fn list_events(
     State(s): State<QueryState>,
-    Query(q): Params,
+    Query(q): Query<EventsParams>,
 ) -> Result<Json<Value>, QueryError> {
-    only_known(
-        &q,
-        &["aggregate_id", "event_type", "from", "to", "limit", "after"],
-    )?;
-    let limit = int_param(&q, "limit", 100, 1, 1000)?;
-    let from = time_param(&q, "from")?;
-    let to = time_param(&q, "to")?;
+    let Int(limit) = q.limit;
+    let from = q.from.map(|Time(t)| t);
+    let to = q.to.map(|Time(t)| t);
     if let (Some(f), Some(t)) = (from, to)
         && f > t
     {
         return Err(QueryError::BadRequest("from must not be after to".into()));
     }
-    let after = q
-        .get("after")
-        .map(|a| {
-            Uuid::parse_str(a).map_err(|_| {
-                QueryError::BadRequest(format!("after must be an event_id, got '{a}'"))
-            })
-        })
-        .transpose()?;
+    let after = q.after.map(|EventCursor(id)| id);
     let rows = sqlx::query(
         "SELECT event_id, event_type, aggregate_id, event_time, ingested_at, payload, metadata
          FROM ingestion.event_store
@@ -242,8 +224,8 @@ async fn list_events(
          ORDER BY event_time, event_id
          LIMIT $6",
     )
-    .bind(q.get("aggregate_id"))
-    .bind(q.get("event_type"))
+    .bind(&q.aggregate_id)
+    .bind(&q.event_type)
     .bind(from)
     .bind(to)
     .bind(after)
@@ -282,20 +264,24 @@ const DLQ_TABLES: &[(&str, &str)] = &[
     ("ai-inference", "ai.dlq"),
 ];
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DlqParams {
+    consumer: Option<String>,
+    status: Option<dlq::Status>,
+    #[serde(default)]
+    limit: Int<1, 500, 50>,
+    #[serde(default)]
+    offset: Int<0, { i64::MAX }, 0>,
+}
+
 #[tracing::instrument(skip_all)]
 async fn list_dlq(
     State(s): State<QueryState>,
-    Query(q): Params,
+    Query(q): Query<DlqParams>,
 ) -> Result<Json<Value>, QueryError> {
-    only_known(&q, &["consumer", "status", "limit", "offset"])?;
-    let limit = int_param(&q, "limit", 50, 1, 500)?;
-    let offset = int_param(&q, "offset", 0, 0, i64::MAX)?;
-    let status = q
-        .get("status")
-        .map(|st| st.parse::<dlq::Status>())
-        .transpose()
-        .map_err(QueryError::BadRequest)?
-        .map(dlq::Status::as_str);
+    let (Int(limit), Int(offset)) = (q.limit, q.offset);
+    let status = q.status.map(dlq::Status::as_str);
     let mut parts = Vec::new();
     for (_, table) in DLQ_TABLES {
         let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
@@ -314,14 +300,14 @@ async fn list_dlq(
     let union = parts.join(" UNION ALL ");
     let filter = "WHERE ($1::text IS NULL OR consumer = $1) AND ($2::text IS NULL OR status = $2)";
     let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM ({union}) d {filter}"))
-        .bind(q.get("consumer"))
+        .bind(&q.consumer)
         .bind(status)
         .fetch_one(&s.pool)
         .await?;
     let entries: Vec<dlq::Entry> = sqlx::query_as(&format!(
         "SELECT * FROM ({union}) d {filter} ORDER BY failed_at, dlq_id LIMIT $3 OFFSET $4"
     ))
-    .bind(q.get("consumer"))
+    .bind(&q.consumer)
     .bind(status)
     .bind(limit)
     .bind(offset)

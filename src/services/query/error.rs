@@ -1,13 +1,12 @@
 //! Query errors and their HTTP answers, in one place.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::QueryState;
-use crate::infra::db;
 use crate::infra::extract::{Rejection, Rejects};
-use crate::infra::http::error_body;
+use crate::infra::http::{self, DbFailure, error_body};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -25,16 +24,11 @@ pub enum QueryError {
 
 impl From<sqlx::Error> for QueryError {
     fn from(e: sqlx::Error) -> Self {
-        if db::is_unavailable(&e) {
-            return QueryError::Unavailable;
+        match DbFailure::of(e) {
+            DbFailure::Unavailable => QueryError::Unavailable,
+            DbFailure::NotMigrated => QueryError::NotInitialised,
+            DbFailure::Internal(e) => QueryError::Internal(e.into()),
         }
-        // 42P01 undefined_table / 3F000 invalid_schema: the owning service has not migrated.
-        if let sqlx::Error::Database(d) = &e
-            && matches!(d.code().as_deref(), Some("42P01" | "3F000"))
-        {
-            return QueryError::NotInitialised;
-        }
-        QueryError::Internal(e.into())
     }
 }
 
@@ -60,20 +54,8 @@ impl IntoResponse for QueryError {
         match self {
             QueryError::NotFound(_) => error_body(StatusCode::NOT_FOUND, msg, json!([])),
             QueryError::BadRequest(_) => error_body(StatusCode::BAD_REQUEST, msg, json!([])),
-            QueryError::Unavailable | QueryError::NotInitialised => {
-                let mut r = error_body(StatusCode::SERVICE_UNAVAILABLE, msg, json!([]));
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                r
-            }
-            QueryError::Internal(e) => {
-                tracing::error!(error = ?e, "Query failed.");
-                error_body(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal error",
-                    json!([]),
-                )
-            }
+            QueryError::Unavailable | QueryError::NotInitialised => http::unavailable(msg),
+            QueryError::Internal(e) => http::internal("Query failed.", &e),
         }
     }
 }

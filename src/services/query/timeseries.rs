@@ -5,47 +5,116 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::State;
-use axum::routing::get;
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::QueryState;
-use super::api::{Params, int_param, only_known, time_param};
 use super::error::QueryError;
 use crate::envelope::format_time;
+use crate::infra::extract::query::{Int, Time};
 use crate::infra::extract::{Path, Query};
 
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/api/v1/query/timeseries/{device_id}"),
-    ("get", "/api/v1/query/anomalies"),
-];
+crate::infra::http::routes! {
+    /// Every route this module serves, for the OpenAPI agreement test.
+    pub const ROUTES;
+    pub fn router() -> Router<QueryState> {
+        get "/api/v1/query/timeseries/{device_id}" => timeseries;
+        get "/api/v1/query/anomalies" => anomalies;
+    }
+}
 
 /// More buckets than this in one answer is a mistake (or an attack), not a chart.
 const MAX_BUCKETS: i64 = 10_000;
 const MIN_BUCKET: Duration = Duration::from_secs(1);
 const MAX_BUCKET: Duration = Duration::from_secs(86_400);
 
-pub fn router() -> Router<QueryState> {
-    Router::new()
-        .route("/api/v1/query/timeseries/{device_id}", get(timeseries))
-        .route("/api/v1/query/anomalies", get(anomalies))
+/// A bucket width as the client wrote it (the answer echoes it) and as a duration.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+struct Bucket {
+    text: String,
+    width: Duration,
 }
 
-/// The aggregate's SQL over one bucket's readings. `last` breaks ties by event_id so the
-/// answer never depends on physical row order.
-fn aggregate(agg: &str) -> Option<&'static str> {
-    Some(match agg {
-        "avg" => "avg(value)",
-        "min" => "min(value)",
-        "max" => "max(value)",
-        "count" => "count(*)::float8",
-        "last" => "(array_agg(value ORDER BY time DESC, event_id DESC))[1]",
-        _ => return None,
-    })
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket {
+            text: "1m".into(),
+            width: Duration::from_secs(60),
+        }
+    }
+}
+
+impl TryFrom<String> for Bucket {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        match humantime::parse_duration(&text) {
+            Ok(width)
+                if (MIN_BUCKET..=MAX_BUCKET).contains(&width) && width.subsec_nanos() == 0 =>
+            {
+                Ok(Bucket { text, width })
+            }
+            _ => Err(format!(
+                "must be a whole number of seconds from 1s to 1d (30s, 1m, 5m, 1h), got '{text}'"
+            )),
+        }
+    }
+}
+
+/// An aggregate over one bucket's readings.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(try_from = "String")]
+enum Agg {
+    #[default]
+    Avg,
+    Min,
+    Max,
+    Count,
+    Last,
+}
+
+impl TryFrom<String> for Agg {
+    type Error = String;
+
+    fn try_from(v: String) -> Result<Self, String> {
+        Ok(match v.as_str() {
+            "avg" => Agg::Avg,
+            "min" => Agg::Min,
+            "max" => Agg::Max,
+            "count" => Agg::Count,
+            "last" => Agg::Last,
+            _ => return Err(format!("must be avg, min, max, count or last, got '{v}'")),
+        })
+    }
+}
+
+impl Agg {
+    fn name(self) -> &'static str {
+        match self {
+            Agg::Avg => "avg",
+            Agg::Min => "min",
+            Agg::Max => "max",
+            Agg::Count => "count",
+            Agg::Last => "last",
+        }
+    }
+
+    /// The aggregate's SQL over one bucket's readings. `last` breaks ties by event_id so the
+    /// answer never depends on physical row order.
+    fn sql(self) -> &'static str {
+        match self {
+            Agg::Avg => "avg(value)",
+            Agg::Min => "min(value)",
+            Agg::Max => "max(value)",
+            Agg::Count => "count(*)::float8",
+            Agg::Last => "(array_agg(value ORDER BY time DESC, event_id DESC))[1]",
+        }
+    }
 }
 
 async fn has_timescale(s: &QueryState) -> Result<bool, QueryError> {
@@ -62,39 +131,33 @@ async fn has_timescale(s: &QueryState) -> Result<bool, QueryError> {
         .map_err(QueryError::from)
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimeseriesParams {
+    from: Option<Time>,
+    to: Option<Time>,
+    #[serde(default)]
+    bucket: Bucket,
+    #[serde(default)]
+    agg: Agg,
+}
+
 #[tracing::instrument(skip_all, fields(device_id = %device))]
 async fn timeseries(
     State(s): State<QueryState>,
     Path(device): Path<String>,
-    Query(q): Params,
+    Query(q): Query<TimeseriesParams>,
 ) -> Result<Json<Value>, QueryError> {
-    only_known(&q, &["from", "to", "bucket", "agg"])?;
-    let bucket_text = q.get("bucket").map(String::as_str).unwrap_or("1m");
-    let bucket = humantime::parse_duration(bucket_text)
-        .ok()
-        .filter(|b| {
-            (MIN_BUCKET..=MAX_BUCKET).contains(b) && b.subsec_nanos() == 0
-        })
-        .ok_or_else(|| {
-            QueryError::BadRequest(format!(
-                "bucket must be a whole number of seconds from 1s to 1d (30s, 1m, 5m, 1h), got '{bucket_text}'"
-            ))
-        })?;
-    let agg_name = q.get("agg").map(String::as_str).unwrap_or("avg");
-    let agg = aggregate(agg_name).ok_or_else(|| {
-        QueryError::BadRequest(format!(
-            "agg must be avg, min, max, count or last, got '{agg_name}'"
-        ))
-    })?;
-    let to = time_param(&q, "to")?.unwrap_or_else(|| s.clock.now());
-    let from = match time_param(&q, "from")? {
-        Some(f) => f,
+    let (bucket, agg) = (q.bucket, q.agg);
+    let to = q.to.map_or_else(|| s.clock.now(), |Time(t)| t);
+    let from = match q.from {
+        Some(Time(f)) => f,
         None => to - chrono::Duration::hours(1),
     };
     if from >= to {
         return Err(QueryError::BadRequest("from must be before to".into()));
     }
-    let secs = bucket.as_secs() as i64;
+    let secs = bucket.width.as_secs() as i64;
     let span = (to - from).num_seconds();
     if span / secs > MAX_BUCKETS {
         return Err(QueryError::BadRequest(format!(
@@ -108,10 +171,11 @@ async fn timeseries(
         "date_bin(make_interval(secs => $2), time, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
     };
     let rows = sqlx::query(&format!(
-        "SELECT {bin} AS bucket, {agg} AS value, count(*) AS n
+        "SELECT {bin} AS bucket, {} AS value, count(*) AS n
          FROM tsdb.sensor_readings
          WHERE device_id = $1 AND time >= $3 AND time < $4
-         GROUP BY 1 ORDER BY 1"
+         GROUP BY 1 ORDER BY 1",
+        agg.sql()
     ))
     .bind(&device)
     .bind(secs as f64)
@@ -133,31 +197,33 @@ async fn timeseries(
         "device_id": device,
         "from": format_time(&from),
         "to": format_time(&to),
-        "bucket": bucket_text,
+        "bucket": bucket.text,
         "bucket_seconds": secs,
-        "agg": agg_name,
+        "agg": agg.name(),
         "points": points,
     })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnomaliesParams {
+    device_id: Option<String>,
+    since: Option<Time>,
+    #[serde(default)]
+    limit: Int<1, 1000, 100>,
+    #[serde(default)]
+    include_normal: bool,
 }
 
 #[tracing::instrument(skip_all)]
 async fn anomalies(
     State(s): State<QueryState>,
-    Query(q): Params,
+    Query(q): Query<AnomaliesParams>,
 ) -> Result<Json<Value>, QueryError> {
-    only_known(&q, &["device_id", "since", "limit", "include_normal"])?;
-    let limit = int_param(&q, "limit", 100, 1, 1000)?;
-    let since =
-        time_param(&q, "since")?.unwrap_or_else(|| s.clock.now() - chrono::Duration::hours(24));
-    let include_normal = match q.get("include_normal").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(v) => {
-            return Err(QueryError::BadRequest(format!(
-                "include_normal must be true or false, got '{v}'"
-            )));
-        }
-    };
+    let Int(limit) = q.limit;
+    let since = q
+        .since
+        .map_or_else(|| s.clock.now() - chrono::Duration::hours(24), |Time(t)| t);
     let rows = sqlx::query(
         "SELECT event_id, device_id, time, value, score, is_anomaly, model, model_version
          FROM ai.inference_results
@@ -165,9 +231,9 @@ async fn anomalies(
          ORDER BY time DESC, event_id DESC
          LIMIT $4",
     )
-    .bind(q.get("device_id"))
+    .bind(&q.device_id)
     .bind(since)
-    .bind(include_normal)
+    .bind(q.include_normal)
     .bind(limit)
     .fetch_all(&s.pool)
     .await?;
