@@ -40,7 +40,15 @@ async fn rebuild_restores_identical_states_and_replay_changes_nothing() {
     let pool = app.pool().await;
     let before = eventually(Duration::from_secs(45), || async {
         let s = snapshot(&pool).await;
-        let done = s.len() == 6 && s.iter().any(|r| r.1 == "d4" && r.2.contains("29.25"));
+        // Every device's last reading, and every event stored: shards move independently, so
+        // one device's last projection can land before another's reading is stored.
+        let done = s.len() == 6
+            && (0..5).all(|k| {
+                let last = format!("{}.25", 25 + k);
+                s.iter()
+                    .any(|r| r.1 == format!("d{k}") && r.2.contains(&last))
+            })
+            && count_rows(&pool, "ingestion.event_store").await == 31;
         done.then_some(s)
     })
     .await;
