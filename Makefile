@@ -140,7 +140,7 @@ e2e-skeleton:
 		token=$$($(CARGO) run -q --bin cornjacket -- token --sub e2e-skeleton --scopes '$(E2E_SCOPES)' --ttl 1h); \
 	fi; \
 	CJ_E2E=1 CJ_E2E_INGEST_URL=$(E2E_INGEST_URL) CJ_E2E_QUERY_URL=$(E2E_QUERY_URL) CJ_E2E_TOKEN="$$token" \
-		$(CARGO) test --test e2e -- --ignored --nocapture
+		$(CARGO) test --test it -- --ignored --nocapture e2e::
 
 # Through the gateway (ForwardAuth checks the token): mints one from the compose file's development
 # secret unless CJ_E2E_TOKEN is set.
@@ -151,4 +151,4 @@ e2e-fullstack:
 			token --sub e2e-fullstack --scopes '$(E2E_SCOPES)' --ttl 1h); \
 	fi; \
 	CJ_E2E=1 CJ_E2E_INGEST_URL=$(E2E_GATEWAY_URL) CJ_E2E_QUERY_URL=$(E2E_GATEWAY_URL) CJ_E2E_TOKEN="$$token" \
-		$(CARGO) test --test e2e -- --ignored --nocapture
+		$(CARGO) test --test it -- --ignored --nocapture e2e::

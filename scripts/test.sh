@@ -32,7 +32,7 @@ fi
 echo "test: nextest profile ${NEXTEST_PROFILE:-default}"
 
 status=0
-# The chain test (tests/chain.rs) runs the Python sidecar from its venv.
+# The chain test (tests/it/chain.rs) runs the Python sidecar from its venv.
 "$ROOT/scripts/ai.sh" venv
 cargo nextest run --workspace --all-targets --no-fail-fast --test-threads "${CJ_TEST_THREADS:-6}" "$@" || status=$?
 

@@ -81,7 +81,7 @@ SIDECAR_VARIABLES = {v for names, _ in SIDECAR.values() for v in names}
 AI_PORT = int(SIDECAR["port"][1])
 
 # Seed 004 §2.1 with the ports of SPEC §2 (the platform's own five ports are also checked against
-# the binary's configuration defaults by tests/deploy_files.rs).
+# the binary's configuration defaults by tests/it/deploy_files.rs).
 EXPECTED_PORTS = {
     "traefik": {80, 8180},
     "app": {8080, 8081, 8082, 8083, 8084},

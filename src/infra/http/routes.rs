@@ -1,5 +1,5 @@
 //! Routes declared once: one table per API module gives both the router that serves it and the
-//! `(method, path)` list that the OpenAPI agreement test (tests/openapi.rs) and the deployment
+//! `(method, path)` list that the OpenAPI agreement test (tests/it/openapi.rs) and the deployment
 //! checks read, so the two cannot drift.
 
 /// One route as the agreement test reads it: a lowercase method and an axum path.

@@ -3,12 +3,10 @@
 //! discarded through the same API on each one's health port, and through the CLI, against real
 //! PostgreSQL and the real broker.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 use uuid::Uuid;

@@ -5,12 +5,10 @@
 //! data is retried on the schedule before it is dead-lettered; bytes that are not an envelope
 //! go to the DLQ without retries.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use chrono::{DateTime, TimeDelta, Utc};
-use common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 use sqlx::PgPool;

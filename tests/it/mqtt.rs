@@ -1,14 +1,12 @@
 //! MQTT device ingestion (SPEC §12) against the real Mosquitto.
 
-mod common;
-#[path = "common/mosquitto.rs"]
-mod mosquitto;
+use crate::common::mosquitto;
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};

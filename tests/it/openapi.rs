@@ -1,11 +1,9 @@
 //! The OpenAPI documents in api/openapi/ agree with the routes the code serves (SPEC §8).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::infra::dlq;
 use cornjacket::services::{Service, actions, ingestion, query};
 use serde_json::Value;

@@ -2,13 +2,11 @@
 //! outbox, the publish, each consumer and the webhook call — collected here by an in-memory
 //! span exporter instead of OTLP, with the real database, broker and an in-test receiver.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::webhook::Receiver;
-use common::*;
+use crate::common::webhook::Receiver;
+use crate::common::*;
 use cornjacket::config::Config;
 use cornjacket::infra::telemetry;
 use cornjacket::services::Service;

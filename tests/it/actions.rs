@@ -2,13 +2,11 @@
 //! receivers: rules, signed webhooks, retries, timeouts, the rate limit, dedup, the circuit
 //! breaker, and a restart with deliveries pending.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::webhook::{Receiver, Reply, verify};
-use common::*;
+use crate::common::webhook::{Receiver, Reply, verify};
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 

@@ -6,16 +6,14 @@
 //! (src/services/ingestion/recovery.rs), events the broker had acknowledged and then lost were
 //! never published again.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::sidecar::Sidecar;
-use common::webhook::Receiver;
-use common::*;
+use crate::common::sidecar::Sidecar;
+use crate::common::webhook::Receiver;
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 use uuid::Uuid;

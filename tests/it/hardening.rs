@@ -3,12 +3,10 @@
 //! idempotency that refuses a changed body, and a bounded batch parser. Real PostgreSQL, broker
 //! and Mosquitto throughout.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use cornjacket::config::Config;
 use cornjacket::services::Service;
 use cornjacket::services::ingestion::writer::shard_of;

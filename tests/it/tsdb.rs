@@ -2,11 +2,9 @@
 //! real broker: readings become typed rows once, poison goes to `tsdb.dlq`, and bucketed
 //! aggregates match values computed by hand.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 

@@ -1,10 +1,8 @@
 //! Replay and rebuild (SPEC §13, ADR-0001) against the real database and broker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::json;
 

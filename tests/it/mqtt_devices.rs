@@ -2,14 +2,12 @@
 //! of the test's own configured exactly as `scripts/infra.sh` configures the shared one. Every
 //! refusal is shown with a real client.
 
-mod common;
-#[path = "common/mosquitto.rs"]
-mod mosquitto;
+use crate::common::mosquitto;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use mosquitto::Mosquitto;
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};

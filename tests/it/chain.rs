@@ -4,13 +4,11 @@
 //! `ai.anomaly` → a signed webhook at an in-test receiver. Prints the latency of each outlier
 //! (reading accepted → webhook received), median and p99.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::sidecar::Sidecar;
-use common::webhook::{Receiver, verify};
-use common::*;
+use crate::common::sidecar::Sidecar;
+use crate::common::webhook::{Receiver, verify};
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 

@@ -3,13 +3,11 @@
 //! row would be "expired"; each job refuses its rounds instead, says why in `/health` and in
 //! its metrics, and removes nothing until the clocks agree again.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use chrono::{DateTime, TimeDelta, Utc};
-use common::*;
 use cornjacket::envelope::{FixedClock, truncate_micros};
 use cornjacket::services::Service;
 use serde_json::Value;

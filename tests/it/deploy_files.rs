@@ -144,7 +144,7 @@ fn concrete(path: &str) -> String {
 }
 
 /// The consumers whose DLQ API `serve` runs, by the name in its paths (`{consumer}`: the
-/// service's name, which tests/openapi.rs asks each port for), with the port that serves it: the
+/// service's name, which tests/it/openapi.rs asks each port for), with the port that serves it: the
 /// consumer service's health port (the event handler's and the tsdb-writer's are one, 8084).
 fn dlq_consumers() -> Vec<(&'static str, u16)> {
     let cfg = defaults();

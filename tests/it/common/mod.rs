@@ -2,6 +2,7 @@
 //! port 0, a fresh database and unique topic and group names per test.
 #![allow(dead_code, reason = "each test binary uses part of the harness")]
 
+pub mod mosquitto;
 pub mod sidecar;
 pub mod webhook;
 

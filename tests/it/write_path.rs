@@ -1,11 +1,9 @@
 //! Write path (SPEC §5, §6) against real PostgreSQL and the real broker.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 use uuid::Uuid;

@@ -1,13 +1,11 @@
 //! The built binary as a subprocess: startup failures, signals, health, crash safety, migrations.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use cornjacket::infra::db;
 use serde_json::{Value, json};
 

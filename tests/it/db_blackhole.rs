@@ -2,12 +2,10 @@
 //! against the real PostgreSQL behind a test proxy: ingestion answers 503 quickly meanwhile, and
 //! once the database answers again, 202 within seconds, and the outbox drains.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 

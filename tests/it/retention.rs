@@ -1,13 +1,11 @@
 //! Retention (SPEC §13): the event store's daily partitions, the ingestion and event handler
 //! retention jobs and `cornjacket retention run`, against the real database.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use chrono::{DateTime, TimeDelta, Utc};
-use common::*;
 use cornjacket::envelope::{FixedClock, truncate_micros};
 use cornjacket::services::Service;
 use cornjacket::services::ingestion::retention::{self, partition_name};
@@ -130,7 +128,7 @@ async fn old_partitions_rows_and_idempotency_records_go_and_newer_ones_stay() {
     let mut env = test_env(&db.url, &prefix);
     env.insert("CJ_RETENTION_INTERVAL".into(), "1s".into());
     // The clock stands still at `now` while the test runs: allow for a slow run (the guard
-    // itself is tested in tests/retention_clock.rs).
+    // itself is tested in tests/it/retention_clock.rs).
     env.insert("CJ_RETENTION_MAX_CLOCK_SKEW".into(), "1h".into());
     let app = TestApp::start_with_clock(
         db,

@@ -6,11 +6,9 @@
 //! The registry is process-wide; exact deltas rely on nextest running each test in its own
 //! process (keep one test per file here if that ever changes).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use cornjacket::services::ingestion::processor::LOCK_NAMESPACE;
 use cornjacket::services::ingestion::writer::shard_of;

@@ -1,11 +1,9 @@
 //! Read path (SPEC §7, §8) against real PostgreSQL and the real broker.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
 use uuid::Uuid;

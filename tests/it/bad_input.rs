@@ -3,11 +3,9 @@
 //! that are not UTF-8, huge numbers, long and odd Unicode) in every path segment, query
 //! parameter and body field, against real PostgreSQL and the real broker.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};

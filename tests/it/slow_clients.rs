@@ -2,11 +2,9 @@
 //! headers or their body, idle keep-alive connections, and more connections than the limit,
 //! against the real ingestion service.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use cornjacket::services::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
