@@ -72,7 +72,28 @@ pub struct Started {
     job_name: &'static str,
 }
 
+/// A service's retention job: `(pool, guard, keep, every, shutdown)`, run until shut down.
+pub type RetentionJob<F> =
+    fn(PgPool, ClockGuard, Duration, Duration, tokio_util::sync::CancellationToken) -> F;
+
 impl Started {
+    /// Starts the service's retention job keeping `keep`, when retention is on.
+    pub fn spawn_retention<F>(&self, keep: Duration, job: RetentionJob<F>)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let r = &self.common.retention;
+        if r.enabled {
+            self.jobs.spawn(job(
+                self.pool.clone(),
+                self.clock_guard(),
+                keep,
+                r.interval,
+                self.jobs.shutdown.clone(),
+            ));
+        }
+    }
+
     /// The guard of a retention job (it refuses to delete while the host clock is not to be
     /// trusted, and shows why on `/health`).
     pub fn clock_guard(&self) -> ClockGuard {

@@ -116,16 +116,7 @@ impl ConsumerService for Orchestrator {
         )?);
         // Deliveries recorded before a restart are sent whether or not the bus is up.
         ctx.jobs.spawn(deliverer.run(ctx.jobs.shutdown.clone()));
-        let r = &ctx.common.retention;
-        if r.enabled {
-            ctx.jobs.spawn(retention::run(
-                ctx.pool.clone(),
-                ctx.clock_guard(),
-                r.deliveries,
-                r.interval,
-                ctx.jobs.shutdown.clone(),
-            ));
-        }
+        ctx.spawn_retention(ctx.common.retention.deliveries, retention::run);
         Ok(record::Recorder {
             pool: ctx.pool.clone(),
             default_dedup: self.cfg.dedup_window,

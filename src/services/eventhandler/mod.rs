@@ -51,16 +51,7 @@ impl ConsumerService for EventHandler {
     type Sink = Projections;
 
     async fn start(&self, ctx: &Started) -> anyhow::Result<Projections> {
-        let r = &ctx.common.retention;
-        if r.enabled {
-            ctx.jobs.spawn(retention::run(
-                ctx.pool.clone(),
-                ctx.clock_guard(),
-                r.projections,
-                r.interval,
-                ctx.jobs.shutdown.clone(),
-            ));
-        }
+        ctx.spawn_retention(ctx.common.retention.projections, retention::run);
         Ok(Projections::new(ctx.pool.clone(), &self.cfg.consumer_group))
     }
 }

@@ -51,13 +51,7 @@ impl ConsumerService for Tsdb {
                 false
             });
         if let (Some(keep), false) = (keep, policy) {
-            ctx.jobs.spawn(retention::run(
-                ctx.pool.clone(),
-                ctx.clock_guard(),
-                keep,
-                r.interval,
-                ctx.jobs.shutdown.clone(),
-            ));
+            ctx.spawn_retention(keep, retention::run);
         }
         Ok(sink::Readings {
             pool: ctx.pool.clone(),
