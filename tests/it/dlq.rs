@@ -335,3 +335,58 @@ async fn the_dlq_api_needs_the_dlq_admin_scope() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// The sidecar's model runs only in Python: the CLI asks for the replay (`replaying`) and the
+/// sidecar's replay worker performs it, through the same `dlq` commands as every other consumer.
+#[tokio::test]
+async fn the_sidecars_dead_letters_are_replayed_by_the_sidecar_through_the_same_commands() {
+    let app = TestApp::spawn(&[Service::Ingestion]).await;
+    app.wait_ready().await;
+    let sidecar = crate::common::sidecar::Sidecar::start(&app, &brokers());
+    sidecar.wait_healthy(&app.http).await;
+    let bad = reading("dev-ai", json!("hot"));
+    let event_id = Uuid::parse_str(bad["event_id"].as_str().unwrap()).unwrap();
+    produce_raw(
+        &app.topic("sensor-events"),
+        "dev-ai",
+        bad.to_string().as_bytes(),
+    )
+    .await;
+    let pool = app.pool().await;
+    let id: Uuid = eventually(Duration::from_secs(60), || async {
+        sqlx::query_scalar("SELECT dlq_id FROM ai.dlq WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let run = |args: &[&str]| {
+        cornjacket()
+            .args(args)
+            .env("CJ_DATABASE_URL", &app.db.url)
+            .env("CJ_LOG_LEVEL", "warn")
+            .output()
+            .unwrap()
+    };
+    let id_text = id.to_string();
+    let out = run(&["dlq", "replay", &id_text]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("still failing"), "{stdout}");
+    sqlx::query(
+        "UPDATE ai.dlq SET event_payload = jsonb_set(event_payload, '{payload,value}', '19.5')
+         WHERE dlq_id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let out = run(&["dlq", "replay", &id_text]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("replayed (ai)"), "{stdout}");
+    let out = run(&["dlq", "list", "--consumer", "ai", "--status", "replayed"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id_text));
+}
