@@ -2,9 +2,8 @@
 //! tsdb-writer and the action orchestrator. Each says what differs in a [`Spec`] and a
 //! [`ConsumerService`]; the scaffold does the rest, the same way for all three: serve `/health`
 //! and `/metrics` and the DLQ API (or report on a shared port, see [`Service::health_only`]),
-//! wait for the
-//! database and migrate, start the background jobs, subscribe, consume until shut down, then
-//! drain the jobs and the HTTP servers.
+//! wait for the database and migrate, start the background jobs, subscribe, consume until shut
+//! down, then drain the jobs and the HTTP servers.
 
 use std::future::Future;
 use std::sync::Arc;

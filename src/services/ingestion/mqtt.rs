@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +57,20 @@ type InFlight = futures::future::BoxFuture<'static, (Publish, u64, Handled)>;
 
 /// A device's commit; resolves to the device once its messages have their answers.
 type Chain = futures::future::BoxFuture<'static, String>;
+
+/// One poll of the client's event loop, owning the loop and handing it back with the event.
+/// The loop's `poll` must never be cancelled: dropped between taking an ack off its request
+/// queue and writing it, it loses the ack, and the broker keeps that message in flight for the
+/// platform's session — after `inflight` such losses the broker sends nothing more. So the poll
+/// is a future of its own that the subscriber's `select!` resumes, never drops.
+type Polled = futures::future::BoxFuture<'static, (EventLoop, Result<Event, ConnectionError>)>;
+
+fn poll_once(mut events: EventLoop) -> Polled {
+    Box::pin(async move {
+        let ev = events.poll().await;
+        (events, ev)
+    })
+}
 
 /// A validated message waiting for its device's next commit.
 struct Queued {
@@ -90,7 +104,8 @@ impl Subscriber {
             .set_inflight(self.cfg.inflight)
             .set_max_packet_size(self.cfg.max_packet_bytes, self.cfg.max_packet_bytes)
             .set_credentials(self.cfg.username.clone(), self.cfg.password_exposed());
-        let (client, mut events) = AsyncClient::new(opts, 65_536);
+        let (client, events) = AsyncClient::new(opts, 65_536);
+        let mut poll = poll_once(events);
         let this = Arc::new(self);
         let mut pending: FuturesOrdered<InFlight> = FuturesOrdered::new();
         // Devices with a commit in flight (see the module comment), and those commits.
@@ -122,7 +137,9 @@ impl Subscriber {
                         chains.push(chain);
                     }
                 }
-                ev = events.poll() => match ev {
+                (events, ev) = &mut poll => {
+                    poll = poll_once(events);
+                    match ev {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         backoff = Duration::from_millis(200);
                         tracing::info!(session_present = ack.session_present, "MQTT connected; subscribing.");
@@ -204,28 +221,43 @@ impl Subscriber {
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
-                },
+                    }
+                }
             }
         }
 
         // Drain: acknowledge what was committed; the rest stays with the broker. A device's
         // messages not yet handed to the writer are dropped unacknowledged.
+        // The event loop keeps running meanwhile, so the acks go out as they are queued (new
+        // messages that arrive are left unacknowledged, for the broker to hand over again).
         devices.clear();
         let drain = async {
-            loop {
+            while !pending.is_empty() || !chains.is_empty() {
                 tokio::select! {
                     Some((publish, on, handled)) = pending.next(), if !pending.is_empty() => {
                         this.finish(&client, &publish, on == connection, handled);
                     }
                     Some(_) = chains.next(), if !chains.is_empty() => {}
-                    else => break,
+                    (events, ev) = &mut poll => {
+                        poll = poll_once(events);
+                        if ev.is_err() {
+                            connection += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
                 }
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while events.poll().await.is_ok() {}
+            loop {
+                let (events, ev) = (&mut poll).await;
+                if ev.is_err() {
+                    break;
+                }
+                poll = poll_once(events);
+            }
         })
         .await;
         this.state.connected.store(false, Ordering::Relaxed);
