@@ -7,6 +7,7 @@ pub mod condition;
 mod deliver;
 mod error;
 mod record;
+mod recover;
 mod retention;
 pub mod rules;
 mod status;
@@ -22,6 +23,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 
 pub use api::ROUTES;
+pub use recover::recover;
 
 /// Rules and deliveries are administration: every method needs the scope.
 pub const SCOPES: &[ScopeRule] = &[ScopeRule {
