@@ -98,6 +98,10 @@ pub struct ActionsConfig {
     /// `CJ_ACTIONS_CLAIM_TIMEOUT`: a claimed delivery whose worker vanished is retried after this
     /// (must exceed the longest webhook timeout; 2m).
     pub claim_timeout: Duration,
+    /// `CJ_ACTIONS_STALL_AFTER`: `/health` is degraded when deliveries have been due this long
+    /// while none moved (2m; at least three rate-limit intervals, so a slow legitimate limit
+    /// is not a stall).
+    pub stall_after: Duration,
     /// `CJ_ACTIONS_ALLOW_PRIVATE_TARGETS`: let webhooks reach loopback, private and link-local
     /// addresses (default false: a rule cannot be used to probe the platform's own network).
     pub allow_private_targets: bool,
@@ -141,6 +145,7 @@ impl ActionsConfig {
                 .positive_duration("CJ_ACTIONS_POLL_INTERVAL", Duration::from_secs(1))?,
             claim_timeout: v
                 .positive_duration("CJ_ACTIONS_CLAIM_TIMEOUT", Duration::from_secs(120))?,
+            stall_after: v.positive_duration("CJ_ACTIONS_STALL_AFTER", Duration::from_secs(120))?,
             allow_private_targets: v.bool("CJ_ACTIONS_ALLOW_PRIVATE_TARGETS", false)?,
         })
     }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crate::common::webhook::{Receiver, Reply, verify};
+use crate::common::webhook::{Receiver, Reply, signatures, verify};
 use crate::common::*;
 use cornjacket::services::Service;
 use serde_json::{Value, json};
@@ -197,10 +197,11 @@ async fn failures_are_retried_with_growing_gaps_then_delivered_or_failed() {
     assert_eq!(calls.len(), 3, "exactly three calls");
     let ids: HashSet<_> = calls.iter().map(|c| c.header("webhook-id")).collect();
     assert_eq!(ids.len(), 1, "one webhook-id across retries");
+    // The schedule spread by ±20% (jitter).
     let g1 = calls[1].at - calls[0].at;
     let g2 = calls[2].at - calls[1].at;
-    assert!(g1 >= Duration::from_millis(290), "first gap {g1:?}");
-    assert!(g2 >= Duration::from_millis(1490), "second gap {g2:?}");
+    assert!(g1 >= Duration::from_millis(230), "first gap {g1:?}");
+    assert!(g2 >= Duration::from_millis(1190), "second gap {g2:?}");
     assert!(g2 > g1, "gaps grow: {g1:?} then {g2:?}");
 
     let ds = wait_deliveries(&app, r2["rule_id"].as_str().unwrap(), 1, &["failed"]).await;
@@ -224,8 +225,8 @@ async fn a_receiver_slower_than_the_timeout_counts_as_a_failure() {
     let slow = Receiver::start(
         vec![],
         Some(Reply {
-            status: 200,
             delay: Duration::from_secs(3),
+            ..Reply::status(200)
         }),
     )
     .await;
@@ -391,12 +392,24 @@ async fn the_breaker_opens_short_circuits_then_lets_one_trial_through() {
     wait_deliveries(&app, rh["rule_id"].as_str().unwrap(), 1, &["delivered"]).await;
     assert_eq!(healthy.count(), 1);
 
-    // After the cool-down: one trial call, which succeeds and closes the breaker.
+    // After the cool-down: one trial call, which succeeds and closes the breaker; then what
+    // was short-circuited during the outage is sent after all. Only the delivery that ran out
+    // of retries before the breaker opened stays failed.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(endpoint(&app).await.unwrap()["state"], "half_open");
     send(&app, alert("f", "error")).await;
-    wait_deliveries(&app, rf_id, 4, &["failed", "circuit_open", "delivered"]).await;
-    assert_eq!(failing.count(), 4, "exactly one trial call");
+    let ds = wait_deliveries(&app, rf_id, 4, &["failed", "delivered"]).await;
+    let failed: Vec<_> = ds.iter().filter(|d| d["status"] == "failed").collect();
+    assert_eq!(failed.len(), 1, "{ds:?}");
+    let calls = failing.wait_for(6, Duration::from_secs(10)).await;
+    let after: Vec<_> = calls[3..].iter().map(|c| c.header("webhook-id")).collect();
+    assert_eq!(
+        after.iter().collect::<HashSet<_>>().len(),
+        3,
+        "the trial and the two short-circuited deliveries, once each: {after:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(failing.count(), 6, "nothing sent twice");
     let e = endpoint(&app).await.unwrap();
     assert_eq!(e["state"], "closed", "{e}");
     assert_eq!(e["consecutive_failures"], 0);
@@ -637,4 +650,462 @@ async fn a_replay_records_no_delivery_twice_and_fires_no_newer_rule() {
     assert_eq!(newer_ds[0]["event_id"], live.as_str());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.count(), 5, "3 + 1 to the old rule, 1 to the newer");
+}
+
+async fn batch(app: &TestApp, events: Vec<Value>) {
+    for chunk in events.chunks(100) {
+        let r = app
+            .http
+            .post(app.url(Service::Ingestion, "/api/v1/ingest/batch"))
+            .json(&json!({ "events": chunk }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+}
+
+async fn get_json(app: &TestApp, path: &str) -> (u16, Value) {
+    let r = app
+        .http
+        .get(app.url(Service::Actions, path))
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap())
+}
+
+async fn post_json(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
+    let r = app
+        .http
+        .post(app.url(Service::Actions, path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn every_attempt_is_recorded_redacted_and_retry_after_is_honoured() {
+    let app = spawn(|e| {
+        e.insert("CJ_ACTIONS_RETRY_DELAYS".into(), "50ms,50ms".into());
+    })
+    .await;
+    let receiver = Receiver::start(
+        vec![Reply::status(503).with_retry_after("2").with_body(
+            r#"{"error":"busy","password":"hunter2","echo":"Bearer abcdefgh12345678"}"#,
+        )],
+        None,
+    )
+    .await;
+    let rule = create_rule(
+        &app,
+        json!({"name": "busy", "event_type": "system.alert",
+               "webhook": {"url": receiver.url("/h")}}),
+    )
+    .await;
+    send(&app, alert("busy-1", "error")).await;
+    let ds = wait_deliveries(&app, rule["rule_id"].as_str().unwrap(), 1, &["delivered"]).await;
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 2);
+    let gap = calls[1].at - calls[0].at;
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "Retry-After: 2 asked for two seconds, the retry came after {gap:?} (schedule: 50ms)"
+    );
+    let id = ds[0]["delivery_id"].as_str().unwrap();
+    let (s, v) = get_json(&app, &format!("/api/v1/actions/deliveries/{id}/attempts")).await;
+    assert_eq!(s, 200, "{v}");
+    let attempts = v["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{v}");
+    assert_eq!(attempts[0]["attempt"], 1);
+    assert_eq!(attempts[0]["status_code"], 503);
+    assert_eq!(attempts[0]["retry_after_s"], 2.0);
+    let excerpt = attempts[0]["response_excerpt"].as_str().unwrap();
+    assert!(excerpt.contains("busy"), "{excerpt}");
+    assert!(
+        !excerpt.contains("hunter2") && !excerpt.contains("abcdefgh12345678"),
+        "credentials masked: {excerpt}"
+    );
+    assert!(attempts[0]["duration_ms"].as_i64().unwrap() >= 0);
+    assert!(attempts[0]["started_at"].is_string());
+    assert_eq!(attempts[1]["attempt"], 2);
+    assert_eq!(attempts[1]["status_code"], 200);
+    assert!(attempts[1]["error"].is_null());
+
+    let (s, v) = get_json(
+        &app,
+        "/api/v1/actions/deliveries/00000000-0000-7000-8000-000000000000/attempts",
+    )
+    .await;
+    assert_eq!(s, 404, "{v}");
+    let (s, _) = get_json(&app, "/api/v1/actions/deliveries/nope/attempts").await;
+    assert_eq!(s, 400);
+}
+
+#[tokio::test]
+async fn gone_disables_the_rule_visibly_until_it_is_enabled_again() {
+    let app = spawn(|e| {
+        e.insert("CJ_ACTIONS_RETRY_DELAYS".into(), "50ms,50ms".into());
+    })
+    .await;
+    let receiver = Receiver::start(vec![Reply::status(410)], None).await;
+    let rule = create_rule(
+        &app,
+        json!({"name": "gone", "event_type": "system.alert", "dedup_window_s": 0,
+               "webhook": {"url": receiver.url("/h")}}),
+    )
+    .await;
+    let rule_id = rule["rule_id"].as_str().unwrap();
+    send(&app, alert("g-1", "error")).await;
+    let ds = wait_deliveries(&app, rule_id, 1, &["failed"]).await;
+    assert_eq!(ds[0]["attempts"], 1, "410 is not retried: {}", ds[0]);
+    assert_eq!(ds[0]["last_status_code"], 410);
+    let (_, r) = get_json(&app, &format!("/api/v1/actions/rules/{rule_id}")).await;
+    assert_eq!(r["enabled"], false, "{r}");
+    assert!(
+        r["disabled_reason"].as_str().unwrap().contains("410"),
+        "{r}"
+    );
+    assert!(r["disabled_at"].is_string());
+    // The endpoint's breaker is not the place for it: the endpoint answered.
+    let (_, e) = get_json(&app, "/api/v1/actions/endpoints").await;
+    let e = e["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["endpoint"] == receiver.url("/h").as_str())
+        .cloned();
+    assert!(
+        e.as_ref().is_none_or(|e| e["consecutive_failures"] == 0),
+        "{e:?}"
+    );
+
+    // Disabled: the next event fires nothing.
+    send(&app, alert("g-2", "error")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        deliveries(&app, &format!("rule_id={rule_id}")).await.len(),
+        1
+    );
+
+    // Enabled again through the API: the reason goes, the next event is delivered.
+    let r: Value = app
+        .http
+        .patch(app.url(
+            Service::Actions,
+            &format!("/api/v1/actions/rules/{rule_id}"),
+        ))
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["enabled"], true, "{r}");
+    assert!(r["disabled_reason"].is_null(), "{r}");
+    send(&app, alert("g-3", "error")).await;
+    let ds = wait_deliveries(&app, rule_id, 2, &["failed", "delivered"]).await;
+    assert!(ds.iter().any(|d| d["status"] == "delivered"), "{ds:?}");
+}
+
+#[tokio::test]
+async fn recovery_resends_what_failed_once_each_even_when_run_twice() {
+    let app = spawn(|e| {
+        e.insert("CJ_ACTIONS_RETRY_DELAYS".into(), "50ms".into());
+        e.insert("CJ_ACTIONS_BREAKER_THRESHOLD".into(), "1000".into());
+    })
+    .await;
+    // Down for the first ten calls (five deliveries, two attempts each), then up.
+    let receiver = Receiver::start(vec![Reply::status(500); 10], None).await;
+    let other = Receiver::start(vec![], Some(Reply::status(500))).await;
+    let rule = create_rule(
+        &app,
+        json!({"name": "down", "event_type": "system.alert", "dedup_window_s": 0,
+               "condition": {"path": "aggregate_id", "op": "starts_with", "value": "r-"},
+               "webhook": {"url": receiver.url("/h")}}),
+    )
+    .await;
+    let other_rule = create_rule(
+        &app,
+        json!({"name": "other", "event_type": "system.alert", "dedup_window_s": 0,
+               "condition": {"path": "aggregate_id", "op": "starts_with", "value": "o-"},
+               "webhook": {"url": other.url("/h")}}),
+    )
+    .await;
+    let rule_id = rule["rule_id"].as_str().unwrap();
+    let since = wall_clock() - chrono::Duration::seconds(5);
+    batch(
+        &app,
+        (0..5)
+            .map(|i| alert(&format!("r-{i}"), "error"))
+            .chain([alert("o-1", "error")])
+            .collect(),
+    )
+    .await;
+    wait_deliveries(&app, rule_id, 5, &["failed"]).await;
+    wait_deliveries(
+        &app,
+        other_rule["rule_id"].as_str().unwrap(),
+        1,
+        &["failed"],
+    )
+    .await;
+    assert_eq!(receiver.count(), 10);
+
+    let body = json!({"since": cornjacket::envelope::format_time(&since), "rule_id": rule_id});
+    let (s, v) = post_json(&app, "/api/v1/actions/recover", body.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["requeued"], 5, "{v}");
+    // At once again: nothing more is queued, nothing is sent twice.
+    let (s, v) = post_json(&app, "/api/v1/actions/recover", body).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["requeued"], 0, "{v}");
+    let ds = wait_deliveries(&app, rule_id, 5, &["delivered"]).await;
+    for d in &ds {
+        assert_eq!(d["attempts"], 3, "attempts keep counting: {d}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 15, "each recovered delivery sent once");
+    let resent: HashSet<_> = calls[10..].iter().map(|c| c.header("webhook-id")).collect();
+    assert_eq!(resent.len(), 5);
+    // Another rule's failure was not touched.
+    assert_eq!(
+        deliveries(
+            &app,
+            &format!("rule_id={}", other_rule["rule_id"].as_str().unwrap())
+        )
+        .await[0]["status"],
+        "failed"
+    );
+
+    for (body, field) in [
+        (json!({"since": "yesterday"}), "since"),
+        (
+            json!({"since": "2026-01-01T00:00:00Z", "rule_id": "x"}),
+            "rule_id",
+        ),
+    ] {
+        let (s, v) = post_json(&app, "/api/v1/actions/recover", body).await;
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(v["error"], "the request is invalid");
+        assert!(v.to_string().contains(field), "{v}");
+    }
+    let (s, v) = post_json(&app, "/api/v1/actions/recover", json!({"rule_id": rule_id})).await;
+    assert_eq!(s, 400, "{v}");
+}
+
+#[tokio::test]
+async fn a_rotated_secret_signs_alongside_the_old_one_until_the_grace_ends() {
+    let app = spawn(|_| {}).await;
+    let receiver = Receiver::ok().await;
+    let old = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let rule = create_rule(
+        &app,
+        json!({"name": "rotating", "event_type": "system.alert", "dedup_window_s": 0,
+               "webhook": {"url": receiver.url("/h"), "secret": old}}),
+    )
+    .await;
+    let rule_id = rule["rule_id"].as_str().unwrap();
+    let path = format!("/api/v1/actions/rules/{rule_id}/rotate-secret");
+    let (s, v) = post_json(&app, &path, json!({"grace_s": 3})).await;
+    assert_eq!(s, 200, "{v}");
+    let new = v["webhook"]["secret"].as_str().unwrap().to_string();
+    assert!(new.starts_with("whsec_") && new != old, "{v}");
+    assert!(
+        v["webhook"]["previous_secret_expires_at"].is_string(),
+        "{v}"
+    );
+    // A read shows when the overlap ends, never a secret.
+    let (_, r) = get_json(&app, &format!("/api/v1/actions/rules/{rule_id}")).await;
+    assert!(r["webhook"].get("secret").is_none(), "{r}");
+    assert!(!r.to_string().contains(&new[6..]) && !r.to_string().contains(&old[6..]));
+
+    send(&app, alert("rot-1", "error")).await;
+    let calls = receiver.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(signatures(&calls[0]).len(), 2, "{:?}", calls[0].headers);
+    assert!(verify(old, &calls[0]), "the old secret still verifies");
+    assert!(verify(&new, &calls[0]), "the new secret verifies");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    send(&app, alert("rot-2", "error")).await;
+    let calls = receiver.wait_for(2, Duration::from_secs(20)).await;
+    assert_eq!(signatures(&calls[1]).len(), 1, "{:?}", calls[1].headers);
+    assert!(verify(&new, &calls[1]));
+    assert!(
+        !verify(old, &calls[1]),
+        "after the grace the old secret no longer verifies"
+    );
+
+    for (body, field) in [
+        (json!({"secret": "nope"}), "secret"),
+        (json!({"grace_s": -1}), "grace_s"),
+        (json!({"grace_s": 1e9}), "grace_s"),
+        (json!({"colour": "red"}), "colour"),
+    ] {
+        let (s, v) = post_json(&app, &path, body).await;
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(v["error"], "the request is invalid");
+        assert!(v.to_string().contains(field), "{v}");
+    }
+    let (s, _) = post_json(
+        &app,
+        "/api/v1/actions/rules/00000000-0000-7000-8000-000000000000/rotate-secret",
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test]
+async fn a_deep_backlog_behind_a_slow_endpoint_does_not_hold_back_another_rules_webhook() {
+    let app = spawn(|e| {
+        e.insert("CJ_ACTIONS_RATE_LIMIT".into(), "10/1s".into());
+        e.insert("CJ_ACTIONS_WORKERS".into(), "4".into());
+    })
+    .await;
+    let slow = Receiver::start(
+        vec![],
+        Some(Reply {
+            delay: Duration::from_millis(300),
+            ..Reply::status(200)
+        }),
+    )
+    .await;
+    let catch_all = create_rule(
+        &app,
+        json!({"name": "everything", "event_type": "*", "dedup_window_s": 0,
+               "webhook": {"url": slow.url("/all")}}),
+    )
+    .await;
+    batch(
+        &app,
+        (0..300)
+            .map(|i| alert(&format!("bulk-{i}"), "info"))
+            .collect(),
+    )
+    .await;
+    let catch_all_id = catch_all["rule_id"].as_str().unwrap();
+    eventually(Duration::from_secs(30), || async {
+        (deliveries(&app, &format!("rule_id={catch_all_id}&limit=500"))
+            .await
+            .len()
+            == 300)
+            .then_some(())
+    })
+    .await;
+    slow.wait_for(5, Duration::from_secs(10)).await;
+
+    let fast = Receiver::ok().await;
+    create_rule(
+        &app,
+        json!({"name": "pager", "event_type": "system.alert",
+               "condition": {"path": "aggregate_id", "op": "==", "value": "urgent"},
+               "webhook": {"url": fast.url("/page")}}),
+    )
+    .await;
+    let sent = std::time::Instant::now();
+    send(&app, alert("urgent", "error")).await;
+    fast.wait_for(1, Duration::from_secs(20)).await;
+    let waited = sent.elapsed();
+    let pending = deliveries(
+        &app,
+        &format!("rule_id={catch_all_id}&status=pending&limit=500"),
+    )
+    .await
+    .len();
+    // At 10 a second, the backlog ahead of it would have taken half a minute.
+    assert!(
+        pending > 100,
+        "the backlog was still there ({pending} pending) when the new rule's webhook went"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "the new rule's webhook waited {waited:?} behind another rule's backlog"
+    );
+}
+
+#[tokio::test]
+async fn health_is_degraded_while_due_deliveries_do_not_move() {
+    let app = spawn(|e| {
+        e.insert("CJ_ACTIONS_STALL_AFTER".into(), "1s".into());
+        e.insert("CJ_ACTIONS_RATE_LIMIT".into(), "0".into());
+    })
+    .await;
+    let receiver = Receiver::ok().await;
+    let rule = create_rule(
+        &app,
+        json!({"name": "stuck", "event_type": "system.alert", "dedup_window_s": 0,
+               "webhook": {"url": receiver.url("/h")}}),
+    )
+    .await;
+    let rule_id = rule["rule_id"].as_str().unwrap();
+    send(&app, alert("s-1", "error")).await;
+    wait_deliveries(&app, rule_id, 1, &["delivered"]).await;
+    let health = || async {
+        let v: Value = app
+            .http
+            .get(app.health_url(Service::Actions, "/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v
+    };
+    assert_eq!(health().await["checks"]["deliveries"]["status"], "healthy");
+
+    // A stuck instance: it holds a due delivery's row and never lets go. The worker skips it
+    // (SKIP LOCKED) and nothing else moves.
+    let pool = app.db.pool().await;
+    let mut stuck = pool.begin().await.unwrap();
+    let id = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO actions.deliveries
+             (delivery_id, rule_id, event_id, event_type, aggregate_id, event_at, endpoint, body,
+              status, next_attempt_at)
+         SELECT $1, rule_id, $2, 'system.alert', 's-2', now(), webhook_url, '{}', 'pending',
+                now() + interval '2 seconds'
+         FROM actions.rules WHERE rule_id = $3",
+    )
+    .bind(id)
+    .bind(uuid::Uuid::now_v7())
+    .bind(uuid::Uuid::parse_str(rule_id).unwrap())
+    .execute(&mut *stuck)
+    .await
+    .unwrap();
+    let mut other = pool.begin().await.unwrap();
+    // Committed, then locked by a transaction that stays open, before it is due.
+    stuck.commit().await.unwrap();
+    sqlx::query("SELECT 1 FROM actions.deliveries WHERE delivery_id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let v = eventually(Duration::from_secs(20), || async {
+        let v = health().await;
+        (v["checks"]["deliveries"]["status"] == "degraded").then_some(v)
+    })
+    .await;
+    assert_eq!(v["status"], "degraded", "{v}");
+    assert!(
+        v["checks"]["deliveries"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("none moved"),
+        "{v}"
+    );
+    // Let go: it is delivered and health recovers.
+    other.rollback().await.unwrap();
+    wait_deliveries(&app, rule_id, 2, &["delivered"]).await;
+    eventually(Duration::from_secs(20), || async {
+        (health().await["checks"]["deliveries"]["status"] == "healthy").then_some(())
+    })
+    .await;
 }

@@ -6,6 +6,7 @@
 mod common;
 
 mod actions;
+mod actions_replicas;
 mod auth;
 mod bad_input;
 mod broker_restart;

@@ -30,9 +30,12 @@ crate::infra::http::routes! {
         put "/api/v1/actions/rules/{rule_id}" => replace_rule;
         patch "/api/v1/actions/rules/{rule_id}" => patch_rule;
         delete "/api/v1/actions/rules/{rule_id}" => delete_rule;
+        post "/api/v1/actions/rules/{rule_id}/rotate-secret" => rotate_secret;
         get "/api/v1/actions/deliveries" => list_deliveries;
         get "/api/v1/actions/deliveries/{delivery_id}" => get_delivery;
+        get "/api/v1/actions/deliveries/{delivery_id}/attempts" => list_attempts;
         post "/api/v1/actions/deliveries/{delivery_id}/retry" => retry_delivery;
+        post "/api/v1/actions/recover" => recover;
         get "/api/v1/actions/endpoints" => list_endpoints;
     }
 }
@@ -286,7 +289,7 @@ async fn get_delivery(
         .ok_or_else(|| ActionsError::NotFound(format!("no delivery with id {id}")))
 }
 
-/// Sends a finished, unsuccessful delivery again from its first attempt (an operator's
+/// Sends a finished, unsuccessful delivery again with a fresh retry schedule (an operator's
 /// "resend" after fixing the receiver).
 async fn retry_delivery(
     State(s): State<ApiState>,
@@ -303,7 +306,8 @@ async fn retry_delivery(
     };
     let r = sqlx::query(
         "UPDATE actions.deliveries
-         SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+         SET status = 'pending', round_start = attempts, claim_token = NULL,
+             next_attempt_at = now(), updated_at = now()
          WHERE delivery_id = $1 AND status IN ('failed', 'circuit_open', 'cancelled')",
     )
     .bind(id)
@@ -351,4 +355,171 @@ async fn list_endpoints(State(s): State<ApiState>) -> Result<Json<Value>, Action
     .fetch_all(&s.pool)
     .await?;
     Ok(Json(json!({ "endpoints": rows })))
+}
+
+/// The longest overlap a rotation may give the previous secret.
+const MAX_GRACE_S: f64 = 30.0 * 86_400.0;
+/// The overlap when none is asked for: a day, for receivers deployed once a day.
+const DEFAULT_GRACE_S: f64 = 86_400.0;
+
+/// Rotates a rule's secret: the new one (given or generated) signs from now on and the old one
+/// keeps signing alongside it for the grace period, so receivers can switch without a failed
+/// call. Answers the new secret, once.
+async fn rotate_secret(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ActionsError> {
+    let id = uuid_param("rule_id", &id)?;
+    let empty = matches!(&body, Ok(b) if b.is_empty());
+    let doc = if empty {
+        json!({})
+    } else {
+        json_body(&headers, body)?
+    };
+    let mut errors = Vec::new();
+    let Some(obj) = doc.as_object() else {
+        return Err(ActionsError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
+    };
+    for k in obj.keys() {
+        if !matches!(k.as_str(), "secret" | "grace_s") {
+            errors.push(FieldError {
+                field: k.clone(),
+                message: "unknown field".into(),
+            });
+        }
+    }
+    let secret = match obj.get("secret") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(v)) if rules::secret_key(v).is_some() => Some(v.clone()),
+        Some(_) => {
+            errors.push(FieldError {
+                field: "secret".into(),
+                message: "must be whsec_ followed by the base64 of 24 to 64 bytes".into(),
+            });
+            None
+        }
+    };
+    let grace = match obj.get("grace_s") {
+        None | Some(Value::Null) => DEFAULT_GRACE_S,
+        Some(v) => match v.as_f64() {
+            Some(g) if (0.0..=MAX_GRACE_S).contains(&g) => g,
+            _ => {
+                errors.push(FieldError {
+                    field: "grace_s".into(),
+                    message: format!("must be a number of seconds from 0 to {MAX_GRACE_S}"),
+                });
+                0.0
+            }
+        },
+    };
+    if !errors.is_empty() {
+        return Err(ActionsError::InvalidRequest(errors));
+    }
+    let rule = rules::rotate_secret(
+        &s.pool,
+        id,
+        secret,
+        std::time::Duration::from_secs_f64(grace),
+    )
+    .await?
+    .ok_or_else(|| rule_not_found(id))?;
+    tracing::info!(rule_id = %id, grace_s = grace, "Rule secret rotated.");
+    Ok(Json(rule.to_json(View::Created)))
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+struct Attempt {
+    attempt: i32,
+    #[serde(serialize_with = "ser_time")]
+    started_at: DateTime<Utc>,
+    duration_ms: i32,
+    status_code: Option<i32>,
+    response_excerpt: Option<String>,
+    error: Option<String>,
+    retry_after_s: Option<f64>,
+}
+
+/// Every call made for a delivery, oldest first: when, how long, what the receiver answered
+/// (a bounded, redacted excerpt) or why there was no answer.
+async fn list_attempts(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ActionsError> {
+    let id = uuid_param("delivery_id", &id)?;
+    let exists: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM actions.deliveries WHERE delivery_id = $1")
+            .bind(id)
+            .fetch_optional(&s.pool)
+            .await?;
+    if exists.is_none() {
+        return Err(ActionsError::NotFound(format!("no delivery with id {id}")));
+    }
+    let rows: Vec<Attempt> = sqlx::query_as(
+        "SELECT attempt, started_at, duration_ms, status_code, response_excerpt, error,
+                retry_after_s
+         FROM actions.attempts WHERE delivery_id = $1 ORDER BY attempt",
+    )
+    .bind(id)
+    .fetch_all(&s.pool)
+    .await?;
+    Ok(Json(json!({ "delivery_id": id, "attempts": rows })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverBody {
+    since: String,
+    #[serde(default)]
+    rule_id: Option<String>,
+}
+
+/// Sends again every `failed` or `circuit_open` delivery recorded since a time (of one rule, or
+/// of all): the way back after a receiver's long outage. Twice is the same as once.
+async fn recover(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ActionsError> {
+    let doc = json_body(&headers, body)?;
+    let b: RecoverBody = serde_json::from_value(doc).map_err(|e| {
+        ActionsError::BadRequest(format!("the body is not a recovery request: {e}"))
+    })?;
+    let mut errors = Vec::new();
+    let since = match DateTime::parse_from_rfc3339(&b.since) {
+        Ok(t) => Some(t.with_timezone(&Utc)),
+        Err(_) => {
+            errors.push(FieldError {
+                field: "since".into(),
+                message: "must be an RFC 3339 time".into(),
+            });
+            None
+        }
+    };
+    let rule = match b.rule_id.as_deref().map(Uuid::parse_str) {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            errors.push(FieldError {
+                field: "rule_id".into(),
+                message: "must be a UUID".into(),
+            });
+            None
+        }
+    };
+    let Some(since) = since.filter(|_| errors.is_empty()) else {
+        return Err(ActionsError::InvalidRequest(errors));
+    };
+    let requeued = super::recover::recover(&s.pool, since, rule).await?;
+    if requeued > 0 {
+        s.wake.notify_one();
+    }
+    Ok(Json(json!({
+        "requeued": requeued,
+        "since": format_time(&since),
+        "rule_id": rule,
+    })))
 }

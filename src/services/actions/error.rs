@@ -13,6 +13,9 @@ use crate::infra::http::{self, DbFailure, error_body};
 pub enum ActionsError {
     #[error("the rule is invalid")]
     Invalid(Vec<FieldError>),
+    /// A request other than a rule document (recovery, rotation) with field errors.
+    #[error("the request is invalid")]
+    InvalidRequest(Vec<FieldError>),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -61,7 +64,9 @@ impl IntoResponse for ActionsError {
     fn into_response(self) -> Response {
         let msg = self.to_string();
         match self {
-            ActionsError::Invalid(details) => http::invalid(msg, &details),
+            ActionsError::Invalid(details) | ActionsError::InvalidRequest(details) => {
+                http::invalid(msg, &details)
+            }
             ActionsError::BadRequest(_) => error_body(StatusCode::BAD_REQUEST, msg, json!([])),
             ActionsError::NotFound(_) => error_body(StatusCode::NOT_FOUND, msg, json!([])),
             ActionsError::Conflict(_) => error_body(StatusCode::CONFLICT, msg, json!([])),

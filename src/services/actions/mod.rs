@@ -15,6 +15,7 @@ mod status;
 crate::service_migrations!("actions", "migrations/actions");
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -131,20 +132,46 @@ impl ConsumerService for Orchestrator {
         if !s.ready.get() {
             return checks;
         }
-        let backlog: Result<(i64, Option<f64>), sqlx::Error> = sqlx::query_as(
-            "SELECT count(*), extract(epoch FROM now() - min(next_attempt_at))::float8
-         FROM actions.deliveries
-         WHERE status IN ('pending', 'delivering') AND next_attempt_at <= now()",
+        // Due deliveries, the oldest one's age, and how long since any delivery moved (an
+        // attempt, or one reaching a final state): all index-backed.
+        let backlog: Result<(i64, Option<f64>, Option<f64>), sqlx::Error> = sqlx::query_as(
+            "SELECT count(*), extract(epoch FROM now() - min(next_attempt_at))::float8,
+                    extract(epoch FROM now() - greatest(
+                        (SELECT max(started_at) FROM actions.attempts),
+                        (SELECT max(updated_at) FROM actions.deliveries
+                         WHERE status NOT IN ('pending', 'delivering'))))::float8
+             FROM actions.deliveries
+             WHERE status IN ('pending', 'delivering') AND next_attempt_at <= now()",
         )
         .fetch_one(&s.pool)
         .await;
-        if let Ok((due, oldest)) = backlog {
+        if let Ok((due, oldest, since_moved)) = backlog {
             metrics::gauge!("cj_webhook_deliveries_due").set(due as f64);
+            // A legitimate rate limit moves one delivery per interval: a stall is longer.
+            let stall = self.cfg.stall_after.max(
+                self.cfg
+                    .rate_limit
+                    .map_or(Duration::ZERO, |(n, period)| period / n * 3),
+            );
+            let stalled = due > 0
+                && oldest.is_some_and(|o| o > stall.as_secs_f64())
+                && since_moved.is_none_or(|m| m > stall.as_secs_f64());
+            let mut detail =
+                json!({ "due": due, "oldest_due_s": oldest, "last_moved_s_ago": since_moved });
+            if stalled {
+                detail["error"] = json!(format!(
+                    "deliveries have been due for over {stall:?} and none moved: no worker is claiming them"
+                ));
+            }
             checks.push((
                 "deliveries",
                 Check::new(
-                    Status::Healthy,
-                    json!({ "due": due, "oldest_due_s": oldest }),
+                    if stalled {
+                        Status::Degraded
+                    } else {
+                        Status::Healthy
+                    },
+                    detail,
                 ),
             ));
         }

@@ -65,6 +65,12 @@ pub struct Rule {
     pub enabled: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Why the platform disabled the rule itself (the receiver answered 410 Gone).
+    pub disabled_reason: Option<String>,
+    pub disabled_at: Option<DateTime<Utc>>,
+    /// The secret before the last rotation: it signs too until it expires.
+    pub previous_secret: Option<String>,
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
 }
 
 impl Rule {
@@ -89,7 +95,14 @@ impl Rule {
         if view == View::Created {
             webhook["secret"] = json!(self.webhook_secret);
         }
-        json!({
+        if view != View::Editable {
+            webhook["previous_secret_expires_at"] = json!(
+                self.previous_secret_expires_at
+                    .as_ref()
+                    .map(crate::envelope::format_time)
+            );
+        }
+        let mut doc = json!({
             "rule_id": self.rule_id,
             "name": self.name,
             "event_type": self.event_type,
@@ -99,7 +112,26 @@ impl Rule {
             "dedup_window_s": self.dedup_window_ms.map(|ms| ms as f64 / 1000.0),
             "created_at": crate::envelope::format_time(&self.created_at),
             "updated_at": crate::envelope::format_time(&self.updated_at),
-        })
+        });
+        if view != View::Editable {
+            doc["disabled_reason"] = json!(self.disabled_reason);
+            doc["disabled_at"] = json!(self.disabled_at.as_ref().map(crate::envelope::format_time));
+        }
+        doc
+    }
+
+    /// The keys that sign a call made at `now`: the current secret's, then the previous one's
+    /// while its overlap lasts (Standard Webhooks: one signature per key, space separated, any
+    /// one verifies — so receivers can switch secrets without a gap).
+    pub fn signing_keys(&self, now: DateTime<Utc>) -> Option<Vec<Vec<u8>>> {
+        let mut keys = vec![secret_key(&self.webhook_secret)?];
+        if let (Some(prev), Some(until)) = (&self.previous_secret, self.previous_secret_expires_at)
+            && until > now
+            && let Some(k) = secret_key(prev)
+        {
+            keys.push(k);
+        }
+        Some(keys)
     }
 
     /// Whether the rule fires for this event (pattern and condition); `envelope` is the JSON
@@ -217,6 +249,9 @@ pub fn validate(body: &Value) -> Result<RuleInput, Vec<FieldError>> {
                 | "rule_id"
                 | "created_at"
                 | "updated_at"
+                // Read-only: shown by reads, so a read document can be sent back as is.
+                | "disabled_reason"
+                | "disabled_at"
         ) {
             fe(&mut errors, k.as_str(), "unknown field");
         }
@@ -282,7 +317,10 @@ pub fn validate(body: &Value) -> Result<RuleInput, Vec<FieldError>> {
         }
     };
     for k in webhook.keys() {
-        if !matches!(k.as_str(), "url" | "secret" | "headers" | "timeout_s") {
+        if !matches!(
+            k.as_str(),
+            "url" | "secret" | "headers" | "timeout_s" | "previous_secret_expires_at"
+        ) {
             fe(&mut errors, format!("webhook.{k}"), "unknown field");
         }
     }
@@ -410,12 +448,15 @@ pub fn generate_secret() -> String {
 }
 
 const COLUMNS: &str = "rule_id, name, event_type, condition, webhook_url, webhook_secret,
+    webhook_headers, timeout_ms, dedup_window_ms, enabled, created_at, updated_at,
+    disabled_reason, disabled_at, previous_secret, previous_secret_expires_at";
+const INSERT_COLUMNS: &str = "rule_id, name, event_type, condition, webhook_url, webhook_secret,
     webhook_headers, timeout_ms, dedup_window_ms, enabled, created_at, updated_at";
 
 pub async fn insert(pool: &PgPool, r: RuleInput) -> Result<Rule, sqlx::Error> {
     let secret = r.webhook_secret.unwrap_or_else(generate_secret);
     sqlx::query_as(&format!(
-        "INSERT INTO actions.rules ({COLUMNS})
+        "INSERT INTO actions.rules ({INSERT_COLUMNS})
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now(), now())
          RETURNING {COLUMNS}"
     ))
@@ -433,12 +474,20 @@ pub async fn insert(pool: &PgPool, r: RuleInput) -> Result<Rule, sqlx::Error> {
     .await
 }
 
-/// Replaces a rule's fields; a `None` secret keeps the stored one.
+/// Replaces a rule's fields; a `None` secret keeps the stored one. A new secret given this way
+/// takes over at once (no overlap: that is what rotation is for); enabling the rule clears why
+/// the platform had disabled it.
 pub async fn update(pool: &PgPool, id: Uuid, r: RuleInput) -> Result<Option<Rule>, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE actions.rules SET name = $2, event_type = $3, condition = $4, webhook_url = $5,
              webhook_secret = COALESCE($6, webhook_secret), webhook_headers = $7, timeout_ms = $8,
-             dedup_window_ms = $9, enabled = $10, updated_at = now()
+             dedup_window_ms = $9, enabled = $10, updated_at = now(),
+             previous_secret = CASE WHEN $6 IS NULL OR $6 = webhook_secret
+                                    THEN previous_secret END,
+             previous_secret_expires_at = CASE WHEN $6 IS NULL OR $6 = webhook_secret
+                                               THEN previous_secret_expires_at END,
+             disabled_reason = CASE WHEN $10 THEN NULL ELSE disabled_reason END,
+             disabled_at = CASE WHEN $10 THEN NULL ELSE disabled_at END
          WHERE rule_id = $1
          RETURNING {COLUMNS}"
     ))
@@ -454,6 +503,48 @@ pub async fn update(pool: &PgPool, id: Uuid, r: RuleInput) -> Result<Option<Rule
     .bind(r.enabled)
     .fetch_optional(pool)
     .await
+}
+
+/// Rotates a rule's secret: `new` (or a generated one) signs from now on, the current one
+/// keeps signing alongside it for `grace`. Answers the rule with its new secret.
+pub async fn rotate_secret(
+    pool: &PgPool,
+    id: Uuid,
+    new: Option<String>,
+    grace: std::time::Duration,
+) -> Result<Option<Rule>, sqlx::Error> {
+    let secret = new.unwrap_or_else(generate_secret);
+    sqlx::query_as(&format!(
+        "UPDATE actions.rules
+         SET previous_secret = webhook_secret, webhook_secret = $2,
+             previous_secret_expires_at = now() + make_interval(secs => $3), updated_at = now()
+         WHERE rule_id = $1
+         RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(&secret)
+    .bind(grace.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
+/// The receiver said the endpoint is gone for good (410): the rule stops firing, saying why,
+/// until someone enables it again.
+pub async fn disable_gone(
+    db: impl sqlx::PgExecutor<'_>,
+    id: Uuid,
+    reason: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE actions.rules
+         SET enabled = false, disabled_reason = $2, disabled_at = now(), updated_at = now()
+         WHERE rule_id = $1 AND enabled",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<Rule>, sqlx::Error> {

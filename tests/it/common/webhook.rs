@@ -43,6 +43,8 @@ impl Call {
 pub struct Reply {
     pub status: u16,
     pub delay: Duration,
+    pub body: &'static str,
+    pub retry_after: Option<&'static str>,
 }
 
 impl Reply {
@@ -50,6 +52,19 @@ impl Reply {
         Self {
             status,
             delay: Duration::ZERO,
+            body: "",
+            retry_after: None,
+        }
+    }
+
+    pub fn with_body(self, body: &'static str) -> Self {
+        Self { body, ..self }
+    }
+
+    pub fn with_retry_after(self, v: &'static str) -> Self {
+        Self {
+            retry_after: Some(v),
+            ..self
         }
     }
 }
@@ -124,7 +139,8 @@ async fn handle(
     State(inner): State<Arc<Mutex<Inner>>>,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let reply = {
         let mut i = inner.lock().unwrap();
         i.calls.push(Call {
@@ -138,7 +154,26 @@ async fn handle(
             .unwrap_or(Reply::status(200))
     };
     tokio::time::sleep(reply.delay).await;
-    StatusCode::from_u16(reply.status).unwrap()
+    let mut headers = HeaderMap::new();
+    if let Some(v) = reply.retry_after {
+        headers.insert("retry-after", v.parse().unwrap());
+    }
+    (
+        StatusCode::from_u16(reply.status).unwrap(),
+        headers,
+        reply.body,
+    )
+        .into_response()
+}
+
+/// The signatures in a call's `webhook-signature` header.
+pub fn signatures(call: &Call) -> Vec<String> {
+    call.header("webhook-signature")
+        .unwrap_or_default()
+        .split(' ')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Standard Webhooks verification, written from the specification (not the platform's code):

@@ -72,12 +72,14 @@ pub(super) async fn reopen_trial(pool: &PgPool, endpoint: &str) -> Result<(), sq
     .map(|_| ())
 }
 
-/// A call succeeded: the endpoint's breaker closes and its failures are forgotten.
+/// A call succeeded: the endpoint's breaker closes, its failures are forgotten, and what it
+/// short-circuited while open is sent after all (due now, in the order it was recorded; the
+/// rate limit and the fair share pace it). Returns how many were re-queued.
 pub(super) async fn succeeded(
     tx: &mut Transaction<'_, Postgres>,
     endpoint: &str,
     trial: bool,
-) -> Result<(), sqlx::Error> {
+) -> Result<u64, sqlx::Error> {
     sqlx::query(
         "INSERT INTO actions.endpoint_health AS h
              (endpoint, state, consecutive_failures, last_success_at, updated_at)
@@ -89,10 +91,20 @@ pub(super) async fn succeeded(
     .bind(endpoint)
     .execute(&mut **tx)
     .await?;
-    if trial {
-        tracing::info!(%endpoint, "Circuit closed: the trial call succeeded.");
+    let requeued = sqlx::query(
+        "UPDATE actions.deliveries
+         SET status = 'pending', next_attempt_at = now(), updated_at = now(),
+             last_error = 'short-circuited while the breaker was open; sent now that it closed'
+         WHERE endpoint = $1 AND status = 'circuit_open'",
+    )
+    .bind(endpoint)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if trial || requeued > 0 {
+        tracing::info!(%endpoint, requeued, "Circuit closed: the endpoint answered; what it short-circuited is sent now.");
     }
-    Ok(())
+    Ok(requeued)
 }
 
 /// One more consecutive failure for the endpoint; opens its breaker at `threshold` for

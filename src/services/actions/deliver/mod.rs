@@ -10,12 +10,14 @@
 //! in-process `governor` bucket, so it is global across instances and restarts.
 //!
 //! One file per concern: `worker` (the claim loop and a delivery's course), `send` (the HTTP
-//! call), `settle` (recording where a delivery ended), `breaker`, `rate_limit`, `egress` (which
-//! addresses a webhook may reach) and `signing`.
+//! call and what its answer means), `settle` (recording each attempt and where a delivery
+//! ended), `breaker`, `rate_limit`, `egress` (which addresses a webhook may reach), `redact`
+//! (what of an answer is kept) and `signing`.
 
 mod breaker;
 mod egress;
 mod rate_limit;
+mod redact;
 mod send;
 mod settle;
 mod signing;
@@ -40,9 +42,14 @@ struct Claimed {
     event_type: String,
     aggregate_id: String,
     event_at: DateTime<Utc>,
+    /// The webhook URL it was recorded (or last attempted) for: the breaker's and the fair
+    /// share's key.
+    endpoint: String,
     body: String,
     traceparent: Option<String>,
     attempts: i32,
+    /// Where the current retry schedule began (recovery and manual retries restart it).
+    round_start: i32,
 }
 
 pub(super) struct Deliverer {

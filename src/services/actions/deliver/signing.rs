@@ -17,6 +17,15 @@ pub(super) fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String 
     format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
 }
 
+/// The `webhook-signature` value for several keys (a secret rotation's overlap): one signature
+/// per key, space separated, as the Standard Webhooks specification defines.
+pub(super) fn sign_all(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8]) -> String {
+    keys.iter()
+        .map(|k| sign(k, id, timestamp, body))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

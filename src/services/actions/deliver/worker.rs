@@ -1,9 +1,11 @@
-//! The claim loop: claims as many due deliveries as there are free worker slots (`SKIP LOCKED`,
-//! so instances share the work), and takes each through its course — rule, rate limit, breaker,
-//! call, record — with database trouble retried on either side of the call but never the call.
+//! The claim loop: claims as many due deliveries as there are free worker slots *and* free
+//! rate-limit slots (one transaction, `SKIP LOCKED`, so instances share the work), round-robin
+//! over endpoints and skipping those whose breaker is open, and takes each through its course —
+//! rule, breaker, call, record — with database trouble retried on either side of the call but
+//! never the call.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -17,21 +19,38 @@ use crate::infra::db;
 use crate::services::actions::rules;
 use crate::services::actions::status::DeliveryStatus;
 
+/// How many due deliveries of endpoints with an open breaker are parked as `circuit_open` per
+/// pass: a deep backlog behind a dead endpoint is worked off in slices, never in one statement.
+const PARK_SLICE: i64 = 1000;
+
+/// What one claim found.
+struct Claim {
+    claimed: Vec<Claimed>,
+    /// Nothing claimed because no rate-limit slot is free: when the next one is.
+    slot_in: Option<Duration>,
+    /// Due deliveries were there but other instances held them: look again soon.
+    contended: bool,
+}
+
 impl Deliverer {
     pub(in crate::services::actions) async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.cfg.workers));
         let mut tasks = JoinSet::new();
         let mut backoff = Duration::from_millis(200);
+        // Due deliveries held by other instances: look again soon, then less and less often
+        // (a stuck instance holding rows must not turn this loop into a busy one).
+        let mut contended_wait = Duration::from_millis(20);
         loop {
             while tasks.try_join_next().is_some() {}
             let free = slots.available_permits();
             let mut wait = self.cfg.poll_interval;
             if free > 0 {
                 let token = Uuid::now_v7();
-                match self.claim(free as i64, token).await {
-                    Ok(claimed) if !claimed.is_empty() => {
+                match self.claim(free, token).await {
+                    Ok(c) if !c.claimed.is_empty() => {
                         backoff = Duration::from_millis(200);
-                        for d in claimed {
+                        contended_wait = Duration::from_millis(20);
+                        for d in c.claimed {
                             let permit = slots.clone().acquire_owned().await.expect("open");
                             let this = self.clone();
                             let stop = shutdown.clone();
@@ -42,8 +61,14 @@ impl Deliverer {
                         }
                         continue;
                     }
-                    Ok(_) => {
-                        if let Ok(Some(due)) = self.next_due().await {
+                    Ok(c) => {
+                        backoff = Duration::from_millis(200);
+                        if let Some(slot) = c.slot_in {
+                            wait = wait.min(slot);
+                        } else if c.contended {
+                            wait = wait.min(contended_wait);
+                            contended_wait = (contended_wait * 2).min(self.cfg.poll_interval);
+                        } else if let Ok(Some(due)) = self.next_due().await {
                             wait = wait.min(due);
                         }
                     }
@@ -61,31 +86,141 @@ impl Deliverer {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
-        // Calls in flight finish (each bounded by its timeout) and record their outcome;
-        // deliveries waiting for a rate-limit slot hand their claim back.
+        // Calls in flight finish (each bounded by its timeout) and record their outcome.
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn claim(&self, n: i64, token: Uuid) -> Result<Vec<Claimed>, sqlx::Error> {
-        sqlx::query_as(
-            "WITH due AS (
-                 SELECT delivery_id FROM actions.deliveries
-                 WHERE status IN ('pending', 'delivering') AND next_attempt_at <= now()
-                 ORDER BY next_attempt_at
-                 LIMIT $1
-                 FOR UPDATE SKIP LOCKED)
-             UPDATE actions.deliveries d
-             SET status = 'delivering', claim_token = $2, updated_at = now(),
-                 next_attempt_at = now() + make_interval(secs => $3)
-             FROM due WHERE d.delivery_id = due.delivery_id
-             RETURNING d.delivery_id, d.rule_id, d.event_type, d.aggregate_id, d.event_at,
-                       d.body, d.traceparent, d.attempts",
+    /// Claims up to `free` due deliveries, as many as the rate limit allows now, fairly:
+    /// the first due delivery of each endpoint in turn (least recently served endpoint first),
+    /// then the second of each, … — so a rule with a deep backlog behind a slow endpoint delays
+    /// another endpoint's next delivery by at most one slot per endpoint with due work. An
+    /// endpoint whose breaker is open is skipped (its due deliveries are parked as
+    /// `circuit_open` instead, spending no slot); one whose cool-down is over gets one delivery,
+    /// the trial.
+    async fn claim(&self, free: usize, token: Uuid) -> Result<Claim, sqlx::Error> {
+        self.park_short_circuited().await?;
+        let mut tx = self.pool.begin().await?;
+        let slots = rate_limit::available(&mut tx, self.cfg.rate_limit, free).await?;
+        if slots.free == 0 {
+            tx.rollback().await?;
+            return Ok(Claim {
+                claimed: Vec::new(),
+                slot_in: Some(slots.next_in),
+                contended: false,
+            });
+        }
+        let n = slots.free as i64;
+        // Twice as many candidates as slots: another instance may hold some of them.
+        let candidates: Vec<Uuid> = sqlx::query_scalar(
+            "WITH RECURSIVE eps AS (
+                 (SELECT endpoint FROM actions.deliveries
+                  WHERE status IN ('pending', 'delivering') ORDER BY endpoint LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT d.endpoint FROM actions.deliveries d
+                         WHERE d.status IN ('pending', 'delivering') AND d.endpoint > eps.endpoint
+                         ORDER BY d.endpoint LIMIT 1)
+                 FROM eps WHERE eps.endpoint IS NOT NULL)
+             SELECT c.delivery_id
+             FROM eps
+             LEFT JOIN actions.endpoint_health h ON h.endpoint = eps.endpoint
+             CROSS JOIN LATERAL (
+                 SELECT d.delivery_id,
+                        row_number() OVER (ORDER BY d.next_attempt_at, d.delivery_id) AS rn
+                 FROM actions.deliveries d
+                 WHERE d.endpoint = eps.endpoint AND d.status IN ('pending', 'delivering')
+                   AND d.next_attempt_at <= now()
+                 ORDER BY d.next_attempt_at, d.delivery_id
+                 LIMIT CASE WHEN h.state IS NULL OR h.state = 'closed' THEN $1 * 2 ELSE 1 END) c
+             WHERE eps.endpoint IS NOT NULL
+               AND (h.state IS NULL OR h.state = 'closed' OR h.open_until <= now())
+             ORDER BY c.rn, h.served_at NULLS FIRST, eps.endpoint
+             LIMIT $1 * 2",
         )
+        .bind(n)
+        .fetch_all(&mut *tx)
+        .await?;
+        if candidates.is_empty() {
+            tx.rollback().await?;
+            return Ok(Claim {
+                claimed: Vec::new(),
+                slot_in: None,
+                contended: false,
+            });
+        }
+        let claimed: Vec<Claimed> = sqlx::query_as(
+            "WITH c AS (
+                 SELECT delivery_id, ord FROM unnest($1::uuid[]) WITH ORDINALITY AS t(delivery_id, ord)),
+             picked AS (
+                 SELECT d.delivery_id FROM actions.deliveries d JOIN c USING (delivery_id)
+                 WHERE d.status IN ('pending', 'delivering') AND d.next_attempt_at <= now()
+                 ORDER BY c.ord
+                 LIMIT $2
+                 FOR UPDATE OF d SKIP LOCKED)
+             UPDATE actions.deliveries d
+             SET status = 'delivering', claim_token = $3, updated_at = now(),
+                 next_attempt_at = now() + make_interval(secs => $4)
+             FROM picked WHERE d.delivery_id = picked.delivery_id
+             RETURNING d.delivery_id, d.rule_id, d.event_type, d.aggregate_id, d.event_at,
+                       d.endpoint, d.body, d.traceparent, d.attempts, d.round_start",
+        )
+        .bind(&candidates)
         .bind(n)
         .bind(token)
         .bind(self.cfg.claim_timeout.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await
+        .fetch_all(&mut *tx)
+        .await?;
+        rate_limit::spend(&mut tx, self.cfg.rate_limit, claimed.len()).await?;
+        tx.commit().await?;
+        if !claimed.is_empty() {
+            // After the claim's commit, not in it: a turn recorded late costs at most one
+            // slot of fairness, a lock held across both tables could deadlock with a recording.
+            let endpoints: Vec<&str> = claimed.iter().map(|c| c.endpoint.as_str()).collect();
+            sqlx::query(
+                "INSERT INTO actions.endpoint_health (endpoint, served_at)
+                 SELECT DISTINCT e, now() FROM unnest($1::text[]) AS e
+                 ON CONFLICT (endpoint) DO UPDATE SET served_at = now()",
+            )
+            .bind(&endpoints)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(Claim {
+            contended: claimed.is_empty(),
+            claimed,
+            slot_in: None,
+        })
+    }
+
+    /// Due deliveries of endpoints whose breaker is open (or whose trial is in flight) become
+    /// `circuit_open` without a call and without a slot; they are sent again when the breaker
+    /// closes (`breaker::succeeded`).
+    async fn park_short_circuited(&self) -> Result<(), sqlx::Error> {
+        let r = sqlx::query(
+            "UPDATE actions.deliveries d
+             SET status = 'circuit_open', claim_token = NULL, updated_at = now(),
+                 last_error = 'short-circuited: the endpoint''s breaker is open until '
+                              || to_char(p.open_until AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')
+                              || '; sent again when it closes'
+             FROM (SELECT x.delivery_id, h.open_until
+                   FROM actions.endpoint_health h
+                   CROSS JOIN LATERAL (
+                       SELECT delivery_id FROM actions.deliveries
+                       WHERE endpoint = h.endpoint AND status IN ('pending', 'delivering')
+                         AND next_attempt_at <= now()
+                       ORDER BY endpoint, next_attempt_at, delivery_id
+                       LIMIT $1
+                       FOR UPDATE SKIP LOCKED) x
+                   WHERE h.state <> 'closed' AND h.open_until > now()) p
+             WHERE d.delivery_id = p.delivery_id",
+        )
+        .bind(PARK_SLICE)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() > 0 {
+            metrics::counter!("cj_webhook_deliveries_total", "status" => DeliveryStatus::CircuitOpen.as_str())
+                .increment(r.rows_affected());
+        }
+        Ok(())
     }
 
     /// How long until the next pending delivery is due, if any is.
@@ -162,19 +297,6 @@ impl Deliverer {
             self.finish(d, token, DeliveryStatus::Cancelled, "the rule is disabled")
                 .await?;
             return Ok(None);
-        }
-        // The slot first, then the breaker: its verdict must be the current one when the call
-        // goes, and a trial must not wait in the queue while others are short-circuited.
-        if let Some(at) = rate_limit::reserve(&self.pool, self.cfg.rate_limit).await? {
-            let wait = at.saturating_duration_since(Instant::now());
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    self.release(d, token).await?;
-                    return Ok(None);
-                }
-                _ = tokio::time::sleep(wait) => {}
-            }
         }
         if shutdown.is_cancelled() {
             self.release(d, token).await?;
