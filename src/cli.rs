@@ -1,10 +1,14 @@
-//! The command line: `serve`, `migrate`, `dlq`, `replay`, `projections`, `retention`, `token`,
-//! `devices`.
+//! The command line: `serve`, `migrate`, `dlq`, `outbox`, `replay`, `projections`, `retention`,
+//! `token`, `devices` and `webhook listen` (a local receiver that verifies and prints webhooks,
+//! for development).
+
+use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::infra::webhook_signature::Secret;
 use crate::infra::{auth, db, dlq, telemetry};
 use crate::services::Service;
 use crate::services::eventhandler::rebuild;
@@ -73,6 +77,11 @@ pub enum Command {
         #[command(subcommand)]
         action: DevicesAction,
     },
+    /// Webhook tools for development.
+    Webhook {
+        #[command(subcommand)]
+        action: WebhookAction,
+    },
     /// Mint a development JWT (HS256, from CJ_JWT_SECRET) and print it.
     Token {
         /// The subject (`sub`), e.g. a device or service name.
@@ -105,6 +114,26 @@ pub enum DevicesAction {
         #[arg(long)]
         password: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhookAction {
+    /// Receive webhooks on loopback, verify their Standard Webhooks signatures and print them:
+    /// 204 when verified, 401 when not, 400 without the webhook headers.
+    Listen {
+        /// Where to listen.
+        #[arg(default_value = "127.0.0.1:9000")]
+        addr: SocketAddr,
+        /// A rule's secret (whsec_…); repeat it (or separate with commas) to accept any of
+        /// several, as during a rotation.
+        #[arg(long = "secret", env = "CJ_WEBHOOK_SECRET", hide_env_values = true,
+              required = true, value_delimiter = ',', value_parser = parse_secret)]
+        secrets: Vec<Secret>,
+    },
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    s.parse().map_err(|e| format!("{e}"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -210,6 +239,19 @@ pub enum DlqAction {
 /// Runs the command line; returns the process exit code.
 pub async fn main() -> i32 {
     let cli = Cli::parse();
+    // A receiver needs none of the platform's configuration, and a half-configured checkout
+    // (a bad .env) must not keep it from starting.
+    if let Command::Webhook {
+        action: WebhookAction::Listen { addr, secrets },
+    } = cli.command
+    {
+        return report(
+            crate::webhook_listen::run(addr, secrets)
+                .await
+                .map(|()| 0)
+                .map_err(Into::into),
+        );
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -251,6 +293,7 @@ pub async fn main() -> i32 {
             0
         }
         Command::Token { sub, scopes, ttl } => token(&config, &sub, &scopes, ttl),
+        Command::Webhook { .. } => unreachable!("served before the configuration is read"),
         Command::Devices { action } => report(devices_cmd(&config, action).await),
         Command::Replay {
             since,
