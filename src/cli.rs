@@ -1,6 +1,6 @@
 //! The command line: `serve`, `migrate`, `dlq`, `outbox`, `replay`, `projections`, `retention`,
-//! `token`, `devices` and `webhook listen` (a local receiver that verifies and prints webhooks,
-//! for development).
+//! `token`, `devices`, `actions recover` (re-send failed webhook deliveries) and `webhook listen`
+//! (a local receiver that verifies and prints webhooks, for development).
 
 use std::net::SocketAddr;
 
@@ -77,6 +77,11 @@ pub enum Command {
         #[command(subcommand)]
         action: DevicesAction,
     },
+    /// Webhook deliveries of the action orchestrator.
+    Actions {
+        #[command(subcommand)]
+        action: ActionsAction,
+    },
     /// Webhook tools for development.
     Webhook {
         #[command(subcommand)]
@@ -113,6 +118,20 @@ pub enum DevicesAction {
         device_id: String,
         #[arg(long)]
         password: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ActionsAction {
+    /// Send again every delivery recorded since a time that ended failed or circuit_open, with a
+    /// fresh retry schedule (running it twice re-sends nothing twice).
+    Recover {
+        /// Deliveries recorded at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: chrono::DateTime<chrono::Utc>,
+        /// Only this rule's.
+        #[arg(long)]
+        rule: Option<Uuid>,
     },
 }
 
@@ -293,6 +312,9 @@ pub async fn main() -> i32 {
             0
         }
         Command::Token { sub, scopes, ttl } => token(&config, &sub, &scopes, ttl),
+        Command::Actions {
+            action: ActionsAction::Recover { since, rule },
+        } => report(recover_cmd(&config, since, rule).await),
         Command::Webhook { .. } => unreachable!("served before the configuration is read"),
         Command::Devices { action } => report(devices_cmd(&config, action).await),
         Command::Replay {
@@ -391,6 +413,17 @@ fn report(r: anyhow::Result<i32>) -> i32 {
         eprintln!("cornjacket: {e:#}");
         1
     })
+}
+
+async fn recover_cmd(
+    config: &Config,
+    since: chrono::DateTime<chrono::Utc>,
+    rule: Option<Uuid>,
+) -> anyhow::Result<i32> {
+    let pool = db::lazy_pool(config.database_url(Service::Actions), config, 2)?;
+    let n = crate::services::actions::recover(&pool, since, rule).await?;
+    println!("requeued {n} deliveries");
+    Ok(0)
 }
 
 async fn replay_cmd(
