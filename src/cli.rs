@@ -145,8 +145,15 @@ pub enum WebhookAction {
         addr: SocketAddr,
         /// A rule's secret (whsec_…); repeat it (or separate with commas) to accept any of
         /// several, as during a rotation.
-        #[arg(long = "secret", env = "CJ_WEBHOOK_SECRET", hide_env_values = true,
-              required = true, value_delimiter = ',', value_parser = parse_secret)]
+        #[arg(
+            long = "secret",
+            value_name = "WHSEC",
+            env = "CJ_WEBHOOK_SECRET",
+            hide_env_values = true,
+            required = true,
+            value_delimiter = ',',
+            value_parser = parse_secret
+        )]
         secrets: Vec<Secret>,
     },
 }

@@ -351,7 +351,7 @@ mod tests {
     #[test]
     fn a_secret_never_prints() {
         let s = secret(EXAMPLE_SECRET);
-        let shown = format!("{s:?} {:?}", [s.clone()]);
+        let shown = format!("{s:?} {:?}", std::slice::from_ref(&s));
         assert!(!shown.contains("MfKQ9r8"), "{shown}");
     }
 }
