@@ -1,10 +1,14 @@
-//! The command line: `serve`, `migrate`, `dlq`, `replay`, `projections`, `retention`, `token`,
-//! `devices`.
+//! The command line: `serve`, `migrate`, `dlq`, `outbox`, `replay`, `projections`, `retention`,
+//! `token`, `devices`, `actions recover` (re-send failed webhook deliveries) and `webhook listen`
+//! (a local receiver that verifies and prints webhooks, for development).
+
+use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::infra::webhook_signature::Secret;
 use crate::infra::{auth, db, dlq, telemetry};
 use crate::services::Service;
 use crate::services::eventhandler::rebuild;
@@ -73,6 +77,16 @@ pub enum Command {
         #[command(subcommand)]
         action: DevicesAction,
     },
+    /// Webhook deliveries of the action orchestrator.
+    Actions {
+        #[command(subcommand)]
+        action: ActionsAction,
+    },
+    /// Webhook tools for development.
+    Webhook {
+        #[command(subcommand)]
+        action: WebhookAction,
+    },
     /// Mint a development JWT (HS256, from CJ_JWT_SECRET) and print it.
     Token {
         /// The subject (`sub`), e.g. a device or service name.
@@ -105,6 +119,47 @@ pub enum DevicesAction {
         #[arg(long)]
         password: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ActionsAction {
+    /// Send again every delivery recorded since a time that ended failed or circuit_open, with a
+    /// fresh retry schedule (running it twice re-sends nothing twice).
+    Recover {
+        /// Deliveries recorded at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: chrono::DateTime<chrono::Utc>,
+        /// Only this rule's.
+        #[arg(long)]
+        rule: Option<Uuid>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebhookAction {
+    /// Receive webhooks on loopback, verify their Standard Webhooks signatures and print them:
+    /// 204 when verified, 401 when not, 400 without the webhook headers.
+    Listen {
+        /// Where to listen.
+        #[arg(default_value = "127.0.0.1:9000")]
+        addr: SocketAddr,
+        /// A rule's secret (whsec_…); repeat it (or separate with commas) to accept any of
+        /// several, as during a rotation.
+        #[arg(
+            long = "secret",
+            value_name = "WHSEC",
+            env = "CJ_WEBHOOK_SECRET",
+            hide_env_values = true,
+            required = true,
+            value_delimiter = ',',
+            value_parser = parse_secret
+        )]
+        secrets: Vec<Secret>,
+    },
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    s.parse().map_err(|e| format!("{e}"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -210,6 +265,19 @@ pub enum DlqAction {
 /// Runs the command line; returns the process exit code.
 pub async fn main() -> i32 {
     let cli = Cli::parse();
+    // A receiver needs none of the platform's configuration, and a half-configured checkout
+    // (a bad .env) must not keep it from starting.
+    if let Command::Webhook {
+        action: WebhookAction::Listen { addr, secrets },
+    } = cli.command
+    {
+        return report(
+            crate::webhook_listen::run(addr, secrets)
+                .await
+                .map(|()| 0)
+                .map_err(Into::into),
+        );
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -251,6 +319,10 @@ pub async fn main() -> i32 {
             0
         }
         Command::Token { sub, scopes, ttl } => token(&config, &sub, &scopes, ttl),
+        Command::Actions {
+            action: ActionsAction::Recover { since, rule },
+        } => report(recover_cmd(&config, since, rule).await),
+        Command::Webhook { .. } => unreachable!("served before the configuration is read"),
         Command::Devices { action } => report(devices_cmd(&config, action).await),
         Command::Replay {
             since,
@@ -348,6 +420,17 @@ fn report(r: anyhow::Result<i32>) -> i32 {
         eprintln!("cornjacket: {e:#}");
         1
     })
+}
+
+async fn recover_cmd(
+    config: &Config,
+    since: chrono::DateTime<chrono::Utc>,
+    rule: Option<Uuid>,
+) -> anyhow::Result<i32> {
+    let pool = db::lazy_pool(config.database_url(Service::Actions), config, 2)?;
+    let n = crate::services::actions::recover(&pool, since, rule).await?;
+    println!("requeued {n} deliveries");
+    Ok(0)
 }
 
 async fn replay_cmd(

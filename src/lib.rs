@@ -7,3 +7,4 @@ pub mod envelope;
 pub mod infra;
 pub mod services;
 pub mod supervisor;
+pub mod webhook_listen;

@@ -10,3 +10,4 @@ pub mod extract;
 pub mod http;
 pub mod jobs;
 pub mod telemetry;
+pub mod webhook_signature;

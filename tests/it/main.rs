@@ -29,4 +29,5 @@ mod retention_clock;
 mod slow_clients;
 mod traces;
 mod tsdb;
+mod webhook_listen;
 mod write_path;
