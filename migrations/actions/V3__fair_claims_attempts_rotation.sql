@@ -30,8 +30,9 @@ ALTER TABLE actions.deliveries ADD COLUMN round_start integer NOT NULL DEFAULT 0
 -- a deep backlog.
 CREATE INDEX idx_deliveries_endpoint_due ON actions.deliveries (endpoint, next_attempt_at, delivery_id)
     WHERE status IN ('pending', 'delivering');
--- Short-circuited deliveries are sent again when their endpoint's breaker closes.
-CREATE INDEX idx_deliveries_circuit_open ON actions.deliveries (endpoint)
+-- Short-circuited deliveries are sent again when their endpoint's breaker closes; the oldest
+-- is the trial when nothing else is due for the endpoint.
+CREATE INDEX idx_deliveries_circuit_open ON actions.deliveries (endpoint, delivery_id)
     WHERE status = 'circuit_open';
 -- When each endpoint was last given a slot: least recently served goes first.
 ALTER TABLE actions.endpoint_health ADD COLUMN served_at timestamptz;

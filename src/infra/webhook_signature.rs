@@ -4,8 +4,8 @@
 //! `webhook-signature` header carries one or more of them, space-separated, so a sender can sign
 //! with an old and a new secret while a receiver rotates.
 //!
-//! The deliverer (`services::actions::deliver::signing`, `rules::secret_key`) has its own copy of
-//! the signer and the secret decoding; it will switch to this module, the one home of the scheme.
+//! The one home of the scheme: the deliverer (`services::actions::deliver::signing`) signs and
+//! `services::actions::rules` validates secrets with it.
 
 use std::fmt;
 use std::str::FromStr;

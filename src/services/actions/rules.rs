@@ -437,8 +437,10 @@ pub fn validate(body: &Value) -> Result<RuleInput, Vec<FieldError>> {
 
 /// The key bytes of a `whsec_` secret, when it is one.
 pub fn secret_key(secret: &str) -> Option<Vec<u8>> {
-    let key = B64.decode(secret.strip_prefix(SECRET_PREFIX)?).ok()?;
-    (24..=64).contains(&key.len()).then_some(key)
+    secret
+        .parse::<crate::infra::webhook_signature::Secret>()
+        .ok()
+        .map(|s| s.key().to_vec())
 }
 
 /// A new secret: 32 random bytes.

@@ -193,7 +193,8 @@ impl Deliverer {
 
     /// Due deliveries of endpoints whose breaker is open (or whose trial is in flight) become
     /// `circuit_open` without a call and without a slot; they are sent again when the breaker
-    /// closes (`breaker::succeeded`).
+    /// closes (`breaker::succeeded`). (`cj_webhook_deliveries_total{status="circuit_open"}`
+    /// therefore counts parkings: a delivery parked twice counts twice.)
     async fn park_short_circuited(&self) -> Result<(), sqlx::Error> {
         let r = sqlx::query(
             "UPDATE actions.deliveries d
@@ -220,6 +221,25 @@ impl Deliverer {
             metrics::counter!("cj_webhook_deliveries_total", "status" => DeliveryStatus::CircuitOpen.as_str())
                 .increment(r.rows_affected());
         }
+        // An endpoint whose cool-down is over but which has nothing due would never get its
+        // trial, and what it parked would wait for new traffic: its oldest parked delivery
+        // goes back to pending to be the trial.
+        sqlx::query(
+            "UPDATE actions.deliveries
+             SET status = 'pending', next_attempt_at = now(), updated_at = now(),
+                 last_error = 'the trial call after the breaker''s cool-down'
+             WHERE delivery_id IN (
+                 SELECT (SELECT x.delivery_id FROM actions.deliveries x
+                         WHERE x.endpoint = h.endpoint AND x.status = 'circuit_open'
+                         ORDER BY x.endpoint, x.delivery_id LIMIT 1)
+                 FROM actions.endpoint_health h
+                 WHERE h.state <> 'closed' AND h.open_until <= now()
+                   AND NOT EXISTS (
+                       SELECT 1 FROM actions.deliveries p
+                       WHERE p.endpoint = h.endpoint AND p.status IN ('pending', 'delivering')))",
+        )
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
