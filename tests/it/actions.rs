@@ -1115,3 +1115,43 @@ async fn health_is_degraded_while_due_deliveries_do_not_move() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_delivery_parked_by_the_breaker_still_deduplicates_and_is_the_one_sent() {
+    let app = spawn(|e| {
+        e.insert("CJ_ACTIONS_RETRY_DELAYS".into(), "50ms,50ms".into());
+        e.insert("CJ_ACTIONS_BREAKER_THRESHOLD".into(), "1".into());
+        e.insert("CJ_ACTIONS_BREAKER_COOLDOWN".into(), "2s".into());
+    })
+    .await;
+    let receiver = Receiver::start(vec![Reply::status(500)], None).await;
+    let rule = create_rule(
+        &app,
+        json!({"name": "dedup", "event_type": "system.alert", "dedup_window_s": 60,
+               "webhook": {"url": receiver.url("/h")}}),
+    )
+    .await;
+    let rule_id = rule["rule_id"].as_str().unwrap();
+    // Fails once: the breaker opens and the retry is parked.
+    let first = send(&app, alert("pump-9", "error")).await;
+    wait_deliveries(&app, rule_id, 1, &["circuit_open"]).await;
+    // The same news within the window: deduplicated against the parked one, which will be sent.
+    send(&app, alert("pump-9", "error")).await;
+    let ds = wait_deliveries(&app, rule_id, 2, &["circuit_open", "deduplicated"]).await;
+    assert_eq!(
+        ds.iter().filter(|d| d["status"] == "deduplicated").count(),
+        1,
+        "{ds:?}"
+    );
+    // After the cool-down the parked one is the trial and is delivered; the duplicate never goes.
+    let ds = wait_deliveries(&app, rule_id, 2, &["delivered", "deduplicated"]).await;
+    let delivered: Vec<_> = ds.iter().filter(|d| d["status"] == "delivered").collect();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0]["event_id"], first.as_str());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        receiver.count(),
+        2,
+        "the first event twice (failed, then delivered), the second never"
+    );
+}

@@ -1,7 +1,8 @@
 //! The consumer's sink: each event is matched against the enabled rules and a delivery is
 //! recorded per match — `pending`, or `deduplicated` when the rule already fired for the same
-//! (event type, aggregate) within its window (a delivery that failed, was cancelled or was
-//! short-circuited does not count: its receiver never got the news) — in the same transaction
+//! (event type, aggregate) within its window (a delivery that failed or was cancelled does not
+//! count: its receiver never got the news; a parked `circuit_open` one does, it is sent when the
+//! breaker closes) — in the same transaction
 //! that makes the batch
 //! durable. Only then does the shared consume loop commit the offsets, so a crash between the
 //! two re-records (idempotently, on (event_id, rule_id)) instead of losing a webhook.
@@ -124,7 +125,7 @@ impl Sink for Recorder {
                      CASE WHEN $10::bigint > 0 AND EXISTS (
                          SELECT 1 FROM actions.deliveries d
                          WHERE d.rule_id = $2 AND d.event_type = $4 AND d.aggregate_id = $5
-                           AND d.status IN ('pending', 'delivering', 'delivered')
+                           AND d.status IN ('pending', 'delivering', 'delivered', 'circuit_open')
                            AND d.event_id <> $3
                            AND d.event_at <= $6
                            AND d.event_at > $6 - make_interval(secs => $10::bigint / 1000.0))
