@@ -105,6 +105,10 @@ pub struct ActionsConfig {
     /// `CJ_ACTIONS_ALLOW_PRIVATE_TARGETS`: let webhooks reach loopback, private and link-local
     /// addresses (default false: a rule cannot be used to probe the platform's own network).
     pub allow_private_targets: bool,
+    /// `CJ_ACTIONS_PROXY`: an `http://` or `https://` proxy for webhook calls (default none:
+    /// the environment's `HTTP_PROXY`/`HTTPS_PROXY` are ignored, so a variable meant for
+    /// something else cannot send signed payloads through a third party).
+    pub proxy: Option<String>,
 }
 
 impl ActionsConfig {
@@ -147,6 +151,13 @@ impl ActionsConfig {
                 .positive_duration("CJ_ACTIONS_CLAIM_TIMEOUT", Duration::from_secs(120))?,
             stall_after: v.positive_duration("CJ_ACTIONS_STALL_AFTER", Duration::from_secs(120))?,
             allow_private_targets: v.bool("CJ_ACTIONS_ALLOW_PRIVATE_TARGETS", false)?,
+            proxy: match v.raw(&["CJ_ACTIONS_PROXY"]) {
+                None => None,
+                Some((var, p)) => match reqwest::Url::parse(&p) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Some(p),
+                    _ => return Err(Vars::err(&var, &p, "an http:// or https:// proxy URL")),
+                },
+            },
         })
     }
 }

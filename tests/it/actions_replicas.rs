@@ -1,6 +1,7 @@
-//! Three action-orchestrator processes on one database and one consumer group, with a global
-//! rate limit and a breaker: the limit is shared (not three limits), every delivery reaches a
-//! healthy receiver exactly once, and a failing receiver opens one breaker that all three obey.
+//! Action orchestrators as their own processes: three on one database and one consumer group,
+//! with a global rate limit and a breaker — the limit is shared (not three limits), every
+//! delivery reaches a healthy receiver exactly once, and a failing receiver opens one breaker that
+//! all three obey; and one whose environment names a proxy, which its webhooks do not use.
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Stdio};
@@ -200,5 +201,46 @@ async fn three_orchestrators_share_the_limit_deliver_once_and_obey_one_breaker()
     assert!(
         made.iter().filter(|m| **m > 0.0).count() >= 2,
         "one process did all the work: {made:?}"
+    );
+}
+
+#[tokio::test]
+async fn webhooks_ignore_a_proxy_from_the_environment() {
+    let app = TestApp::spawn_with(&[Service::Ingestion], |_| {}).await;
+    app.wait_ready().await;
+    // The proxy a shell or a container happens to export: signed payloads must not go there.
+    let proxy = Receiver::ok().await;
+    let mut env = test_env(&app.db.url, &app.prefix);
+    for k in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"] {
+        env.insert(k.into(), proxy.url(""));
+    }
+    let o = orchestrator(&env);
+    let url = format!("http://127.0.0.1:{}/health", o.health);
+    eventually(Duration::from_secs(60), || async {
+        let v: Value = app.http.get(&url).send().await.ok()?.json().await.ok()?;
+        (v["checks"]["consumer"]["group"].is_string()).then_some(())
+    })
+    .await;
+    let receiver = Receiver::ok().await;
+    let r = app
+        .http
+        .post(format!("http://127.0.0.1:{}/api/v1/actions/rules", o.api))
+        .json(&json!({"name": "direct", "event_type": "system.alert",
+                      "webhook": {"url": receiver.url("/h")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (s, b) = app
+        .ingest(json!({"event_type": "system.alert", "aggregate_id": "p-1",
+                       "payload": {"level": "error", "message": "proxy"}}))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    receiver.wait_for(1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        proxy.count(),
+        0,
+        "the webhook went through the environment's proxy"
     );
 }

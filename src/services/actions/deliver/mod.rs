@@ -73,6 +73,8 @@ impl Deliverer {
         drain: Duration,
     ) -> anyhow::Result<Self> {
         let mut http = reqwest::Client::builder()
+            // Only the configured proxy, never one from the environment (see CJ_ACTIONS_PROXY).
+            .no_proxy()
             // A webhook answer is the receiver's; following redirects would send signed
             // payloads somewhere the rule does not name.
             .redirect(reqwest::redirect::Policy::none())
@@ -80,6 +82,11 @@ impl Deliverer {
             .pool_idle_timeout(Duration::from_secs(60));
         if !cfg.allow_private_targets {
             http = http.dns_resolver(Arc::new(egress::PublicOnly));
+        }
+        if let Some(proxy) = &cfg.proxy {
+            // Through a proxy the proxy resolves the host: the egress filter still refuses IP
+            // literals, and the proxy's own policy has to refuse internal names.
+            http = http.proxy(reqwest::Proxy::all(proxy)?);
         }
         Ok(Self {
             pool,
