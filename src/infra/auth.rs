@@ -269,7 +269,10 @@ impl Auth {
 
 /// Paths that stay open in `app` mode: orchestrators and scrapers, and ForwardAuth itself.
 fn is_open(path: &str) -> bool {
-    matches!(path, "/health" | "/metrics" | "/internal/auth/verify")
+    matches!(
+        path,
+        "/health" | "/livez" | "/readyz" | "/metrics" | "/internal/auth/verify"
+    )
 }
 
 /// The per-service middleware: in `app` mode every API route checks the JWT itself; in

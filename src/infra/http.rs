@@ -150,6 +150,13 @@ pub fn health_response(checks: Vec<(&str, Check)>) -> Response {
     (code, Json(json!({ "status": status, "checks": checks }))).into_response()
 }
 
+/// `GET /livez`: the process is running and its runtime answers — no dependency is asked, so a
+/// database or broker outage never makes an orchestrator restart a healthy process (that is
+/// `/readyz`'s job: take it out of traffic until it recovers).
+pub async fn livez() -> Response {
+    (StatusCode::OK, Json(json!({ "status": "alive" }))).into_response()
+}
+
 /// `GET /metrics` in Prometheus text format; every port renders the process-wide registry.
 pub fn metrics_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new().route(

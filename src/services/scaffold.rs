@@ -218,6 +218,9 @@ pub async fn run<C: ConsumerService, S>(
                 ));
             let router = Router::new()
                 .route("/health", get(health_of::<C>))
+                // Kubernetes-style probes: readiness is /health's deep check, liveness none.
+                .route("/readyz", get(health_of::<C>))
+                .route("/livez", get(crate::infra::http::livez))
                 .merge(
                     metrics_router().route_layer(axum::middleware::from_fn_with_state(
                         shared.clone(),

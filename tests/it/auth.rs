@@ -210,11 +210,15 @@ async fn app_mode_matrix_and_subject_in_metadata() {
         .unwrap();
     assert_ne!(r.status(), 401);
     assert_ne!(r.status(), 403);
-    // Health and metrics stay open.
+    // Health, the probes and metrics stay open.
     for (svc, path) in [
         (Service::Ingestion, "/health"),
+        (Service::Ingestion, "/livez"),
+        (Service::Ingestion, "/readyz"),
         (Service::Ingestion, "/metrics"),
         (Service::Query, "/health"),
+        (Service::Query, "/livez"),
+        (Service::Query, "/readyz"),
     ] {
         let r = app.http.get(app.url(svc, path)).send().await.unwrap();
         assert!(r.status() == 200, "{path} open: {}", r.status());

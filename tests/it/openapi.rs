@@ -35,10 +35,16 @@ fn routes(list: &[(&str, &str)]) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-/// A service's routes with the `/health` and `/metrics` every service serves.
+/// A service's routes with the `/health`, `/readyz`, `/livez` and `/metrics` every service
+/// serves.
 fn in_code(service_routes: &[(&str, &str)]) -> BTreeSet<(String, String)> {
     let mut all = routes(service_routes);
-    all.extend(routes(&[("get", "/health"), ("get", "/metrics")]));
+    all.extend(routes(&[
+        ("get", "/health"),
+        ("get", "/readyz"),
+        ("get", "/livez"),
+        ("get", "/metrics"),
+    ]));
     all
 }
 

@@ -86,7 +86,11 @@ fn stderr_of(child: &mut Child) -> String {
 }
 
 async fn health(port: u16) -> Option<(u16, Value)> {
-    let r = reqwest::get(format!("http://127.0.0.1:{port}/health"))
+    probe(port, "/health").await
+}
+
+async fn probe(port: u16, path: &str) -> Option<(u16, Value)> {
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
         .await
         .ok()?;
     let s = r.status().as_u16();
@@ -150,10 +154,22 @@ async fn health_is_503_when_a_service_database_is_unreachable() {
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["status"], "unhealthy");
     assert_eq!(v["checks"]["database"]["status"], "unhealthy");
+    // Readiness is the same deep check; liveness asks no dependency, so an orchestrator takes
+    // the port out of traffic without restarting the process.
+    let (s, r) = probe(query, "/readyz").await.unwrap();
+    assert_eq!((s, &r["status"]), (503, &json!("unhealthy")), "{r}");
+    let (s, l) = probe(query, "/livez").await.unwrap();
+    assert_eq!((s, l), (200, json!({"status": "alive"})));
     eventually(Duration::from_secs(20), || async {
         health(ingestion).await.filter(|(s, _)| *s == 200)
     })
     .await;
+    for port in [ingestion, p.ports["CJ_EVENTHANDLER_HEALTH_PORT"]] {
+        assert_eq!(probe(port, "/livez").await.unwrap().0, 200, "port {port}");
+        let (s, r) = probe(port, "/readyz").await.unwrap();
+        assert!(s == 200 || s == 503, "port {port}: {s} {r}");
+        assert!(r["checks"]["database"].is_object(), "port {port}: {r}");
+    }
     signal(&p.child, "-TERM");
     assert!(wait_exit(&mut p.child, Duration::from_secs(20)).success());
 }

@@ -129,6 +129,9 @@ pub async fn run(ctx: ServiceContext<IngestionSection>) -> anyhow::Result<()> {
         .merge(quarantine::router())
         .merge(internal())
         .route("/health", get(health))
+        // Kubernetes-style probes: readiness is /health's deep check, liveness none.
+        .route("/readyz", get(health))
+        .route("/livez", get(crate::infra::http::livez))
         .merge(
             metrics_router().route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),

@@ -64,6 +64,9 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let router = Router::new()
         .merge(api)
         .route("/health", get(health))
+        // Kubernetes-style probes: readiness is /health's deep check, liveness none.
+        .route("/readyz", get(health))
+        .route("/livez", get(crate::infra::http::livez))
         .merge(metrics_router())
         .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
         .fallback(not_found)
