@@ -286,6 +286,9 @@ pub async fn main() -> i32 {
         }
     };
     telemetry::init_logging(&config);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     match cli.command {
         Command::Serve { services } => {
             let services = if services.is_empty() {

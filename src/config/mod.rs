@@ -91,7 +91,21 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `CJ_SHUTDOWN_TIMEOUT`: the hard deadline for a graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// What startup should warn about once logging is up: `CJ_*` variables nothing reads.
+    pub warnings: Vec<String>,
 }
+
+/// `CJ_*` variables that belong to other programs sharing the environment: the ai-inference
+/// sidecar, the test and benchmark harnesses, the development webhook listener.
+const NOT_OURS: &[&str] = &[
+    "CJ_AI_",
+    "CJ_TEST_",
+    "CJ_E2E",
+    "CJ_BENCH",
+    "CJ_BIN",
+    "CJ_TANSU_",
+    "CJ_WEBHOOK_SECRET",
+];
 
 /// What every service reads besides its own section: the bus, the HTTP limits, retention, the
 /// API rate limit and the shutdown deadline. A service is given this and its section only.
@@ -154,7 +168,8 @@ impl Config {
     /// here: the host name (for the default MQTT client id) is read before parsing.
     pub fn from_env() -> Result<Self, ConfigError> {
         let _ = dotenvy::dotenv();
-        let vars: HashMap<String, String> = std::env::vars().collect();
+        let mut vars: HashMap<String, String> = std::env::vars().collect();
+        read_files(&mut vars, |path| std::fs::read_to_string(path))?;
         let host_name = std::env::var("HOSTNAME")
             .ok()
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
@@ -166,6 +181,16 @@ impl Config {
 
     pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
         Self::parse(&Vars(map, Default::default()), "local")
+    }
+
+    /// Like [`Config::from_map`], with `*_FILE` variables read through `read` (a test's files).
+    pub fn from_map_with_files(
+        map: &HashMap<String, String>,
+        read: impl Fn(&str) -> std::io::Result<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut map = map.clone();
+        read_files(&mut map, read)?;
+        Self::from_map(&map)
     }
 
     /// Every environment variable the configuration reads (with the seed's aliases), derived
@@ -180,6 +205,7 @@ impl Config {
     /// Each section parses itself; what one section's limits must respect of another's is
     /// checked where the later one is parsed.
     fn parse(v: &Vars, host_name: &str) -> Result<Self, ConfigError> {
+        let warnings = unknown_variables(v.0);
         let (log_level, log_format) = parse_logging(v)?;
         let databases = DatabaseUrls::parse(v)?;
         let kafka = KafkaConfig::parse(v)?;
@@ -211,6 +237,7 @@ impl Config {
             mqtt,
             auth: AuthConfig::parse(v)?,
             shutdown_timeout: v.duration("CJ_SHUTDOWN_TIMEOUT", Duration::from_secs(30))?,
+            warnings,
         })
     }
 
@@ -234,15 +261,97 @@ fn parse_logging(v: &Vars) -> Result<(String, LogFormat), ConfigError> {
         Some((_, f)) if f.eq_ignore_ascii_case("text") => LogFormat::Text,
         Some((var, f)) => return Err(Vars::err(&var, &f, "json or text")),
     };
-    let log_level = v.string("CJ_LOG_LEVEL", "info");
+    // `RUST_LOG`, the ecosystem's convention, when the platform's own is not set.
+    let (var, log_level) = v
+        .raw(&["CJ_LOG_LEVEL", "RUST_LOG"])
+        .unwrap_or_else(|| ("CJ_LOG_LEVEL".into(), "info".into()));
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
         return Err(Vars::err(
-            "CJ_LOG_LEVEL",
+            &var,
             &log_level,
             "a level (error, warn, info, debug, trace) or a tracing filter",
         ));
     }
     Ok((log_level, log_format))
+}
+
+/// `X_FILE=path` stands for `X=<the file's contents>` for every variable `X` the configuration
+/// reads — how container platforms hand over secrets (Docker and Kubernetes secrets, ECS
+/// secrets mounted as files) without putting them in the environment. Setting both is refused;
+/// one trailing newline is dropped.
+fn read_files(
+    vars: &mut HashMap<String, String>,
+    read: impl Fn(&str) -> std::io::Result<String>,
+) -> Result<(), ConfigError> {
+    let known = Config::known_variables();
+    let files: Vec<(String, String, String)> = vars
+        .iter()
+        .filter_map(|(k, path)| {
+            let base = k.strip_suffix("_FILE")?;
+            known
+                .iter()
+                .any(|n| n == base)
+                .then(|| (base.to_string(), k.clone(), path.clone()))
+        })
+        .collect();
+    for (base, var, path) in files {
+        if vars.get(&base).is_some_and(|v| !v.trim().is_empty()) {
+            return Err(Vars::err(
+                &var,
+                &path,
+                &format!("unset: {base} is set too; give one of them"),
+            ));
+        }
+        let contents = read(&path).map_err(|e| {
+            Vars::err(
+                &var,
+                &path,
+                &format!("a readable file holding {base} ({e})"),
+            )
+        })?;
+        let value = contents
+            .strip_suffix('\n')
+            .map(|c| c.strip_suffix('\r').unwrap_or(c))
+            .unwrap_or(&contents);
+        vars.insert(base, value.to_string());
+    }
+    Ok(())
+}
+
+/// A warning per `CJ_*` variable nothing reads (a typo silently meaning the default is the
+/// classic misconfiguration), naming the nearest known one.
+fn unknown_variables(vars: &HashMap<String, String>) -> Vec<String> {
+    if vars.is_empty() {
+        return Vec::new();
+    }
+    let known = Config::known_variables();
+    let mut unknown: Vec<&String> = vars
+        .keys()
+        .filter(|k| k.starts_with("CJ_"))
+        .filter(|k| !NOT_OURS.iter().any(|p| k.starts_with(p)))
+        .filter(|k| !known.contains(k))
+        .filter(|k| {
+            k.strip_suffix("_FILE")
+                .is_none_or(|b| !known.iter().any(|n| n == b))
+        })
+        .collect();
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|k| {
+            let nearest = known
+                .iter()
+                .map(|n| (strsim::levenshtein(k, n), n))
+                .min()
+                .filter(|(d, _)| *d <= 3.max(k.len() / 4));
+            match nearest {
+                Some((_, n)) => {
+                    format!("{k} is not a variable the platform reads (ignored); did you mean {n}?")
+                }
+                None => format!("{k} is not a variable the platform reads (ignored)"),
+            }
+        })
+        .collect()
 }
 
 impl DatabaseUrls {

@@ -250,3 +250,104 @@ fn redaction_hides_only_the_password() {
     );
     assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
 }
+
+#[test]
+fn rust_log_is_honoured_when_cj_log_level_is_unset() {
+    assert_eq!(with(&[]).unwrap().log_level, "info");
+    assert_eq!(
+        with(&[("RUST_LOG", "cornjacket=debug,warn")])
+            .unwrap()
+            .log_level,
+        "cornjacket=debug,warn"
+    );
+    let both = with(&[("RUST_LOG", "trace"), ("CJ_LOG_LEVEL", "error")]).unwrap();
+    assert_eq!(both.log_level, "error", "the platform's own variable wins");
+    let e = with(&[("RUST_LOG", "cornjacket=[")]).unwrap_err();
+    assert_eq!(e.var, "RUST_LOG");
+}
+
+#[test]
+fn file_variables_carry_secrets_and_are_refused_beside_the_value() {
+    let read = |path: &str| match path {
+        "/run/secrets/jwt" => Ok("0123456789abcdef0123456789abcdef\n".to_string()),
+        "/run/secrets/db" => Ok("postgres://u:p@db:5432/x\r\n".to_string()),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "No such file",
+        )),
+    };
+    let map = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let c = Config::from_map_with_files(
+        &map(&[
+            ("CJ_JWT_SECRET_FILE", "/run/secrets/jwt"),
+            ("CJ_DATABASE_URL_FILE", "/run/secrets/db"),
+        ]),
+        read,
+    )
+    .unwrap();
+    assert_eq!(
+        c.auth.jwt_secret.as_ref().unwrap().expose_secret(),
+        "0123456789abcdef0123456789abcdef",
+        "one trailing newline dropped"
+    );
+    assert_eq!(c.database_url(Service::Query), "postgres://u:p@db:5432/x");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+    let e = Config::from_map_with_files(
+        &map(&[
+            ("CJ_JWT_SECRET_FILE", "/run/secrets/jwt"),
+            ("CJ_JWT_SECRET", "0123456789abcdef0123456789abcdef-x"),
+        ]),
+        read,
+    )
+    .unwrap_err();
+    assert_eq!(e.var, "CJ_JWT_SECRET_FILE");
+    assert!(e.expected.contains("CJ_JWT_SECRET is set too"), "{e}");
+    let e =
+        Config::from_map_with_files(&map(&[("CJ_JWT_SECRET_FILE", "/nope")]), read).unwrap_err();
+    assert_eq!(
+        (e.var.as_str(), e.value.as_str()),
+        ("CJ_JWT_SECRET_FILE", "/nope")
+    );
+    assert!(e.expected.contains("No such file"), "{e}");
+    // A variable that is itself a path keeps meaning a path.
+    let c =
+        Config::from_map_with_files(&map(&[("CJ_JWT_PUBLIC_KEY_FILE", "/etc/cj/key.pem")]), read)
+            .unwrap();
+    assert_eq!(
+        c.auth.public_key_file.as_deref(),
+        Some(std::path::Path::new("/etc/cj/key.pem"))
+    );
+}
+
+#[test]
+fn unknown_platform_variables_are_warned_about_with_the_nearest_name() {
+    let c = with(&[
+        ("CJ_ACTIONS_RATE_LIMT", "5/1m"),
+        ("CJ_COMPLETELY_DIFFERENT_THING", "1"),
+        ("CJ_AI_SCORE_THRESHOLD", "4"),
+        ("CJ_TEST_DATABASE_URL", "x"),
+        ("CJ_WEBHOOK_SECRET", "whsec_x"),
+        ("HOME", "/root"),
+        ("CJ_ACTIONS_RATE_LIMIT", "0"),
+    ])
+    .unwrap();
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].starts_with("CJ_ACTIONS_RATE_LIMT is not a variable")
+            && c.warnings[0].ends_with("did you mean CJ_ACTIONS_RATE_LIMIT?"),
+        "{:?}",
+        c.warnings
+    );
+    assert!(
+        c.warnings[1].starts_with("CJ_COMPLETELY_DIFFERENT_THING")
+            && !c.warnings[1].contains("did you mean"),
+        "{:?}",
+        c.warnings
+    );
+}
