@@ -50,7 +50,17 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+}
+
+/// `aud` is one string or an array of them (RFC 7519 §4.1.3); identity providers send either.
+/// (jsonwebtoken checks it against the configured audience in both forms; this type only lets
+/// the claims deserialize.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// Who made a request, as far as the platform knows; stored in `metadata.subject`.
@@ -354,7 +364,7 @@ pub fn mint(
         nbf: Some(now),
         iat: Some(now),
         iss: cfg.issuer.clone(),
-        aud: cfg.audience.clone(),
+        aud: cfg.audience.clone().map(Audience::One),
     };
     Ok(jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

@@ -64,6 +64,11 @@ fn matrix() -> Vec<(&'static str, Option<String>, u16)> {
     wrong_iss["iss"] = json!("someone-else");
     let mut wrong_aud = claims("ingest:write query:read");
     wrong_aud["aud"] = json!("other-api");
+    // RFC 7519 §4.1.3: `aud` may be an array; one of them must be ours.
+    let mut aud_array = claims("ingest:write query:read");
+    aud_array["aud"] = json!(["other-api", AUDIENCE]);
+    let mut wrong_aud_array = claims("ingest:write query:read");
+    wrong_aud_array["aud"] = json!(["other-api", "another"]);
     let wrong_key = sign(
         Algorithm::HS256,
         &EncodingKey::from_secret(b"a-different-secret-also-32-chars-long!!"),
@@ -89,6 +94,16 @@ fn matrix() -> Vec<(&'static str, Option<String>, u16)> {
         (
             "wrong audience",
             Some(format!("Bearer {}", hs(&wrong_aud))),
+            401,
+        ),
+        (
+            "audience array",
+            Some(format!("Bearer {}", hs(&aud_array))),
+            200,
+        ),
+        (
+            "wrong audience array",
+            Some(format!("Bearer {}", hs(&wrong_aud_array))),
             401,
         ),
         (
