@@ -96,10 +96,15 @@ locals {
         { containerName = "redpanda", condition = "HEALTHY" },
         { containerName = "mqtt-broker", condition = "HEALTHY" },
       ]
-      # `serve` runs all five services: healthy only when every health port is (ingestion 8080,
-      # query 8081, actions 8083, event handler + tsdb-writer 8084; the actions API 8082 has none).
+      # Liveness (ECS replaces the task when an essential container stays unhealthy): `serve` runs
+      # all five services, each with its own HTTP server, so the app is alive when every probe port
+      # answers /livez (ingestion 8080, query 8081, actions 8083, event handler + tsdb-writer 8084;
+      # the actions API 8082 has none). /livez asks no dependency, so a database or broker blip
+      # never gets the task replaced; readiness (/readyz, 503 while unhealthy) is Traefik's check
+      # for traffic (traefik/dynamic/routers.yaml, shipped above). There is no load balancer or
+      # target group in front of the task: Traefik is its gateway.
       healthCheck = {
-        command     = ["CMD-SHELL", "curl -fsS -o /dev/null --max-time 2 http://localhost:8080/health && curl -fsS -o /dev/null --max-time 2 http://localhost:8081/health && curl -fsS -o /dev/null --max-time 2 http://localhost:8083/health && curl -fsS -o /dev/null --max-time 2 http://localhost:8084/health"]
+        command     = ["CMD-SHELL", "curl -fsS -o /dev/null --max-time 2 http://localhost:8080/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8081/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8083/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8084/livez"]
         interval    = 15
         timeout     = 10
         retries     = 3
@@ -293,14 +298,18 @@ locals {
         { name = "CJ_AI_DATABASE_URL", valueFrom = "${aws_secretsmanager_secret.database.arn}:url::" },
         { name = "CJ_JWT_SECRET", valueFrom = aws_secretsmanager_secret.jwt.arn },
       ]
+      # The app's HEALTHY is its liveness (its process serves): enough, since an ai.anomaly the
+      # ingestion API cannot take yet blocks the sidecar's partition and is retried, never lost.
       dependsOn = [
         { containerName = "postgres", condition = "HEALTHY" },
         { containerName = "redpanda", condition = "HEALTHY" },
         { containerName = "app", condition = "HEALTHY" },
       ]
-      # /health answers 503 until the consumer has joined its group and while the database is away.
+      # Liveness, as for the app: /livez answers while the process serves, whatever the database
+      # does. /readyz (= /health) answers 503 until the consumer has joined its group and while the
+      # database is away; nothing routes traffic to the sidecar.
       healthCheck = {
-        command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8090/health', timeout=3)"]
+        command     = ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:8090/livez', timeout=3)"]
         interval    = 15
         timeout     = 5
         retries     = 3

@@ -1,4 +1,4 @@
-"""HTTP: `/health`, `/infer`, `/model`, `/metrics` (SPEC §2, §9, §13)."""
+"""HTTP: `/livez`, `/readyz` (= `/health`), `/infer`, `/model`, `/metrics` (SPEC §2, §9, §13)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,15 @@ def create_app(
         ]
         return _error(400, "invalid request", details)
 
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        # Liveness: the process serves and its event loop answers. No dependency is asked, so a
+        # database or broker outage never gets a healthy process restarted (that is /readyz's
+        # job: take it out of traffic until the dependency is back).
+        return JSONResponse({"status": "alive"})
+
+    # Readiness is the deep check; /health stays, with the same answer, for compatibility.
+    @app.get("/readyz")
     @app.get("/health")
     async def health() -> JSONResponse:
         checks: dict[str, dict[str, Any]] = {}

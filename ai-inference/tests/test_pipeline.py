@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -187,18 +188,37 @@ def test_health_follows_the_database_and_the_consumer_recovers(
     assert health["status"] == "healthy"
     assert health["checks"]["database"]["status"] == "healthy"
     assert health["checks"]["consumer"]["status"] == "healthy"
+    # Readiness is the same deep check; liveness asks nothing.
+    ready = ai.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "healthy"
+    assert set(ready.json()["checks"]) == set(health["checks"])
+    assert ai.get("/livez").json() == {"status": "alive"}
 
     db_proxy.cut()
 
-    def unhealthy() -> dict[str, Any] | None:
-        started = time.monotonic()
-        r = ai.get("/health")
-        assert time.monotonic() - started < 3, "a health probe must answer promptly"
-        return r.json() if r.status_code == 503 else None
+    def unhealthy(path: str) -> Callable[[], dict[str, Any] | None]:
+        def probe() -> dict[str, Any] | None:
+            started = time.monotonic()
+            r = ai.get(path)
+            assert time.monotonic() - started < 3, "a health probe must answer promptly"
+            return r.json() if r.status_code == 503 else None
 
-    report = wait_for(unhealthy, 10, "/health to turn 503")
+        return probe
+
+    report = wait_for(unhealthy("/health"), 10, "/health to turn 503")
     assert report["status"] == "unhealthy"
     assert report["checks"]["database"]["status"] == "unhealthy"
+    report = wait_for(unhealthy("/readyz"), 10, "/readyz to turn 503")
+    assert report["checks"]["database"]["status"] == "unhealthy"
+
+    def alive() -> None:
+        # The outage takes the sidecar out of traffic, never gets it restarted.
+        started = time.monotonic()
+        r = ai.get("/livez")
+        assert time.monotonic() - started < 2, "liveness must not wait on the database"
+        assert (r.status_code, r.json()) == (200, {"status": "alive"})
+
+    alive()
 
     # A reading that arrives meanwhile waits: it is neither lost nor committed.
     env = reading("dev-h", 20.0, series_start(1))
@@ -209,9 +229,11 @@ def test_health_follows_the_database_and_the_consumer_recovers(
         "the consumer to report it is blocked",
     )
     assert bus.committed_total(bus.group) == 0
+    alive()
 
     db_proxy.restore()
     wait_for(lambda: ai.get("/health").status_code == 200, 30, "/health to recover")
+    assert ai.get("/readyz").status_code == 200
     wait_for(lambda: results(database) == 1, 30, "the waiting reading to be stored")
     wait_for(lambda: bus.committed_total(bus.group) == 1, 15, "its commit")
     assert ai.get("/health").json()["status"] == "healthy"

@@ -315,9 +315,13 @@ def run(deploy: Path) -> Checker:
     c.check(str(ai_setting("port")[1]) == str(AI_PORT), f"ai-inference listens on the sidecar's port {AI_PORT}", f"got {ai_setting('port')}")
     c.check(ai_setting("bind_addr")[1] == "0.0.0.0", "ai-inference CJ_BIND_ADDR=0.0.0.0", f"got {ai_setting('bind_addr')}")
     ai_hc = " ".join(str(x) for x in (ai.get("healthCheck") or {}).get("command") or [])
+    # Liveness only (a database blip must not get the task replaced); readiness is Traefik's check.
+    asked = set(re.findall(r"://([A-Za-z0-9_.\-]+):(\d+)(/[A-Za-z0-9_./\-]*)", ai_hc))
     c.check(
-        "/health" in sidecar_get_routes() and re.search(rf"://(localhost|127\.0\.0\.1):{AI_PORT}/health\b", ai_hc) is not None,
-        f"ai-inference health check asks localhost:{AI_PORT}/health (a GET route of {AI_API.name})",
+        {"/livez", "/readyz", "/health"} <= sidecar_get_routes()
+        and {(p, path) for _, p, path in asked} == {(str(AI_PORT), "/livez")}
+        and all(h in ("localhost", "127.0.0.1") for h, _, _ in asked),
+        f"ai-inference health check asks only localhost:{AI_PORT}/livez (a GET route of {AI_API.name})",
         ai_hc,
     )
     app_ports = {m.get("name"): as_int(m.get("containerPort")) for m in app.get("portMappings") or []}

@@ -33,6 +33,14 @@ const AI_DIR: &str = "ai-inference";
 const AI_CONFIG: &str = "ai-inference/ai_inference/config.py";
 /// The sidecar's HTTP application (its routes).
 const AI_API: &str = "ai-inference/ai_inference/api.py";
+/// Liveness: the process serves; asks no dependency. What container/task health checks ask (a
+/// failure restarts or replaces the container).
+const LIVENESS: &str = "/livez";
+/// Readiness: the deep check (= `/health`). What the gateway's load-balancer checks ask (a failure
+/// takes the server out of traffic).
+const READINESS: &str = "/readyz";
+/// Every probe path a port of the binary or the sidecar serves beside its API.
+const PROBES: [&str; 3] = [LIVENESS, READINESS, "/health"];
 
 // --- reading files --------------------------------------------------------------------------------
 
@@ -100,8 +108,9 @@ fn app_port_set() -> BTreeSet<u16> {
     app_ports().into_values().collect()
 }
 
-/// The ports on which `cornjacket serve` answers `/health`: each service's own health port, else
-/// its main port (services that share a port, like the event handler and the tsdb-writer, share it).
+/// The ports on which `cornjacket serve` answers the probes (`/livez`, `/readyz`, `/health`): each
+/// service's own health port, else its main port (services that share a port, like the event
+/// handler and the tsdb-writer, share it).
 fn app_health_ports() -> BTreeSet<u16> {
     let cfg = defaults();
     Service::ALL
@@ -110,7 +119,8 @@ fn app_health_ports() -> BTreeSet<u16> {
         .collect()
 }
 
-/// The port that answers `/health` for traffic sent to `port` (the actions API's is its health port).
+/// The port that answers the probes for traffic sent to `port` (the actions API's is its health
+/// port).
 fn health_port_for(port: u16) -> u16 {
     let cfg = defaults();
     let owners: BTreeSet<u16> = Service::ALL
@@ -126,13 +136,30 @@ fn health_port_for(port: u16) -> u16 {
     owners.into_iter().next().unwrap()
 }
 
-/// The ports a health check command asks `/health` on (`http://host:PORT/health`).
-fn health_ports_in(cmd: &str) -> BTreeSet<u16> {
-    Regex::new(r"https?://[A-Za-z0-9_.\-]+:(\d+)/health\b")
+/// Every (port, path) a health check command asks (`http://host:PORT/path`).
+fn probes_in(cmd: &str) -> BTreeSet<(u16, String)> {
+    Regex::new(r"https?://[A-Za-z0-9_.\-]+:(\d+)(/[A-Za-z0-9_.~/\-]*)?")
         .unwrap()
         .captures_iter(cmd)
-        .map(|c| c[1].parse().unwrap())
+        .map(|c| {
+            (
+                c[1].parse().unwrap(),
+                c.get(2).map_or("/", |p| p.as_str()).to_string(),
+            )
+        })
         .collect()
+}
+
+/// A container (or task) health check: it asks liveness, and only liveness (never the deep
+/// check, which would restart the container when a dependency blips), on exactly `ports`.
+fn assert_liveness_check(what: &str, cmd: &str, ports: &BTreeSet<u16>) {
+    let want: BTreeSet<(u16, String)> = ports.iter().map(|p| (*p, LIVENESS.to_string())).collect();
+    assert!(!want.is_empty(), "{what}: no ports to check");
+    assert_eq!(
+        probes_in(cmd),
+        want,
+        "{what}: the health check should ask {LIVENESS} on every probe port {ports:?} and nothing else: '{cmd}'"
+    );
 }
 
 /// A route template as a concrete path (`{type}` → `x`), for prefix matching.
@@ -342,6 +369,39 @@ fn sidecar_get_routes() -> BTreeSet<String> {
         .captures_iter(&read(AI_API))
         .map(|c| c[1].to_string())
         .collect()
+}
+
+/// The sidecar serves liveness, readiness and (for compatibility) `/health`; readiness is
+/// `/health`'s own handler (its decorators stacked on the one function), so the two cannot drift.
+fn assert_sidecar_serves_the_probes() {
+    let routes = sidecar_get_routes();
+    for probe in PROBES {
+        assert!(
+            routes.contains(probe),
+            "{AI_API} serves GET {probe}: {routes:?}"
+        );
+    }
+    let text = read(AI_API);
+    let handler_of = |path: &str| -> String {
+        let re = Regex::new(&format!(
+            r#"(?m)^\s*@app\.get\(\s*"{}"[^\n]*\n(?:\s*@[^\n]*\n)*\s*(?:async\s+)?def\s+(\w+)"#,
+            regex::escape(path)
+        ))
+        .unwrap();
+        re.captures(&text)
+            .unwrap_or_else(|| panic!("{AI_API}: no function under @app.get(\"{path}\")"))[1]
+            .to_string()
+    };
+    assert_eq!(
+        handler_of(READINESS),
+        handler_of("/health"),
+        "{AI_API}: {READINESS} answers with /health's handler"
+    );
+    assert_ne!(
+        handler_of(LIVENESS),
+        handler_of("/health"),
+        "{AI_API}: {LIVENESS} must not run the deep check"
+    );
 }
 
 // --- compose ----------------------------------------------------------------------------------
@@ -712,13 +772,13 @@ fn platform_ports_and_health_checks_in_compose_are_the_binary_ports() {
     assert_eq!(exposed, port_set, "app exposes exactly the binary's ports");
     let hc = healthcheck_text(app);
     assert!(
-        hc.contains(&format!(":{ingestion_port}/health")),
-        "app health check should ask :{ingestion_port}/health, got '{hc}'"
+        hc.contains(&format!(":{ingestion_port}{LIVENESS}")),
+        "app health check should ask :{ingestion_port}{LIVENESS}, got '{hc}'"
     );
-    assert_eq!(
-        health_ports_in(&hc),
-        app_health_ports(),
-        "the app health check should ask /health on every health port of `serve`'s services: '{hc}'"
+    assert_liveness_check(
+        &format!("{FULLSTACK} {APP_SERVICE}"),
+        &hc,
+        &app_health_ports(),
     );
 }
 
@@ -765,15 +825,12 @@ fn the_ai_inference_service_in_compose_matches_the_sidecar() {
         );
     }
     let hc = healthcheck_text(svc);
-    assert_eq!(
-        health_ports_in(&hc),
-        BTreeSet::from([port]),
-        "{AI_SERVICE} health check should ask :{port}/health: '{hc}'"
+    assert_liveness_check(
+        &format!("{FULLSTACK} {AI_SERVICE}"),
+        &hc,
+        &BTreeSet::from([port]),
     );
-    assert!(
-        sidecar_get_routes().contains("/health"),
-        "{AI_API} serves GET /health"
-    );
+    assert_sidecar_serves_the_probes();
 
     // It submits ai.anomaly to the platform's ingestion port, on the compose network.
     let ingest = value("ingest_url").expect("an ingest URL");
@@ -1272,7 +1329,13 @@ fn internal_health_and_metrics_paths_are_not_routed() {
         private.iter().any(|p| p.starts_with("/internal/")),
         "the ForwardAuth verify route should be among the ingestion routes"
     );
-    private.extend(["/internal", "/internal/", "/health", "/metrics"].map(String::from));
+    private.extend(["/internal", "/internal/", "/metrics"].map(String::from));
+    // The probes, exactly and as a prefix of anything a router could match under them.
+    for probe in PROBES {
+        private.extend([probe.to_string(), format!("{probe}/"), format!("{probe}/x")]);
+    }
+    // The sidecar's probes and routes: nothing routes to the sidecar at all.
+    private.extend(sidecar_get_routes());
     for path in private {
         for r in &routers {
             assert!(
@@ -1390,25 +1453,28 @@ fn forward_auth_rate_limit_and_body_limit_guard_every_router() {
     }
 }
 
+/// Traefik's health checks decide traffic: readiness (the deep check), so a service whose database
+/// is away is taken out of rotation rather than its container restarted.
 #[test]
-fn traefik_health_checks_use_health_on_the_binary_ports() {
+fn traefik_health_checks_use_readiness_on_the_binary_ports() {
     let http = traefik_http();
     let services = http.get("services").expect("http.services");
+    assert!(!services.is_empty(), "no Traefik services");
     for (name, svc) in services {
         let hc = &svc["loadBalancer"]["healthCheck"];
         assert_eq!(
             scalar(&hc["path"]).as_deref(),
-            Some("/health"),
-            "service {name} health check path"
+            Some(READINESS),
+            "service {name} health check path (traffic follows readiness)"
         );
         // Traefik asks the server's port unless the check names another: it must be the port
-        // where the binary serves that service's /health (the actions API's is its health port).
+        // where the binary serves that service's probes (the actions API's is its health port).
         for (host, server_port) in service_servers(&http, name) {
             let asked = hc["port"].as_u64().map_or(server_port, |p| p as u16);
             let want = health_port_for(server_port);
             assert_eq!(
                 asked, want,
-                "service {name} ({host}:{server_port}) health check asks port {asked}; /health for it is on {want}"
+                "service {name} ({host}:{server_port}) health check asks port {asked}; {READINESS} for it is on {want}"
             );
         }
     }
@@ -1488,10 +1554,10 @@ fn dockerfile_exposes_the_binary_ports_and_checks_health() {
     let hc = find("HEALTHCHECK");
     assert_eq!(hc.len(), 1, "one HEALTHCHECK in the runtime stage");
     let ingestion_port = app_ports()["ingestion"];
-    assert!(
-        hc[0].contains(&format!(":{ingestion_port}/health")),
-        "HEALTHCHECK should ask :{ingestion_port}/health: {}",
-        hc[0]
+    assert_liveness_check(
+        "Dockerfile HEALTHCHECK",
+        hc[0],
+        &BTreeSet::from([ingestion_port]),
     );
     assert!(
         find("ENTRYPOINT").iter().any(|e| e.contains("cornjacket")),
@@ -1529,6 +1595,52 @@ fn dockerfile_exposes_the_binary_ports_and_checks_health() {
             ".dockerignore should exclude {entry}"
         );
     }
+}
+
+/// The sidecar image's HEALTHCHECK asks liveness on the sidecar's port: written either as the
+/// number or as `%s' % os.environ.get('<its port variable>', '<its default>')`.
+#[test]
+fn the_sidecar_image_checks_liveness_on_its_port() {
+    let rel = format!("{AI_DIR}/Dockerfile");
+    let stage = dockerfile_final_stage(&rel);
+    let hc: Vec<&String> = stage
+        .iter()
+        .filter(|(k, _)| k == "HEALTHCHECK")
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(hc.len(), 1, "{rel}: one HEALTHCHECK in the runtime stage");
+    let port = sidecar_value(&BTreeMap::new(), "port").expect("the sidecar's port");
+    let setting = sidecar_settings()
+        .into_iter()
+        .find(|s| s.field == "port")
+        .expect("a port setting");
+    let mut cmd = hc[0].to_string();
+    if cmd.contains(":%s/") {
+        let c = Regex::new(r#"os\.environ\.get\(\s*['"]([A-Z0-9_]+)['"]\s*,\s*['"](\d+)['"]\s*\)"#)
+            .unwrap()
+            .captures(&cmd)
+            .unwrap_or_else(|| {
+                panic!("{rel}: the HEALTHCHECK's %s port is os.environ.get(VAR, DEFAULT): {cmd}")
+            });
+        assert!(
+            setting.vars.contains(&c[1].to_string()),
+            "{rel}: the HEALTHCHECK reads {}, not the sidecar's port variable {:?}",
+            &c[1],
+            setting.vars
+        );
+        assert_eq!(
+            Some(c[2].to_string()),
+            setting.default,
+            "{rel}: the HEALTHCHECK's default port is the sidecar's"
+        );
+        cmd = cmd.replace(":%s/", &format!(":{port}/"));
+    }
+    assert_liveness_check(
+        &format!("{rel} HEALTHCHECK"),
+        &cmd,
+        &BTreeSet::from([port.parse().expect("a port number")]),
+    );
+    assert_sidecar_serves_the_probes();
 }
 
 // --- Terraform and CI (structure; tests/deploy/check_terraform.py parses the HCL) ---------------
@@ -1664,11 +1776,7 @@ fn terraform_task_declares_the_binary_ports_and_health_check() {
         "the app container's portMappings are the binary's ports"
     );
     let hc = tf_health_check(app);
-    assert_eq!(
-        health_ports_in(&hc),
-        app_health_ports(),
-        "the app container's health check should ask /health on every health port of `serve`'s services: {hc}"
-    );
+    assert_liveness_check("deploy/ecs.tf app container", &hc, &app_health_ports());
     for url in Regex::new(r"https?://([^:/\s]+):")
         .unwrap()
         .captures_iter(&hc)
@@ -1704,15 +1812,12 @@ fn terraform_ai_inference_container_matches_the_sidecar() {
         "the ai-inference container maps the sidecar's port"
     );
     let hc = tf_health_check(ai);
-    assert_eq!(
-        health_ports_in(&hc),
-        BTreeSet::from([port]),
-        "the ai-inference health check asks :{port}/health: {hc}"
+    assert_liveness_check(
+        "deploy/ecs.tf ai-inference container",
+        &hc,
+        &BTreeSet::from([port]),
     );
-    assert!(
-        sidecar_get_routes().contains("/health"),
-        "{AI_API} serves GET /health"
-    );
+    assert_sidecar_serves_the_probes();
     assert_eq!(
         sidecar_value(&env, "bind_addr").as_deref(),
         Some("0.0.0.0"),
