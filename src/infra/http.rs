@@ -15,7 +15,7 @@ use super::telemetry;
 mod error;
 pub mod routes;
 mod server;
-pub use error::{DbFailure, error_body, internal, invalid, unavailable};
+pub use error::{CODES, DbFailure, code_of, coded, error_body, internal, invalid, unavailable};
 pub use routes::Route;
 pub(crate) use routes::{concat_routes, routes};
 pub use server::serve;

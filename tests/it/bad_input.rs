@@ -215,7 +215,8 @@ async fn send(app: &TestApp, addr: std::net::SocketAddr, p: &Probe) -> Option<An
     })
 }
 
-/// Never a 5xx; a 4xx is `{"error": <text>, "details": [...]}`; a 2xx with a body is JSON
+/// Never a 5xx; a 4xx is `{"error": <text>, "code": <a documented code>, "details": [...]}`,
+/// the code the one of its status (or a more specific one of the same family); a 2xx with a body is JSON
 /// (except the Prometheus text of `/metrics`).
 fn judge(p: &Probe, a: &Answer) -> Result<(), TestCaseError> {
     let shown = String::from_utf8_lossy(&a.body);
@@ -231,6 +232,23 @@ fn judge(p: &Probe, a: &Answer) -> Result<(), TestCaseError> {
         prop_assert!(
             v["error"].as_str().is_some_and(|e| !e.is_empty()) && v["details"].is_array(),
             "not the error body: {what}"
+        );
+        let code = v["code"].as_str().unwrap_or_default();
+        prop_assert!(
+            cornjacket::infra::http::CODES.contains(&code),
+            "code '{code}' is not a documented one: {what}"
+        );
+        let by_status = cornjacket::infra::http::code_of(
+            axum::http::StatusCode::from_u16(a.status).unwrap(),
+            &v["details"],
+        );
+        prop_assert!(
+            code == by_status
+                || (a.status == 409 && code == "idempotency_conflict")
+                // A batch none of whose events is valid: the fields are per event.
+                || (a.status == 400 && code == "validation_failed"),
+            "code '{code}' for a {}: {what}",
+            a.status
         );
     } else if !a.body.is_empty() && !p.target.starts_with("/metrics") {
         prop_assert!(is_json, "content-type '{}': {what}", a.content_type);

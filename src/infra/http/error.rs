@@ -1,5 +1,6 @@
-//! How a failed request is answered, the same on every port: a JSON body `{"error", "details"}`
-//! whose details, on a 400, are the [`FieldError`]s of whatever refused the fields; 503 with
+//! How a failed request is answered, the same on every port: a JSON body `{"error", "code",
+//! "details"}` — `error` for people, `code` a stable machine-readable name for programs (see
+//! [`code_of`]), and on a 400 the [`FieldError`]s of whatever refused the fields; 503 with
 //! `Retry-After` while a dependency is away; an opaque 500 whose cause is logged, never shown.
 //! Each service's error enum picks its statuses and messages and answers through these.
 
@@ -11,14 +12,72 @@ use serde_json::{Value, json};
 use crate::envelope::FieldError;
 use crate::infra::db;
 
-/// A JSON error body `{"error": ..., "details": [...]}`.
+/// A JSON error body `{"error": ..., "code": ..., "details": [...]}`, its code the status's.
 pub fn error_body(status: StatusCode, error: impl Into<String>, details: Value) -> Response {
+    let code = code_of(status, &details);
+    coded(status, code, error, details)
+}
+
+/// An error body with a code more specific than its status's (`idempotency_conflict`).
+pub fn coded(
+    status: StatusCode,
+    code: &'static str,
+    error: impl Into<String>,
+    details: Value,
+) -> Response {
     (
         status,
-        Json(json!({ "error": error.into(), "details": details })),
+        Json(json!({ "error": error.into(), "code": code, "details": details })),
     )
         .into_response()
 }
+
+/// The stable code of an error answer: one per status, a 400 naming fields being
+/// `validation_failed`. Clients branch on these, never on the `error` text, which may be
+/// reworded; the list is part of the API (the OpenAPI documents' `ErrorCode`).
+pub fn code_of(status: StatusCode, details: &Value) -> &'static str {
+    let fields = details.as_array().is_some_and(|d| !d.is_empty());
+    match status.as_u16() {
+        400 if fields => "validation_failed",
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        406 => "not_acceptable",
+        408 => "request_timeout",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "validation_failed",
+        429 => "rate_limited",
+        503 => "unavailable",
+        504 => "timeout",
+        _ if status.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+/// Every code an answer can carry, for the documents' agreement test.
+pub const CODES: &[&str] = &[
+    "validation_failed",
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "not_acceptable",
+    "request_timeout",
+    "conflict",
+    "idempotency_conflict",
+    "payload_too_large",
+    "unsupported_media_type",
+    "rate_limited",
+    "unavailable",
+    "timeout",
+    "internal",
+    "error",
+];
 
 /// 400 with the fields at fault.
 pub fn invalid(error: impl Into<String>, details: &[FieldError]) -> Response {

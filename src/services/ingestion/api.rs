@@ -298,7 +298,8 @@ async fn ingest_batch(
                 results.push(Value::Null);
             }
             Err(details) => results.push(json!({
-                "index": i, "status": "rejected", "error": "validation failed", "details": details
+                "index": i, "status": "rejected", "error": "validation failed",
+                "code": "validation_failed", "details": details
             })),
         }
     }
@@ -321,12 +322,14 @@ async fn ingest_batch(
                 }
                 Outcome::Conflict(c) => {
                     conflicts += 1;
-                    json!({ "index": i, "status": "rejected", "error": c.to_string(), "details": [] })
+                    json!({ "index": i, "status": "rejected", "error": c.to_string(),
+                           "code": "idempotency_conflict", "details": [] })
                 }
                 Outcome::Unavailable => {
                     unavailable += 1;
                     json!({ "index": i, "status": "rejected",
-                            "error": IngestError::Unavailable.to_string(), "details": [] })
+                            "error": IngestError::Unavailable.to_string(), "code": "unavailable",
+                            "details": [] })
                 }
             };
         }
@@ -343,11 +346,16 @@ async fn ingest_batch(
     };
     let mut body = json!({ "accepted": accepted, "rejected": rejected, "results": results });
     if accepted == 0 {
-        body["error"] = json!(if status == StatusCode::CONFLICT {
-            "every event in the batch conflicts with one accepted before"
+        let (error, code) = if status == StatusCode::CONFLICT {
+            (
+                "every event in the batch conflicts with one accepted before",
+                "idempotency_conflict",
+            )
         } else {
-            "no event in the batch is valid"
-        });
+            ("no event in the batch is valid", "validation_failed")
+        };
+        body["error"] = json!(error);
+        body["code"] = json!(code);
         body["details"] = json!([]);
     }
     Ok((status, Json(body)).into_response())

@@ -43,7 +43,9 @@ impl IntoResponse for IngestError {
             IngestError::TooLarge(_) | IngestError::TooManyEvents(_) => {
                 error_body(StatusCode::PAYLOAD_TOO_LARGE, msg, json!([]))
             }
-            IngestError::Conflict(_) => error_body(StatusCode::CONFLICT, msg, json!([])),
+            IngestError::Conflict(_) => {
+                http::coded(StatusCode::CONFLICT, "idempotency_conflict", msg, json!([]))
+            }
             IngestError::UnsupportedMediaType => {
                 error_body(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg, json!([]))
             }

@@ -308,7 +308,13 @@ impl Subscriber {
                 field: String::new(),
                 message: format!("{} bytes; the limit is {limit} bytes", p.payload.len()),
             }]);
-            report(client, &p.topic, "message too large", details);
+            report(
+                client,
+                &p.topic,
+                "payload_too_large",
+                "message too large",
+                details,
+            );
             return Err(Handled::Rejected);
         }
         let checked = serde_json::from_slice::<Value>(&p.payload)
@@ -335,7 +341,8 @@ impl Subscriber {
         checked.map_err(|(error, details)| {
             metrics::counter!("cj_ingest_rejected_total", "reason" => "invalid_mqtt").increment(1);
             tracing::warn!(device = %device, error = %error, details = %details, "MQTT message rejected.");
-            report(client, &p.topic, &error, details);
+            let code = crate::infra::http::code_of(axum::http::StatusCode::BAD_REQUEST, &details);
+            report(client, &p.topic, code, &error, details);
             Handled::Rejected
         })
     }
@@ -392,7 +399,13 @@ impl Subscriber {
                                 metrics::counter!("cj_ingest_rejected_total", "reason" => "conflict")
                                     .increment(1);
                                 tracing::warn!(device = %q.envelope.aggregate_id, error = %c, "MQTT message refused.");
-                                report(client, &q.topic, &c.to_string(), json!([]));
+                                report(
+                                    client,
+                                    &q.topic,
+                                    "idempotency_conflict",
+                                    &c.to_string(),
+                                    json!([]),
+                                );
                                 let _ = q.done.send(Handled::Rejected);
                             }
                             Outcome::Unavailable => retry.push(q),
@@ -431,11 +444,12 @@ fn pendings(batch: &[Queued]) -> Vec<Pending> {
 
 /// Tells the device why its message was refused, on `…/{device}/errors` (the topic with its last
 /// segment replaced). Best effort: a full client queue drops the report, never the ack.
-fn report(client: &AsyncClient, topic: &str, error: &str, details: Value) {
+fn report(client: &AsyncClient, topic: &str, code: &str, error: &str, details: Value) {
     let Some((base, _)) = topic.rsplit_once('/') else {
         return;
     };
-    let body = json!({ "error": error, "details": details }).to_string();
+    // The same shape and codes as an HTTP answer to the same refusal.
+    let body = json!({ "error": error, "code": code, "details": details }).to_string();
     if let Err(e) = client.try_publish(format!("{base}/errors"), QoS::AtLeastOnce, false, body) {
         tracing::debug!(error = %e, "Could not queue an error report to the device.");
     }
