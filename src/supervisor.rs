@@ -215,7 +215,8 @@ pub async fn serve(config: Config, enabled: &[Service]) -> i32 {
     if ok { 0 } else { 1 }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or SIGINT, whichever comes first (also `cornjacket webhook listen`'s stop).
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");

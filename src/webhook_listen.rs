@@ -57,7 +57,7 @@ pub async fn run(addr: SocketAddr, secrets: Vec<Secret>) -> Result<(), ListenErr
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        crate::supervisor::wait_for_signal().await;
         on_signal.cancel();
     });
     serve(listener, secrets, Arc::new(SystemClock), shutdown).await?;
@@ -185,16 +185,6 @@ fn clip(s: &str, max: usize) -> String {
         .find(|&i| s.is_char_boundary(i))
         .unwrap_or(0);
     format!("{}… ({} more bytes)", &s[..cut], s.len() - cut)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,17 @@ async fn create_rule(app: &TestApp, rule: Value) -> Value {
     body
 }
 
+/// A rule on `system.alert` for the aggregates starting with `prefix`, without dedup.
+async fn prefix_rule(app: &TestApp, name: &str, prefix: &str, url: &str) -> Value {
+    create_rule(
+        app,
+        json!({"name": name, "event_type": "system.alert", "dedup_window_s": 0,
+               "condition": {"path": "aggregate_id", "op": "starts_with", "value": prefix},
+               "webhook": {"url": url}}),
+    )
+    .await
+}
+
 async fn deliveries(app: &TestApp, query: &str) -> Vec<Value> {
     let v: Value = app
         .http
@@ -338,20 +349,8 @@ async fn the_breaker_opens_short_circuits_then_lets_one_trial_through() {
     // Fails three times, then recovers.
     let failing = Receiver::start(vec![Reply::status(500); 3], None).await;
     let healthy = Receiver::ok().await;
-    let rf = create_rule(
-        &app,
-        json!({"name": "f", "event_type": "system.alert", "dedup_window_s": 0,
-               "condition": {"path": "aggregate_id", "op": "starts_with", "value": "f"},
-               "webhook": {"url": failing.url("/h")}}),
-    )
-    .await;
-    let rh = create_rule(
-        &app,
-        json!({"name": "h", "event_type": "system.alert", "dedup_window_s": 0,
-               "condition": {"path": "aggregate_id", "op": "starts_with", "value": "h"},
-               "webhook": {"url": healthy.url("/h")}}),
-    )
-    .await;
+    let rf = prefix_rule(&app, "f", "f", &failing.url("/h")).await;
+    let rh = prefix_rule(&app, "h", "h", &healthy.url("/h")).await;
     let rf_id = rf["rule_id"].as_str().unwrap();
     let endpoint = |app: &TestApp| {
         let url = app.url(Service::Actions, "/api/v1/actions/endpoints");
@@ -821,20 +820,8 @@ async fn recovery_resends_what_failed_once_each_even_when_run_twice() {
     // Down for the first ten calls (five deliveries, two attempts each), then up.
     let receiver = Receiver::start(vec![Reply::status(500); 10], None).await;
     let other = Receiver::start(vec![], Some(Reply::status(500))).await;
-    let rule = create_rule(
-        &app,
-        json!({"name": "down", "event_type": "system.alert", "dedup_window_s": 0,
-               "condition": {"path": "aggregate_id", "op": "starts_with", "value": "r-"},
-               "webhook": {"url": receiver.url("/h")}}),
-    )
-    .await;
-    let other_rule = create_rule(
-        &app,
-        json!({"name": "other", "event_type": "system.alert", "dedup_window_s": 0,
-               "condition": {"path": "aggregate_id", "op": "starts_with", "value": "o-"},
-               "webhook": {"url": other.url("/h")}}),
-    )
-    .await;
+    let rule = prefix_rule(&app, "down", "r-", &receiver.url("/h")).await;
+    let other_rule = prefix_rule(&app, "other", "o-", &other.url("/h")).await;
     let rule_id = rule["rule_id"].as_str().unwrap();
     let since = wall_clock() - chrono::Duration::seconds(5);
     batch(
