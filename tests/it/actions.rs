@@ -842,11 +842,30 @@ async fn recovery_resends_what_failed_once_each_even_when_run_twice() {
     .await;
     assert_eq!(receiver.count(), 10);
 
-    let body = json!({"since": cornjacket::envelope::format_time(&since), "rule_id": rule_id});
-    let (s, v) = post_json(&app, "/api/v1/actions/recover", body.clone()).await;
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(v["requeued"], 5, "{v}");
-    // At once again: nothing more is queued, nothing is sent twice.
+    // Through the CLI (`cornjacket actions recover`), then at once again through the API:
+    // nothing more is queued, nothing is sent twice.
+    let since_text = cornjacket::envelope::format_time(&since);
+    let out = cornjacket()
+        .args([
+            "actions",
+            "recover",
+            "--since",
+            &since_text,
+            "--rule",
+            rule_id,
+        ])
+        .env("CJ_DATABASE_URL", &app.db.url)
+        .env("CJ_LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("requeued 5 deliveries"), "{stdout}");
+    let body = json!({"since": since_text, "rule_id": rule_id});
     let (s, v) = post_json(&app, "/api/v1/actions/recover", body).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["requeued"], 0, "{v}");
