@@ -9,5 +9,6 @@ pub mod dlq;
 pub mod extract;
 pub mod http;
 pub mod jobs;
+pub mod metrics_catalogue;
 pub mod telemetry;
 pub mod webhook_signature;

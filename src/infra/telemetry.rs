@@ -24,7 +24,7 @@ use tracing_subscriber::Layer;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -179,16 +179,12 @@ pub fn with_parent(span: tracing::Span, traceparent: Option<&str>) -> tracing::S
 /// The process-wide metrics registry, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     METRICS.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                10.0,
-            ])
-            .expect("static buckets are valid")
-            .build_recorder();
+        let recorder = super::metrics_catalogue::builder().build_recorder();
         let handle = recorder.handle();
         // Fails only when another recorder is installed (a test binary); that one keeps working.
-        let _ = metrics::set_global_recorder(recorder);
+        if metrics::set_global_recorder(recorder).is_ok() {
+            super::metrics_catalogue::describe();
+        }
         handle
     })
 }

@@ -137,3 +137,106 @@ async fn metrics_move_by_what_was_ingested_published_projected_and_dead_lettered
     })
     .await;
 }
+
+/// Every metric the sources record is catalogued with its type, and what `/metrics` shows has
+/// HELP and TYPE lines, the right type, and buckets that fit what it measures.
+#[tokio::test]
+async fn every_metric_has_help_the_right_type_and_fitting_buckets() {
+    use cornjacket::infra::metrics_catalogue::{Kind, METRICS, ROWS};
+    // The sources: every `counter!("cj_…")`, `gauge!(…)`, `histogram!(…)`.
+    let re = regex::Regex::new(r#"(counter|gauge|histogram)!\(\s*"(cj_[a-z0-9_]+)""#).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    let mut stack = vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for c in re.captures_iter(&text) {
+                    used.insert((c[2].to_string(), c[1].to_string()));
+                }
+            }
+        }
+    }
+    assert!(used.len() > 30, "{used:?}");
+    for (name, kind) in &used {
+        let entry = METRICS.iter().find(|(n, ..)| n == name);
+        let Some((_, k, help)) = entry else {
+            panic!("{name} is recorded but not in infra::metrics_catalogue::METRICS");
+        };
+        let want = match kind.as_str() {
+            "counter" => Kind::Counter,
+            "gauge" => Kind::Gauge,
+            _ => Kind::Histogram,
+        };
+        assert_eq!(*k, want, "{name}");
+        assert!(help.len() > 10, "{name}");
+    }
+
+    let app = TestApp::spawn(&[Service::Ingestion]).await;
+    app.wait_ready().await;
+    for d in ["h1", "h2", "h3"] {
+        assert_eq!(app.ingest(reading(d)).await.0, 202);
+    }
+    let text = app
+        .http
+        .get(app.url(Service::Ingestion, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let families: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("cj_"))
+        .map(|l| {
+            let name = l.split(['{', ' ']).next().unwrap();
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|base| {
+                    METRICS
+                        .iter()
+                        .any(|(n, k, _)| n == base && *k == Kind::Histogram)
+                })
+                .unwrap_or(name)
+        })
+        .collect();
+    assert!(families.contains("cj_events_accepted_total"), "{text}");
+    for f in &families {
+        let (_, kind, _) = METRICS
+            .iter()
+            .find(|(n, ..)| n == f)
+            .unwrap_or_else(|| panic!("{f} exported but not catalogued"));
+        assert!(text.contains(&format!("# HELP {f} ")), "no HELP for {f}");
+        let t = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        assert!(
+            text.contains(&format!("# TYPE {f} {t}")),
+            "TYPE of {f} is not {t}"
+        );
+    }
+    // Row counts get row buckets, not seconds: three single events land in le="1"… not in +Inf only.
+    for b in ROWS {
+        assert!(
+            text.contains(&format!("cj_outbox_group_commit_rows_bucket{{le=\"{b}\"}}")),
+            "no le={b} bucket for the group commit rows: {text}"
+        );
+    }
+    assert!(!text.contains("cj_outbox_group_commit_rows_bucket{le=\"0.0005\"}"));
+    let build = text
+        .lines()
+        .find(|l| l.starts_with("cj_build_info{"))
+        .expect("cj_build_info");
+    assert!(
+        build.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && build.ends_with(" 1"),
+        "{build}"
+    );
+}
