@@ -285,30 +285,29 @@ fn is_open(path: &str) -> bool {
     )
 }
 
-/// The per-service middleware: in `app` mode every API route checks the JWT itself; in
-/// `gateway` mode the gateway already did, and its `X-Auth-Subject` names the caller.
+/// The per-service middleware: every API route checks the JWT itself, in `app` mode and in
+/// `gateway` mode too — the gateway's ForwardAuth checked it already, but anything that reaches
+/// a port directly (inside the compose network or the ECS task) must not be trusted as any
+/// subject with any scope. The subject is the token's; an `X-Auth-Subject` header is ignored.
 pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     if is_open(&path) {
         return next.run(req).await;
     }
     let subject = match auth.mode {
-        AuthMode::App => match auth.authorize(req.headers(), &req.method().clone(), &path) {
-            Ok(claims) => Some(claims.sub),
-            Err(e) => {
-                metrics::counter!("cj_auth_denied_total", "reason" => match e {
-                    AuthError::Missing | AuthError::Invalid(_) => "unauthenticated",
-                    _ => "forbidden",
-                })
-                .increment(1);
-                return e.into_response();
+        AuthMode::App | AuthMode::Gateway => {
+            match auth.authorize(req.headers(), &req.method().clone(), &path) {
+                Ok(claims) => Some(claims.sub),
+                Err(e) => {
+                    metrics::counter!("cj_auth_denied_total", "reason" => match e {
+                        AuthError::Missing | AuthError::Invalid(_) => "unauthenticated",
+                        _ => "forbidden",
+                    })
+                    .increment(1);
+                    return e.into_response();
+                }
             }
-        },
-        AuthMode::Gateway => req
-            .headers()
-            .get("x-auth-subject")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        }
         AuthMode::Off => None,
     };
     if let Some(s) = subject {

@@ -350,25 +350,57 @@ async fn public_key_modes_refuse_algorithm_confusion() {
 }
 
 #[tokio::test]
-async fn gateway_mode_takes_the_subject_from_the_gateway() {
+async fn gateway_mode_still_verifies_the_token_and_ignores_a_forged_subject() {
     let app = TestApp::spawn_with(&[Service::Ingestion], |e| {
         auth_env(e);
         e.insert("CJ_AUTH_MODE".into(), "gateway".into());
     })
     .await;
     app.wait_ready().await;
-    let r = app
-        .http
-        .post(app.url(Service::Ingestion, "/api/v1/ingest"))
-        .header("x-auth-subject", "gw-user")
-        .json(&json!({"event_type": "a.b", "aggregate_id": "g", "payload": {}}))
-        .send()
+    let send = |auth: Option<String>| {
+        let mut r = app
+            .http
+            .post(app.url(Service::Ingestion, "/api/v1/ingest"))
+            // What a caller inside the network could send straight to the port.
+            .header("x-auth-subject", "gw-user")
+            .json(&json!({"event_type": "a.b", "aggregate_id": "g", "payload": {}}));
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.send()
+    };
+    // Defence in depth: past the gateway or not, no token, no access.
+    assert_eq!(send(None).await.unwrap().status(), 401);
+    let wrong_key = sign(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(b"a-different-secret-also-32-chars-long!!"),
+        &claims("ingest:write"),
+    );
+    assert_eq!(
+        send(Some(format!("Bearer {wrong_key}")))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        send(Some(format!("Bearer {}", hs(&claims("query:read")))))
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let r = send(Some(format!("Bearer {}", hs(&claims("ingest:write")))))
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
     let pool = app.pool().await;
     let subject = stored_subject(&pool).await;
-    assert_eq!(subject, json!("gw-user"));
+    assert_eq!(
+        subject,
+        json!("device-42"),
+        "the token's subject, not the header's"
+    );
 }
 
 #[tokio::test]

@@ -1292,8 +1292,9 @@ fn every_public_route_needs_a_scope_and_every_scope_rule_has_a_router() {
     }
 }
 
-/// In `CJ_AUTH_MODE=gateway` the platform trusts the gateway's `X-Auth-*` headers and checks no
-/// token itself, so a port that serves an API must be reachable only through Traefik.
+/// In `CJ_AUTH_MODE=gateway` the gateway is where the rate and body limits and the public routes
+/// are enforced (the app still verifies every token), so a port that serves an API must be
+/// reachable only through Traefik.
 #[test]
 fn in_gateway_mode_no_api_port_of_the_app_is_published() {
     let all = all_services();
