@@ -114,18 +114,24 @@ async fn blackholed_database_answers_503_fast_then_202_within_seconds_and_the_ou
 
     proxy.restore();
     let restored = Instant::now();
-    // The blackholed connections stay open and silent: only discarding them brings ingestion back.
-    let first = eventually(Duration::from_secs(10), || async {
-        let (ok, _) = ingest_many(&app, "r-", 1).await;
-        ok.into_iter().next()
+    // The blackholed connections stay open and silent: only discarding them brings ingestion
+    // back. Back means a burst of concurrent requests is accepted whole — a single 202 can ride
+    // the one fresh connection while the pool still holds silent ones (seen on a loaded machine:
+    // the first 202, then 503s on the pool's timeout for a second more).
+    // Every 202 of the bursts counts as accepted, the partial ones too.
+    let during_recovery = std::sync::Mutex::new(Vec::new());
+    eventually(Duration::from_secs(10), || async {
+        let (ok, statuses) = ingest_many(&app, "r-", 8).await;
+        during_recovery.lock().unwrap().extend(ok);
+        statuses.iter().all(|(s, _)| *s == 202).then_some(())
     })
     .await;
     let back_after = restored.elapsed();
     assert!(
         back_after < Duration::from_secs(8),
-        "202 again {back_after:?} after the database answered"
+        "a burst accepted whole {back_after:?} after the database answered"
     );
-    accepted.push(first);
+    accepted.extend(during_recovery.into_inner().unwrap());
     let (ok, statuses) = ingest_many(&app, "a-", 20).await;
     assert!(
         statuses.iter().all(|(s, _)| *s == 202),
