@@ -233,14 +233,7 @@ async fn a_receiver_slower_than_the_timeout_counts_as_a_failure() {
         e.insert("CJ_ACTIONS_RETRY_DELAYS".into(), "100ms".into());
     })
     .await;
-    let slow = Receiver::start(
-        vec![],
-        Some(Reply {
-            delay: Duration::from_secs(3),
-            ..Reply::status(200)
-        }),
-    )
-    .await;
+    let slow = Receiver::slow(Duration::from_secs(3)).await;
     let rule = create_rule(
         &app,
         json!({"name": "slow", "event_type": "system.alert",
@@ -981,14 +974,7 @@ async fn a_deep_backlog_behind_a_slow_endpoint_does_not_hold_back_another_rules_
         e.insert("CJ_ACTIONS_WORKERS".into(), "4".into());
     })
     .await;
-    let slow = Receiver::start(
-        vec![],
-        Some(Reply {
-            delay: Duration::from_millis(300),
-            ..Reply::status(200)
-        }),
-    )
-    .await;
+    let slow = Receiver::slow(Duration::from_millis(300)).await;
     let catch_all = create_rule(
         &app,
         json!({"name": "everything", "event_type": "*", "dedup_window_s": 0,

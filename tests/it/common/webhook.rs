@@ -105,6 +105,18 @@ impl Receiver {
         Self::start(vec![], None).await
     }
 
+    /// A receiver that answers 200 to every call after `delay`.
+    pub async fn slow(delay: Duration) -> Self {
+        Self::start(
+            vec![],
+            Some(Reply {
+                delay,
+                ..Reply::status(200)
+            }),
+        )
+        .await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
