@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::condition::Condition;
 use crate::envelope::FieldError;
 
-const SECRET_PREFIX: &str = "whsec_";
+use crate::infra::webhook_signature::SECRET_PREFIX;
 /// Headers the platform sets itself: a rule cannot override the signature or the framing.
 const RESERVED_HEADERS: &[&str] = &[
     "content-type",
