@@ -54,8 +54,10 @@ class Handler:
     def handle(self, value: bytes | None, headers: Headers) -> str:
         """Processes one message; returns `scored`, `redelivered` or `skipped`, raises `Refused`.
 
-        Idempotent: a message handled before is answered from its stored result, and its anomaly
-        is submitted again under the same event id, which the API accepts without storing twice.
+        Each quantity of a reading is scored, and each anomalous one reported as an `ai.anomaly`
+        of its own. Idempotent: a message handled before is answered from its stored results,
+        and their anomalies are submitted again under the same event ids, which the API accepts
+        without storing twice. `scored` when any quantity was new.
         """
         try:
             item = decode(value, headers)
@@ -64,22 +66,27 @@ class Handler:
         if isinstance(item, Skip):
             return "skipped"
         try:
-            result = self._with_db(lambda db: store.score_and_store(db, item, self._params))
+            results = self._with_db(lambda db: store.score_and_store(db, item, self._params))
         except psycopg.DataError as e:
             raise Refused(f"the reading cannot be stored: {e}", "unstorable") from None
-        if result.new:
-            self._metrics.scored.inc()
-            if result.is_anomaly:
-                self._metrics.anomalies.inc()
-        if result.is_anomaly:
+        for result in results:
+            if result.new:
+                self._metrics.scored.inc()
+                if result.is_anomaly:
+                    self._metrics.anomalies.inc()
+        for result in results:
+            if not result.is_anomaly:
+                continue
             self._log_anomaly(item, result)
             sub = self._submit(result)
             if sub.disposition is Disposition.REJECTED:
+                # The whole message is dead-lettered; a replay resubmits the anomalies already
+                # accepted under their ids, which the API answers without storing them twice.
                 raise Refused(
                     f"the ingestion API refused the ai.anomaly event ({sub.status}): {sub.detail}",
                     "ingest_rejected",
                 )
-        return "scored" if result.new else "redelivered"
+        return "scored" if any(r.new for r in results) else "redelivered"
 
     def _log_anomaly(self, r: Reading, result: store.Result) -> None:
         log.info(
@@ -87,7 +94,8 @@ class Handler:
             extra={
                 "event_id": str(r.event_id),
                 "device_id": r.device_id,
-                "value": r.value,
+                "key": result.key,
+                "value": result.value,
                 "score": round(result.score, 3),
                 "threshold": self._params.threshold,
                 "redelivered": not result.new,

@@ -80,16 +80,18 @@ class TokenSource:
 
 
 def anomaly_request(result: Result, threshold: float) -> dict[str, Any]:
+    """The `ai.anomaly` event for one anomalous quantity; `key` says which of the reading's."""
     r = result.reading
     return {
         "event_type": ANOMALY_EVENT_TYPE,
         "aggregate_id": r.device_id,
-        "event_id": str(anomaly_event_id(r.event_id, r.event_time)),
+        "event_id": str(anomaly_event_id(r.event_id, r.event_time, result.key)),
         "event_time": r.event_time_text,
         "payload": {
             "source_event_id": str(r.event_id),
             "device_id": r.device_id,
-            "value": r.value,
+            "key": result.key,
+            "value": result.value,
             "score": result.score,
             "threshold": threshold,
             "model": f"{MODEL_NAME}@{MODEL_VERSION}",

@@ -15,8 +15,13 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.scored = Counter("cj_ai_readings_scored", "Sensor readings scored and learned.", registry=r)
-        self.anomalies = Counter("cj_ai_anomalies", "Readings scored as anomalous.", registry=r)
+        # Per quantity: a reading with several keys counts once per key.
+        self.scored = Counter(
+            "cj_ai_readings_scored", "Sensor reading quantities scored and learned (one per key).", registry=r
+        )
+        self.anomalies = Counter(
+            "cj_ai_anomalies", "Quantities scored as anomalous (one ai.anomaly event each).", registry=r
+        )
         self.dlq = Counter("cj_ai_dlq", "Messages dead-lettered, by reason.", ["reason"], registry=r)
         self.dlq_replays = Counter(
             "cj_ai_dlq_replays",

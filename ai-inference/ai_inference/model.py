@@ -1,10 +1,11 @@
-"""The per-device online anomaly model.
+"""The per-device, per-key online anomaly model.
 
-Each device has a running mean and variance of its readings — River's `stats.Var`, which is
+Each quantity of each device (a reading's `payload.value`, or every entry of `payload.values`,
+by key) has a running mean and variance of its values — River's `stats.Var`, which is
 Welford's algorithm (numerically stable even for large values with a small spread, unlike the
 E[x²] − E[x]² form of `stats.EWVar`). A reading's score is its distance from the mean in standard
-deviations (|x − mean| / std); it is anomalous when the score exceeds the threshold, once the
-device has a warm-up count of readings behind it.
+deviations (|x − mean| / std); it is anomalous when the score exceeds the threshold, once that
+key of the device has a warm-up count of readings behind it.
 
 Why this and not HalfSpaceTrees or GaussianScorer: on one-dimensional values a z-score is exact,
 deterministic (no random trees, no window boundaries), its threshold reads in standard deviations,
@@ -49,7 +50,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class DeviceState:
-    """What is persisted per device: `readings` learned in all, `n` their effective weight."""
+    """What is persisted per device and key: `readings` learned in all, `n` their effective weight."""
 
     readings: int
     n: float

@@ -1,4 +1,4 @@
-"""The sidecar's tables: inference results, per-device model state and dead letters."""
+"""The sidecar's tables: inference results, per-(device, key) model state and dead letters."""
 
 from __future__ import annotations
 
@@ -9,81 +9,121 @@ from uuid import UUID
 import psycopg
 from psycopg.types.json import Jsonb
 
-from ai_inference.envelope import Reading, loads_strict
+from ai_inference.envelope import DEFAULT_KEY, Reading, loads_strict
 from ai_inference.ids import uuid7
 from ai_inference.model import MODEL_NAME, MODEL_VERSION, DeviceModel, DeviceState, ModelParams, Verdict
 
 
 @dataclass(frozen=True)
 class Result:
+    """The score of one quantity (`key`) of a reading."""
+
     reading: Reading
+    key: str
+    value: float
     score: float
     is_anomaly: bool
     model: str
     model_version: str
-    new: bool  # False when the reading had been scored before (a redelivery)
+    new: bool  # False when the quantity had been scored before (a redelivery)
 
 
 _LOAD_STATE = """
     SELECT readings, n, mean, variance FROM ai.device_models
-     WHERE device_id = %s AND model = %s AND model_version = %s"""
+     WHERE device_id = %s AND key = %s AND model = %s AND model_version = %s"""
 
 
 def _state(row: tuple[Any, ...] | None) -> DeviceState | None:
     return DeviceState(int(row[0]), float(row[1]), float(row[2]), float(row[3])) if row else None
 
 
-def score_and_store(conn: psycopg.Connection, reading: Reading, params: ModelParams) -> Result:
-    """Scores the reading, then learns it, in one transaction with the stored result.
+def _stored(conn: psycopg.Connection, reading: Reading) -> dict[str, Result]:
+    """The results stored for the reading before, by the key of the quantity they score.
 
-    A reading already scored is answered from its stored row and not learned again, so
-    redelivery changes nothing; the per-device transaction lock keeps two instances that briefly
-    share a partition during a rebalance from interleaving on one device.
+    A legacy reading is one quantity, so any row of its event is that quantity's result: rows
+    stored before migration V4 have the key 'value' even when the payload named a `metric`, and
+    answering the reading with them (under their key, hence their anomaly's original id) keeps a
+    redelivery across the upgrade from learning the reading twice.
     """
+    rows = conn.execute(
+        """SELECT key, value, score, is_anomaly, model, model_version FROM ai.inference_results
+            WHERE event_id = %s ORDER BY key""",
+        (reading.event_id,),
+    ).fetchall()
+    found = {
+        r[0]: Result(reading, r[0], float(r[1]), float(r[2]), bool(r[3]), r[4], r[5], new=False) for r in rows
+    }
+    if reading.legacy and found and reading.quantities[0].key not in found:
+        return {reading.quantities[0].key: next(iter(found.values()))}
+    return found
+
+
+def score_and_store(conn: psycopg.Connection, reading: Reading, params: ModelParams) -> list[Result]:
+    """Scores each quantity of the reading, then learns it, in one transaction with the results.
+
+    Every key has a model of its own, so an outlier of one quantity never disturbs another's. A
+    quantity already scored is answered from its stored row and not learned again, so redelivery
+    changes nothing; the per-device transaction lock keeps two instances that briefly share a
+    partition during a rebalance from interleaving on one device (any of its keys).
+    """
+    results: list[Result] = []
     with conn.transaction():
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended('ai.device:' || %s, 0))",
             (reading.device_id,),
         )
-        row = conn.execute(
-            "SELECT score, is_anomaly, model, model_version FROM ai.inference_results WHERE event_id = %s",
-            (reading.event_id,),
-        ).fetchone()
-        if row:
-            return Result(reading, float(row[0]), bool(row[1]), row[2], row[3], new=False)
-
-        state = _state(conn.execute(_LOAD_STATE, (reading.device_id, MODEL_NAME, MODEL_VERSION)).fetchone())
-        model = DeviceModel(params, state)
-        verdict = model.score(reading.value)
-        model.learn(reading.value)
-        s = model.state()
-        conn.execute(
-            """INSERT INTO ai.inference_results
-                   (event_id, device_id, time, value, score, is_anomaly, model, model_version)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-               ON CONFLICT (event_id) DO NOTHING""",
-            (
-                reading.event_id,
-                reading.device_id,
-                reading.event_time,
-                reading.value,
-                verdict.score,
-                verdict.is_anomaly,
-                MODEL_NAME,
-                MODEL_VERSION,
-            ),
-        )
-        conn.execute(
-            """INSERT INTO ai.device_models
-                   (device_id, model, model_version, readings, n, mean, variance, updated_at)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, now())
-               ON CONFLICT (device_id) DO UPDATE SET
-                   model = EXCLUDED.model, model_version = EXCLUDED.model_version,
-                   readings = EXCLUDED.readings, n = EXCLUDED.n, mean = EXCLUDED.mean,
-                   variance = EXCLUDED.variance, updated_at = now()""",
-            (reading.device_id, MODEL_NAME, MODEL_VERSION, s.readings, s.n, s.mean, s.variance),
-        )
-    return Result(reading, verdict.score, verdict.is_anomaly, MODEL_NAME, MODEL_VERSION, new=True)
+        stored = _stored(conn, reading)
+        for q in reading.quantities:
+            if q.key in stored:
+                results.append(stored[q.key])
+                continue
+            state = _state(
+                conn.execute(_LOAD_STATE, (reading.device_id, q.key, MODEL_NAME, MODEL_VERSION)).fetchone()
+            )
+            model = DeviceModel(params, state)
+            verdict = model.score(q.value)
+            model.learn(q.value)
+            s = model.state()
+            conn.execute(
+                """INSERT INTO ai.inference_results
+                       (event_id, key, device_id, time, value, score, is_anomaly, model, model_version)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (event_id, key) DO NOTHING""",
+                (
+                    reading.event_id,
+                    q.key,
+                    reading.device_id,
+                    reading.event_time,
+                    q.value,
+                    verdict.score,
+                    verdict.is_anomaly,
+                    MODEL_NAME,
+                    MODEL_VERSION,
+                ),
+            )
+            conn.execute(
+                """INSERT INTO ai.device_models
+                       (device_id, key, model, model_version, readings, n, mean, variance, updated_at)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())
+                   ON CONFLICT (device_id, key) DO UPDATE SET
+                       model = EXCLUDED.model, model_version = EXCLUDED.model_version,
+                       readings = EXCLUDED.readings, n = EXCLUDED.n, mean = EXCLUDED.mean,
+                       variance = EXCLUDED.variance, updated_at = now()""",
+                (reading.device_id, q.key, MODEL_NAME, MODEL_VERSION, s.readings, s.n, s.mean, s.variance),
+            )
+            results.append(
+                Result(
+                    reading,
+                    q.key,
+                    q.value,
+                    verdict.score,
+                    verdict.is_anomaly,
+                    MODEL_NAME,
+                    MODEL_VERSION,
+                    new=True,
+                )
+            )
+    return results
 
 
 @dataclass(frozen=True)
@@ -147,21 +187,24 @@ def dead_letter(conn: psycopg.Connection, d: DeadLetter) -> None:
 # --- read side, for the HTTP API -------------------------------------------------------------
 
 
-async def load_state(conn: psycopg.AsyncConnection, device_id: str) -> DeviceState | None:
-    cur = await conn.execute(_LOAD_STATE, (device_id, MODEL_NAME, MODEL_VERSION))
+async def load_state(
+    conn: psycopg.AsyncConnection, device_id: str, key: str = DEFAULT_KEY
+) -> DeviceState | None:
+    cur = await conn.execute(_LOAD_STATE, (device_id, key, MODEL_NAME, MODEL_VERSION))
     return _state(await cur.fetchone())
 
 
 async def infer(conn: psycopg.AsyncConnection, device_id: str, value: float, params: ModelParams) -> Verdict:
-    """Scores a value against the device's stored model without learning it."""
+    """Scores a value against the device's stored model (of key 'value') without learning it."""
     return DeviceModel(params, await load_state(conn, device_id)).score(value)
 
 
 async def device_counts(conn: psycopg.AsyncConnection, limit: int) -> tuple[dict[str, int], int]:
-    """Readings learned per device (the first `limit` by id) and the number of devices."""
+    """Readings learned per device, summed over its keys (the first `limit` by id), and the number
+    of devices."""
     cur = await conn.execute(
-        """SELECT device_id, readings, count(*) OVER () FROM ai.device_models
-            WHERE model = %s AND model_version = %s ORDER BY device_id LIMIT %s""",
+        """SELECT device_id, sum(readings), count(*) OVER () FROM ai.device_models
+            WHERE model = %s AND model_version = %s GROUP BY device_id ORDER BY device_id LIMIT %s""",
         (MODEL_NAME, MODEL_VERSION, limit),
     )
     rows = await cur.fetchall()

@@ -398,15 +398,17 @@ def reading(
     event_id: str | None = None,
     event_type: str = "sensor.reading",
     traceparent: str | None = None,
+    payload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A bus envelope as the platform's outbox processor publishes it."""
+    """A bus envelope as the platform's outbox processor publishes it (`payload` replaces the
+    legacy `{"value": value, "unit": "celsius"}`)."""
     return {
         "event_id": event_id or str(uuid7()),
         "event_type": event_type,
         "aggregate_id": device,
         "event_time": rfc3339(t),
         "ingested_at": rfc3339(t),
-        "payload": {"value": value, "unit": "celsius"},
+        "payload": payload if payload is not None else {"value": value, "unit": "celsius"},
         "metadata": {
             "source": "http",
             "traceparent": traceparent or new_traceparent(),
@@ -414,6 +416,21 @@ def reading(
             "subject": "tests",
         },
     }
+
+
+def multi_reading(
+    device: str,
+    values: dict[str, Any],
+    t: datetime,
+    *,
+    units: dict[str, str] | None = None,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """A multi-key `sensor.reading` envelope: `{"values": values, "units": units}`."""
+    payload: dict[str, Any] = {"values": values}
+    if units is not None:
+        payload["units"] = units
+    return reading(device, None, t, event_id=event_id, payload=payload)
 
 
 # --- a TCP proxy that can be cut ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from conftest import (
     Ingestion,
     Sidecars,
     TcpProxy,
+    multi_reading,
     new_traceparent,
     reading,
     wait_for,
@@ -86,6 +87,7 @@ def test_an_outlier_is_flagged_and_reported_exactly_once(
     assert event_time == datetime.fromisoformat(outlier["event_time"])
     assert payload["source_event_id"] == outlier["event_id"]
     assert payload["device_id"] == "dev-1"
+    assert payload["key"] == "value"  # a legacy reading's one quantity
     assert payload["value"] == OUTLIER
     assert payload["score"] == flagged[0][1]
     assert payload["threshold"] == 4.0
@@ -130,6 +132,73 @@ def test_an_outlier_is_flagged_and_reported_exactly_once(
     assert stored_s < 5
 
 
+def test_a_multi_key_reading_is_scored_and_reported_per_key(
+    database: Database, bus: Bus, ingestion: Ingestion, sidecars: Sidecars
+) -> None:
+    ai = sidecars.start(CJ_AI_INGEST_URL=ingestion.url, CJ_AI_WARMUP="10")
+    n = 40
+    t0 = series_start(n + 3)
+    temps, hums = normal_values(n, seed=3), [round(v + 20, 3) for v in normal_values(n, seed=4)]
+    units = {"temperature": "c", "humidity": "%"}
+    for i, (temp, hum) in enumerate(zip(temps, hums, strict=True)):
+        values = {"temperature": temp, "humidity": hum}
+        bus.publish(multi_reading("dev-m", values, t0 + timedelta(seconds=i), units=units), key="dev-m")
+    # humidity alone is off; a legacy reading of the device has its own key, "value".
+    outlier = multi_reading("dev-m", {"temperature": 20.0, "humidity": 90.0}, t0 + timedelta(seconds=n))
+    bus.publish(outlier, key="dev-m")
+    bus.publish(reading("dev-m", 1013.0, t0 + timedelta(seconds=n)), key="dev-m")
+
+    wait_for(lambda: results(database) == 2 * n + 3, 60, "a result per key of every reading")
+    flagged = database.rows("SELECT event_id::text, key, value FROM ai.inference_results WHERE is_anomaly")
+    assert flagged == [(outlier["event_id"], "humidity", 90.0)]
+
+    stored = wait_for(lambda: anomalies_in_event_store(database), 30, "the ai.anomaly event")
+    assert len(stored) == 1
+    event_id, _, event_time, payload, _ = stored[0]
+    source = uuid.UUID(outlier["event_id"])
+    assert event_id == anomaly_event_id(source, event_time, "humidity")
+    assert event_id != anomaly_event_id(source, event_time)
+    assert (payload["source_event_id"], payload["device_id"]) == (outlier["event_id"], "dev-m")
+    assert (payload["key"], payload["value"], payload["threshold"]) == ("humidity", 90.0, 4.0)
+    assert payload["score"] > 4.0 and payload["model"] == "river-welford-zscore@1"
+
+    # Model state per (device, key).
+    learned = {"temperature": n + 1, "humidity": n + 1, "value": 1}
+
+    def per_key() -> dict[str, int]:
+        return dict(database.rows("SELECT key, readings FROM ai.device_models WHERE device_id = 'dev-m'"))
+
+    assert per_key() == learned
+
+    # Redelivered: nothing learned twice, the anomaly resubmitted under its id and not stored again.
+    bus.publish(outlier, key="dev-m")
+    wait_for(lambda: ai.metric("cj_ai_messages_total", outcome="redelivered") == 1, 30, "the redelivery")
+    assert ai.metric("cj_ai_ingest_submissions_total", status="202") == 2
+    wait_for(lambda: outbox_empty(database), 15, "an empty outbox")
+    assert len(anomalies_in_event_store(database)) == 1
+    assert per_key() == learned
+    assert results(database) == 2 * n + 3
+
+    # Two anomalous keys of one reading: two events, with distinct (deterministic) ids.
+    both = multi_reading("dev-m", {"temperature": 35.0, "humidity": 99.0}, t0 + timedelta(seconds=n + 1))
+    bus.publish(both, key="dev-m")
+
+    def of_both() -> list[tuple[Any, ...]] | None:
+        found = [a for a in anomalies_in_event_store(database) if a[3]["source_event_id"] == both["event_id"]]
+        return found if len(found) == 2 else None
+
+    two = wait_for(of_both, 30, "both ai.anomaly events")
+    source = uuid.UUID(both["event_id"])
+    assert {(a[0], a[3]["key"], a[3]["value"]) for a in two} == {
+        (anomaly_event_id(source, two[0][2], "temperature"), "temperature", 35.0),
+        (anomaly_event_id(source, two[0][2], "humidity"), "humidity", 99.0),
+    }
+    assert len(anomalies_in_event_store(database)) == 3
+    assert ai.metric("cj_ai_anomalies_total") == 3
+    assert ai.metric("cj_ai_readings_scored_total") == 2 * n + 5
+    wait_for(lambda: bus.committed_total(bus.group) == n + 4, 15, "the commits")
+
+
 def test_poison_is_dead_lettered_and_the_consumer_goes_on(
     database: Database, bus: Bus, sidecars: Sidecars
 ) -> None:
@@ -137,6 +206,9 @@ def test_poison_is_dead_lettered_and_the_consumer_goes_on(
     t = series_start(10)
     good = reading("dev-p", 21.0, t)
     bad_value = reading("dev-p", "hot", t)
+    both_shapes = reading(
+        "dev-p", None, t, payload={"value": 21.0, "unit": "c", "values": {"temperature": 21.0}}
+    )
     poison: list[bytes | dict[str, Any]] = [
         b"\xff\xfe\x00 not json at all",
         b'{"hello": "world"}',
@@ -145,6 +217,9 @@ def test_poison_is_dead_lettered_and_the_consumer_goes_on(
         b'{"event_id": "%s", "event_type": "sensor.reading", "aggregate_id": "dev-p", '
         b'"event_time": "2026-01-01T00:00:00Z", "payload": {"value": NaN, "unit": "c"}}'
         % str(uuid.uuid4()).encode(),
+        # Both shapes at once, and a multi-key reading with a bad value.
+        both_shapes,
+        multi_reading("dev-p", {"temperature": 21.0, "humidity": "damp"}, t),
     ]
     skipped = [
         reading("dev-p", 1, t, event_type="sensor.status"),
@@ -171,6 +246,9 @@ def test_poison_is_dead_lettered_and_the_consumer_goes_on(
     assert letters[2][4] == bad_value["event_id"] and letters[2][5] == "sensor.reading"
     assert letters[2][6] == "dev-p" and "finite number" in letters[2][9]
     assert letters[4][7] is None and "NaN" in letters[4][8]
+    assert letters[5][4] == both_shapes["event_id"]
+    assert letters[5][9] == "sensor.reading payload must have value or values, not both"
+    assert letters[6][9] == "sensor.reading payload.values.humidity must be a finite number"
 
     assert ai.metric("cj_ai_dlq_total", reason="poison") == len(poison)
     assert ai.metric("cj_ai_messages_total", outcome="skipped") == len(skipped)
