@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ai_inference import store
 from ai_inference.config import Settings
 from ai_inference.db import aconnect
+from ai_inference.envelope import DEFAULT_KEY, KEY_RULE, is_key
 from ai_inference.metrics import Metrics
 from ai_inference.model import LIBRARY, MODEL_NAME, MODEL_VERSION, ModelParams
 from ai_inference.state import ServiceState
@@ -30,6 +31,8 @@ T = TypeVar("T")
 HEALTH_DB_TIMEOUT_S = 1.0
 QUERY_TIMEOUT_S = 3.0
 MODEL_DEVICE_LIMIT = 1000
+# Keys listed per device by /model: a device's keys are whatever its readings named, unbounded.
+MODEL_KEY_LIMIT = 100
 
 HEALTHY, DEGRADED, UNHEALTHY = "healthy", "degraded", "unhealthy"
 _RANK = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2}
@@ -70,6 +73,9 @@ class InferRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device_id: Annotated[str, Field(min_length=1, max_length=256)]
+    # Which of the device's quantities: its model is the one scored. The default is the key of a
+    # legacy reading without `metric`, so requests from before keys existed mean what they did.
+    key: str = DEFAULT_KEY
     # Strict: a JSON number only (no "12.5" strings, no booleans), and finite.
     value: Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
@@ -78,6 +84,14 @@ class InferRequest(BaseModel):
     def _printable(cls, v: str) -> str:
         if not v.isprintable():
             raise ValueError("must contain printable characters only")
+        return v
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key(cls, v: object) -> object:
+        # The rule of sensor.reading keys, so every key that can have a model can be asked for.
+        if not is_key(v):
+            raise ValueError(f"must be {KEY_RULE}")
         return v
 
 
@@ -177,7 +191,7 @@ def create_app(
     async def infer(req: InferRequest) -> JSONResponse:
         try:
             verdict = await db.run(
-                lambda c: store.infer(c, req.device_id, req.value, params), QUERY_TIMEOUT_S
+                lambda c: store.infer(c, req.device_id, req.key, req.value, params), QUERY_TIMEOUT_S
             )
         except Exception as e:  # noqa: BLE001
             log.warning("Inference failed: database unavailable.", extra={"error": str(e)})
@@ -185,6 +199,7 @@ def create_app(
         return JSONResponse(
             {
                 "device_id": req.device_id,
+                "key": req.key,
                 "value": req.value,
                 "score": verdict.score,
                 "is_anomaly": verdict.is_anomaly,
@@ -199,8 +214,8 @@ def create_app(
     @app.get("/model")
     async def model() -> JSONResponse:
         try:
-            counts, total = await db.run(
-                lambda c: store.device_counts(c, MODEL_DEVICE_LIMIT), QUERY_TIMEOUT_S
+            counts = await db.run(
+                lambda c: store.model_counts(c, MODEL_DEVICE_LIMIT, MODEL_KEY_LIMIT), QUERY_TIMEOUT_S
             )
         except Exception as e:  # noqa: BLE001
             log.warning("Model listing failed: database unavailable.", extra={"error": str(e)})
@@ -210,13 +225,18 @@ def create_app(
                 "model": MODEL_NAME,
                 "model_version": MODEL_VERSION,
                 "library": LIBRARY,
-                "score": "|value - mean| / std (per device, Welford running mean and variance)",
+                "score": "|value - mean| / std (per device and key, Welford running mean and variance)",
                 "threshold": params.threshold,
                 "warmup": params.warmup,
                 "horizon": params.horizon,
-                "device_count": total,
-                "devices": counts,
-                "devices_truncated": total > len(counts),
+                "device_count": counts.device_count,
+                # Readings learned per device, summed over its keys (for a device with one key,
+                # as before keys existed, that key's count).
+                "devices": counts.devices,
+                "devices_truncated": counts.device_count > len(counts.devices),
+                "model_count": counts.model_count,
+                "keys": counts.keys,
+                "keys_truncated": counts.keys_truncated,
             }
         )
 

@@ -9,7 +9,7 @@ from uuid import UUID
 import psycopg
 from psycopg.types.json import Jsonb
 
-from ai_inference.envelope import DEFAULT_KEY, Reading, loads_strict
+from ai_inference.envelope import Reading, loads_strict
 from ai_inference.ids import uuid7
 from ai_inference.model import MODEL_NAME, MODEL_VERSION, DeviceModel, DeviceState, ModelParams, Verdict
 
@@ -187,25 +187,60 @@ def dead_letter(conn: psycopg.Connection, d: DeadLetter) -> None:
 # --- read side, for the HTTP API -------------------------------------------------------------
 
 
-async def load_state(
-    conn: psycopg.AsyncConnection, device_id: str, key: str = DEFAULT_KEY
-) -> DeviceState | None:
+async def load_state(conn: psycopg.AsyncConnection, device_id: str, key: str) -> DeviceState | None:
     cur = await conn.execute(_LOAD_STATE, (device_id, key, MODEL_NAME, MODEL_VERSION))
     return _state(await cur.fetchone())
 
 
-async def infer(conn: psycopg.AsyncConnection, device_id: str, value: float, params: ModelParams) -> Verdict:
-    """Scores a value against the device's stored model (of key 'value') without learning it."""
-    return DeviceModel(params, await load_state(conn, device_id)).score(value)
+async def infer(
+    conn: psycopg.AsyncConnection, device_id: str, key: str, value: float, params: ModelParams
+) -> Verdict:
+    """Scores a value against the stored model of the device's quantity `key`, without learning it."""
+    return DeviceModel(params, await load_state(conn, device_id, key)).score(value)
 
 
-async def device_counts(conn: psycopg.AsyncConnection, limit: int) -> tuple[dict[str, int], int]:
-    """Readings learned per device, summed over its keys (the first `limit` by id), and the number
-    of devices."""
+@dataclass(frozen=True)
+class ModelCounts:
+    """Readings learned by the stored models, for the first devices by id."""
+
+    devices: dict[str, int]  # per device, summed over its keys
+    keys: dict[str, dict[str, int]]  # per device and key (the first keys by name)
+    device_count: int
+    model_count: int  # (device, key) states in all
+    keys_truncated: bool  # some device has more keys than listed
+
+
+async def model_counts(conn: psycopg.AsyncConnection, device_limit: int, key_limit: int) -> ModelCounts:
+    """Bounded however many devices and keys there are: `device_limit` devices, each with up to
+    `key_limit` keys listed (its sum still counts them all)."""
     cur = await conn.execute(
-        """SELECT device_id, sum(readings), count(*) OVER () FROM ai.device_models
-            WHERE model = %s AND model_version = %s GROUP BY device_id ORDER BY device_id LIMIT %s""",
-        (MODEL_NAME, MODEL_VERSION, limit),
+        """WITH d AS (
+               SELECT device_id, sum(readings) AS readings, count(*) AS keys,
+                      count(*) OVER () AS devices, sum(count(*)) OVER () AS models
+                 FROM ai.device_models
+                WHERE model = %(model)s AND model_version = %(version)s
+                GROUP BY device_id ORDER BY device_id LIMIT %(devices)s)
+           SELECT d.device_id, d.readings, d.keys, d.devices, d.models, k.key, k.readings
+             FROM d CROSS JOIN LATERAL (
+                  SELECT key, readings FROM ai.device_models m
+                   WHERE m.device_id = d.device_id AND m.model = %(model)s
+                     AND m.model_version = %(version)s
+                   ORDER BY key LIMIT %(keys)s) k
+            ORDER BY d.device_id, k.key""",
+        {"model": MODEL_NAME, "version": MODEL_VERSION, "devices": device_limit, "keys": key_limit},
     )
     rows = await cur.fetchall()
-    return {r[0]: int(r[1]) for r in rows}, (int(rows[0][2]) if rows else 0)
+    devices: dict[str, int] = {}
+    keys: dict[str, dict[str, int]] = {}
+    truncated = False
+    for device, total, n_keys, _, _, key, readings in rows:
+        devices[device] = int(total)
+        keys.setdefault(device, {})[key] = int(readings)
+        truncated = truncated or int(n_keys) > key_limit
+    return ModelCounts(
+        devices=devices,
+        keys=keys,
+        device_count=int(rows[0][3]) if rows else 0,
+        model_count=int(rows[0][4]) if rows else 0,
+        keys_truncated=truncated,
+    )

@@ -162,13 +162,28 @@ def test_a_multi_key_reading_is_scored_and_reported_per_key(
     assert (payload["key"], payload["value"], payload["threshold"]) == ("humidity", 90.0, 4.0)
     assert payload["score"] > 4.0 and payload["model"] == "river-welford-zscore@1"
 
-    # Model state per (device, key).
+    # Model state per (device, key); /model's old per-device count sums the keys.
     learned = {"temperature": n + 1, "humidity": n + 1, "value": 1}
 
     def per_key() -> dict[str, int]:
         return dict(database.rows("SELECT key, readings FROM ai.device_models WHERE device_id = 'dev-m'"))
 
     assert per_key() == learned
+    model = ai.get("/model").json()
+    assert model["keys"] == {"dev-m": learned}
+    assert model["devices"] == {"dev-m": 2 * n + 3}
+    assert (model["device_count"], model["model_count"], model["keys_truncated"]) == (1, 3, False)
+    # /infer scores against one key's model (default "value", as before keys existed).
+    temp = ai.post("/infer", json={"device_id": "dev-m", "key": "temperature", "value": 20.0}).json()
+    assert (temp["key"], temp["is_anomaly"], temp["readings"]) == ("temperature", False, n + 1)
+    hum = ai.post("/infer", json={"device_id": "dev-m", "key": "humidity", "value": 90.0}).json()
+    assert (hum["key"], hum["is_anomaly"]) == ("humidity", True)
+    default = ai.post("/infer", json={"device_id": "dev-m", "value": 20.0}).json()
+    assert (default["key"], default["readings"], default["warming_up"]) == ("value", 1, True)
+    for bad in ["", "1st", "a b", "a" * 65, 7, None]:
+        r = ai.post("/infer", json={"device_id": "dev-m", "key": bad, "value": 1})
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["details"][0]["field"] == "key"
 
     # Redelivered: nothing learned twice, the anomaly resubmitted under its id and not stored again.
     bus.publish(outlier, key="dev-m")
@@ -177,6 +192,7 @@ def test_a_multi_key_reading_is_scored_and_reported_per_key(
     wait_for(lambda: outbox_empty(database), 15, "an empty outbox")
     assert len(anomalies_in_event_store(database)) == 1
     assert per_key() == learned
+    assert ai.get("/model").json()["keys"] == {"dev-m": learned}
     assert results(database) == 2 * n + 3
 
     # Two anomalous keys of one reading: two events, with distinct (deterministic) ids.
