@@ -16,8 +16,12 @@ pub struct RetentionConfig {
     pub events: Duration,
     /// `CJ_RETENTION_PROJECTIONS`: projections not updated for this long are removed (7d).
     pub projections: Duration,
-    /// `CJ_RETENTION_TIMESERIES`: sensor readings (7d).
+    /// `CJ_RETENTION_TIMESERIES`: raw sensor readings (7d).
     pub timeseries: Duration,
+    /// `CJ_RETENTION_ROLLUP_1M`: the 1-minute rollups of readings (30d).
+    pub rollup_1m: Duration,
+    /// `CJ_RETENTION_ROLLUP_1H`: the 1-hour rollups of readings (400d).
+    pub rollup_1h: Duration,
     /// `CJ_RETENTION_DELIVERIES`: finished webhook deliveries (7d).
     pub deliveries: Duration,
     /// `CJ_RETENTION_INTERVAL`: how often each service runs its retention job (1h).
@@ -32,11 +36,14 @@ pub struct RetentionConfig {
 
 impl RetentionConfig {
     pub(super) fn parse(v: &Vars) -> Result<Self, ConfigError> {
-        let week = Duration::from_secs(7 * 24 * 3600);
+        let day = Duration::from_secs(24 * 3600);
+        let week = 7 * day;
         Ok(RetentionConfig {
             events: v.positive_duration("CJ_RETENTION_EVENTS", week)?,
             projections: v.positive_duration("CJ_RETENTION_PROJECTIONS", week)?,
             timeseries: v.positive_duration("CJ_RETENTION_TIMESERIES", week)?,
+            rollup_1m: v.positive_duration("CJ_RETENTION_ROLLUP_1M", 30 * day)?,
+            rollup_1h: v.positive_duration("CJ_RETENTION_ROLLUP_1H", 400 * day)?,
             deliveries: v.positive_duration("CJ_RETENTION_DELIVERIES", week)?,
             interval: v.positive_duration("CJ_RETENTION_INTERVAL", Duration::from_secs(3600))?,
             enabled: v.bool("CJ_RETENTION_ENABLED", true)?,

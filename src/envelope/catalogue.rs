@@ -28,27 +28,106 @@ pub trait Payload: Sized {
     fn read(payload: &Map<String, Value>) -> Result<Self, PayloadError>;
 }
 
-/// `sensor.reading`: a device's measurement.
+/// At most this many quantities in one reading: a device's row of the time series, not a dump.
+pub const MAX_QUANTITIES: usize = 32;
+/// The longest quantity name.
+pub const MAX_KEY_LEN: usize = 64;
+/// The quantity of a single-value reading that names none (`{"value", "unit"}`).
+pub const DEFAULT_KEY: &str = "value";
+
+/// Whether `s` can name a quantity: 1 to 64 characters, a letter first, then letters, digits,
+/// `_`, `.` or `-` — safe in a query string, a column value and a metric label alike.
+pub fn is_quantity_key(s: &str) -> bool {
+    let mut chars = s.chars();
+    s.len() <= MAX_KEY_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// One measured quantity of a reading.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SensorReading {
+pub struct Quantity {
+    /// A quantity key ([`is_quantity_key`]).
+    pub key: String,
     /// Finite.
     pub value: f64,
-    /// Not blank.
-    pub unit: String,
+    /// Not blank when given; a multi-quantity reading may leave a quantity without a unit.
+    pub unit: Option<String>,
+}
+
+/// `sensor.reading`: a device's measurement of one or several quantities at one time. Two
+/// shapes are accepted:
+/// - `{"value": 21.5, "unit": "c"}` (and an optional `"metric": "temperature"`): one quantity,
+///   named by `metric`, else [`DEFAULT_KEY`];
+/// - `{"values": {"temperature": 21.5, "humidity": 40.2}, "units": {"temperature": "c"}}`: 1 to
+///   [`MAX_QUANTITIES`] quantities, `units` optional and naming only keys of `values`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensorReading {
+    /// In key order for the multi-quantity shape (serde_json's map is ordered); never empty.
+    pub quantities: Vec<Quantity>,
 }
 
 impl Payload for SensorReading {
     const EVENT_TYPE: &'static str = "sensor.reading";
     fn read(payload: &Map<String, Value>) -> Result<Self, PayloadError> {
         let mut r = Reader::new(payload);
+        if payload.contains_key("values") {
+            if payload.contains_key("value") {
+                r.fail::<()>(
+                    "value",
+                    "not allowed beside values: send one quantity as value or several as values",
+                    "absent when values is given",
+                );
+            }
+            let quantities = r.quantities();
+            return r.finish(|| {
+                Some(Self {
+                    quantities: quantities?,
+                })
+            });
+        }
         let value = r.number("value");
         let unit = r.string("unit", NON_EMPTY);
+        let key = match payload.get("metric") {
+            None => Some(DEFAULT_KEY.to_string()),
+            Some(Value::String(k)) if is_quantity_key(k) => Some(k.clone()),
+            Some(_) => r.fail(
+                "metric",
+                "must be a quantity name: 1 to 64 letters, digits, '_', '.' or '-', starting with a letter",
+                "a quantity name",
+            ),
+        };
         r.finish(|| {
             Some(Self {
-                value: value?,
-                unit: unit?,
+                quantities: vec![Quantity {
+                    key: key?,
+                    value: value?,
+                    unit: Some(unit?),
+                }],
             })
         })
+    }
+}
+
+impl Serialize for SensorReading {
+    /// As the multi-quantity shape, which holds every reading; tests read it back.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let values: Map<String, Value> = self
+            .quantities
+            .iter()
+            .map(|q| (q.key.clone(), Value::from(q.value)))
+            .collect();
+        let units: Map<String, Value> = self
+            .quantities
+            .iter()
+            .filter_map(|q| Some((q.key.clone(), Value::from(q.unit.clone()?))))
+            .collect();
+        let mut m = Map::new();
+        m.insert("values".into(), Value::Object(values));
+        if !units.is_empty() {
+            m.insert("units".into(), Value::Object(units));
+        }
+        Value::Object(m).serialize(s)
     }
 }
 
@@ -127,6 +206,9 @@ impl Payload for SystemAlert {
 pub struct AiAnomaly {
     pub source_event_id: Uuid,
     pub device_id: String,
+    /// The scored quantity of the reading ([`DEFAULT_KEY`] for anomalies from before readings had
+    /// several).
+    pub key: String,
     pub value: f64,
     pub score: f64,
     pub threshold: f64,
@@ -139,6 +221,11 @@ impl Payload for AiAnomaly {
         let mut r = Reader::new(payload);
         let source_event_id = r.uuid("source_event_id");
         let device_id = r.string("device_id", NON_EMPTY);
+        let key = match payload.get("key") {
+            None => Some(DEFAULT_KEY.to_string()),
+            Some(Value::String(k)) if is_quantity_key(k) => Some(k.clone()),
+            Some(_) => r.fail("key", "must be a quantity name", "a quantity name"),
+        };
         let value = r.number("value");
         let score = r.number("score");
         let threshold = r.number("threshold");
@@ -147,6 +234,7 @@ impl Payload for AiAnomaly {
             Some(Self {
                 source_event_id: source_event_id?,
                 device_id: device_id?,
+                key: key?,
                 value: value?,
                 score: score?,
                 threshold: threshold?,
@@ -182,7 +270,8 @@ pub struct PayloadError(Vec<Problem>);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Problem {
-    key: &'static str,
+    /// The path below `payload`, e.g. `value` or `values.humidity`.
+    key: String,
     /// For the client: what is wrong.
     message: &'static str,
     /// For a consumer's refusal: what the field must be.
@@ -210,6 +299,20 @@ impl std::fmt::Display for PayloadError {
 
 impl std::error::Error for PayloadError {}
 
+/// A client's key as it may appear in an error's field path: cut short and without control
+/// characters, so a hostile key cannot make the error body huge or break a log line.
+fn printable(key: &str) -> String {
+    let mut out: String = key
+        .chars()
+        .take(MAX_KEY_LEN)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if key.chars().count() > MAX_KEY_LEN {
+        out.push('…');
+    }
+    out
+}
+
 const NON_EMPTY: bool = true;
 const MAY_BE_EMPTY: bool = false;
 
@@ -229,12 +332,12 @@ impl<'a> Reader<'a> {
 
     fn fail<T>(
         &mut self,
-        key: &'static str,
+        key: impl Into<String>,
         message: &'static str,
         expected: &'static str,
     ) -> Option<T> {
         self.problems.push(Problem {
-            key,
+            key: key.into(),
             message,
             expected,
         });
@@ -300,6 +403,86 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The multi-quantity shape: `values` (1 to [`MAX_QUANTITIES`] named finite numbers) and
+    /// the optional `units` (non-empty strings for keys of `values`).
+    fn quantities(&mut self) -> Option<Vec<Quantity>> {
+        const VALUES: &str = "an object of 1 to 32 quantity names to finite numbers";
+        let values = match self.payload.get("values") {
+            Some(Value::Object(v)) if (1..=MAX_QUANTITIES).contains(&v.len()) => v,
+            Some(Value::Object(_)) => {
+                return self.fail(
+                    "values",
+                    "must hold 1 to 32 quantities; send more in separate readings",
+                    VALUES,
+                );
+            }
+            _ => {
+                return self.fail(
+                    "values",
+                    "must be an object of quantity names to numbers",
+                    VALUES,
+                );
+            }
+        };
+        let units = match self.payload.get("units") {
+            None => None,
+            Some(Value::Object(u)) => Some(u),
+            Some(_) => {
+                return self.fail(
+                    "units",
+                    "must be an object of quantity names to units",
+                    "an object of quantity names to units",
+                );
+            }
+        };
+        let before = self.problems.len();
+        let mut out = Vec::with_capacity(values.len());
+        for (key, v) in values {
+            if !is_quantity_key(key) {
+                self.fail::<()>(
+                    format!("values.{}", printable(key)),
+                    "is not a quantity name: 1 to 64 letters, digits, '_', '.' or '-', starting with a letter",
+                    "keyed by quantity names",
+                );
+                continue;
+            }
+            let value = match v {
+                Value::Number(n) if n.as_f64().is_some_and(f64::is_finite) => n.as_f64(),
+                _ => self.fail(
+                    format!("values.{key}"),
+                    "must be a finite number",
+                    "a finite number",
+                ),
+            };
+            let unit = match units.and_then(|u| u.get(key)) {
+                None => Some(None),
+                Some(Value::String(u)) if !u.trim().is_empty() => Some(Some(u.clone())),
+                Some(_) => self.fail(
+                    format!("units.{key}"),
+                    "must be a non-empty string",
+                    "a non-empty string",
+                ),
+            };
+            if let (Some(value), Some(unit)) = (value, unit) {
+                out.push(Quantity {
+                    key: key.clone(),
+                    value,
+                    unit,
+                });
+            }
+        }
+        for key in units.into_iter().flat_map(|u| u.keys()) {
+            if !values.contains_key(key) {
+                self.fail::<()>(
+                    format!("units.{}", printable(key)),
+                    "names no quantity of values",
+                    "keyed by quantities of values",
+                );
+            }
+        }
+        (self.problems.len() == before).then_some(out)
+    }
+
     /// The payload, or every problem found; `build` sees every field read.
     fn finish<T>(self, build: impl FnOnce() -> Option<T>) -> Result<T, PayloadError> {
         if self.problems.is_empty() {
@@ -323,8 +506,20 @@ mod tests {
     fn a_payload_reads_into_its_type_and_serialises_back() {
         let p = map(json!({"value": 72.5, "unit": "fahrenheit"}));
         let r = SensorReading::read(&p).unwrap();
-        assert_eq!(r.value, 72.5);
-        assert_eq!(serde_json::to_value(&r).unwrap(), Value::Object(p));
+        assert_eq!(
+            r.quantities,
+            [Quantity {
+                key: "value".into(),
+                value: 72.5,
+                unit: Some("fahrenheit".into())
+            }]
+        );
+        let as_values = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            as_values,
+            json!({"values": {"value": 72.5}, "units": {"value": "fahrenheit"}})
+        );
+        assert_eq!(SensorReading::read(&map(as_values)).unwrap(), r);
         let a = SystemAlert::read(&map(json!({"level": "warn", "message": ""}))).unwrap();
         assert_eq!(a.level, AlertLevel::Warn);
         assert_eq!(serde_json::to_value(a).unwrap()["level"], "warn");
@@ -339,6 +534,67 @@ mod tests {
         assert_eq!(e.to_string(), "payload.unit must be a non-empty string");
         let e = UserLogin::read(&map(json!({"user_id": "u", "ip": "999.1.1.1"}))).unwrap_err();
         assert_eq!(e.to_string(), "payload.ip must be an IP address");
+    }
+
+    #[test]
+    fn a_reading_holds_one_quantity_or_several() {
+        let named = SensorReading::read(&map(json!({"value": 1, "unit": "c", "metric": "t_1"})));
+        assert_eq!(named.unwrap().quantities[0].key, "t_1");
+        let r = SensorReading::read(&map(json!({
+            "values": {"temperature": 21.5, "humidity": 40.2},
+            "units": {"temperature": "c"}
+        })))
+        .unwrap();
+        let got: Vec<_> = r
+            .quantities
+            .iter()
+            .map(|q| (q.key.as_str(), q.value, q.unit.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [("humidity", 40.2, None), ("temperature", 21.5, Some("c"))]
+        );
+    }
+
+    #[test]
+    fn every_wrong_quantity_is_named() {
+        let fields = |v: Value| -> Vec<String> {
+            SensorReading::read(&map(v))
+                .unwrap_err()
+                .field_errors()
+                .map(|e| e.field)
+                .collect()
+        };
+        assert_eq!(
+            fields(json!({"value": 1, "values": {"a": 1}})),
+            ["payload.value"]
+        );
+        assert_eq!(
+            fields(json!({"values": {"ok": 1, "1x": 2, "b": "3", "c": true, "d": null}})),
+            [
+                "payload.values.1x",
+                "payload.values.b",
+                "payload.values.c",
+                "payload.values.d"
+            ]
+        );
+        assert_eq!(
+            fields(json!({"values": {"a": 1}, "units": {"a": "", "z": "c"}})),
+            ["payload.units.a", "payload.units.z"]
+        );
+        assert_eq!(fields(json!({"values": {}})), ["payload.values"]);
+        assert_eq!(fields(json!({"values": [1]})), ["payload.values"]);
+        let many: Map<String, Value> = (0..33).map(|i| (format!("k{i}"), json!(i))).collect();
+        assert_eq!(fields(json!({ "values": many })), ["payload.values"]);
+        assert_eq!(
+            fields(json!({"value": 1, "unit": "c", "metric": "has space"})),
+            ["payload.metric"]
+        );
+        let long = "k".repeat(1000);
+        let e = fields(json!({ "values": { long.clone(): 1 } }));
+        assert!(e[0].len() < 100, "a hostile key is cut short: {}", e[0]);
+        assert!(is_quantity_key(&"k".repeat(64)) && !is_quantity_key(&"k".repeat(65)));
+        assert!(!is_quantity_key("") && !is_quantity_key("_a") && !is_quantity_key("é"));
     }
 
     #[test]

@@ -40,8 +40,6 @@ use crate::infra::http::{Check, health_response, metrics_router, not_found, serv
 #[derive(Clone)]
 pub struct QueryState {
     pool: sqlx::PgPool,
-    /// Whether the database has TimescaleDB (decides `time_bucket` or `date_bin`), asked once.
-    timescale: std::sync::Arc<tokio::sync::OnceCell<bool>>,
     /// "Now" for windows a request leaves open.
     clock: std::sync::Arc<dyn crate::envelope::Clock>,
 }
@@ -49,7 +47,6 @@ pub struct QueryState {
 pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let state = QueryState {
         pool: ctx.db,
-        timescale: Default::default(),
         clock: ctx.clock.clone(),
     };
     let limit = crate::infra::http::ClientLimit::new(

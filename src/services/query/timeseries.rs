@@ -1,6 +1,7 @@
-//! Time series and anomalies (SPEC §8, §9): bucketed aggregates of `tsdb.sensor_readings`
-//! (`time_bucket` with TimescaleDB, `date_bin` without; both aligned to the Unix epoch so the
-//! answer is the same on either) and the AI sidecar's scores from `ai.inference_results`.
+//! Time series and anomalies (SPEC §8, §9): bucketed aggregates of a device's quantities, read
+//! from the tsdb-writer's rollups where they serve and from `tsdb.sensor_readings` at the edges
+//! (`date_bin`, aligned to the Unix epoch), and the AI sidecar's scores from
+//! `ai.inference_results`.
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use uuid::Uuid;
 
 use super::QueryState;
 use super::error::QueryError;
+use crate::envelope::catalogue::{MAX_QUANTITIES, is_quantity_key};
 use crate::envelope::format_time;
 use crate::infra::extract::query::{Int, Time};
 use crate::infra::extract::{Path, Query};
@@ -103,32 +105,60 @@ impl Agg {
             Agg::Last => "last",
         }
     }
+}
 
-    /// The aggregate's SQL over one bucket's readings. `last` breaks ties by event_id so the
-    /// answer never depends on physical row order.
-    fn sql(self) -> &'static str {
-        match self {
-            Agg::Avg => "avg(value)",
-            Agg::Min => "min(value)",
-            Agg::Max => "max(value)",
-            Agg::Count => "count(*)::float8",
-            Agg::Last => "(array_agg(value ORDER BY time DESC, event_id DESC))[1]",
+/// Which rows answer a time-series query.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+enum SourceParam {
+    /// The coarsest rollup that fits, raw rows for the edges (the default).
+    #[default]
+    Auto,
+    /// Raw rows only: the same answer, read the slow way (for comparison and checks).
+    Raw,
+}
+
+impl TryFrom<String> for SourceParam {
+    type Error = String;
+
+    fn try_from(v: String) -> Result<Self, String> {
+        match v.as_str() {
+            "auto" => Ok(SourceParam::Auto),
+            "raw" => Ok(SourceParam::Raw),
+            _ => Err(format!("must be auto or raw, got '{v}'")),
         }
     }
 }
 
-async fn has_timescale(s: &QueryState) -> Result<bool, QueryError> {
-    s.timescale
-        .get_or_try_init(|| async {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
-            )
-            .fetch_one(&s.pool)
-            .await
-        })
-        .await
-        .copied()
-        .map_err(QueryError::from)
+/// `key=temperature,humidity`: the quantities to answer for (all of the device's by default).
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+struct Keys(Vec<String>);
+
+impl TryFrom<String> for Keys {
+    type Error = String;
+
+    fn try_from(v: String) -> Result<Self, String> {
+        let mut keys: Vec<String> = Vec::new();
+        for k in v.split(',') {
+            if !is_quantity_key(k) {
+                return Err(format!(
+                    "must be quantity names separated by commas (letters, digits, '_', '.', '-', a letter first), got '{}'",
+                    v.chars().take(80).collect::<String>()
+                ));
+            }
+            if !keys.iter().any(|x| x == k) {
+                keys.push(k.to_string());
+            }
+        }
+        if keys.len() > MAX_QUANTITIES {
+            return Err(format!(
+                "names {} quantities; at most {MAX_QUANTITIES}",
+                keys.len()
+            ));
+        }
+        Ok(Keys(keys))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +170,105 @@ struct TimeseriesParams {
     bucket: Bucket,
     #[serde(default)]
     agg: Agg,
+    key: Option<Keys>,
+    #[serde(default)]
+    source: SourceParam,
+}
+
+/// A table that holds partial aggregates of a device's readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Raw,
+    Minute,
+    Hour,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Raw => "raw",
+            Source::Minute => "rollup_1m",
+            Source::Hour => "rollup_1h",
+        }
+    }
+
+    /// Its rows as partial aggregates `(key, t, n, sum, min, max, last_t, last_e, last_v)`
+    /// of the device `$1` and keys `$2`, over `[lo, hi)` at the given parameter numbers.
+    fn partials(self, lo: usize, hi: usize) -> String {
+        let (table, cols, time) = match self {
+            Source::Raw => (
+                "tsdb.sensor_readings",
+                "key, time, 1::bigint, value, value, value, time, event_id, value",
+                "time",
+            ),
+            Source::Minute => ("tsdb.sensor_rollups_1m", ROLLUP_COLUMNS, "bucket"),
+            Source::Hour => ("tsdb.sensor_rollups_1h", ROLLUP_COLUMNS, "bucket"),
+        };
+        format!(
+            "SELECT {cols} FROM {table}
+             WHERE device_id = $1 AND key = ANY($2) AND {time} >= ${lo} AND {time} < ${hi}"
+        )
+    }
+}
+
+const ROLLUP_COLUMNS: &str =
+    "key, bucket, count, sum, min, max, last_time, last_event_id, last_value";
+
+/// Epoch-aligned rounding of a time to a multiple of `secs`.
+fn floor_to(t: DateTime<Utc>, secs: i64) -> DateTime<Utc> {
+    let s = t.timestamp().div_euclid(secs) * secs;
+    DateTime::from_timestamp(s, 0).expect("a time rounded down is a time")
+}
+
+fn ceil_to(t: DateTime<Utc>, secs: i64) -> DateTime<Utc> {
+    let f = floor_to(t, secs);
+    if f == t {
+        f
+    } else {
+        f + chrono::Duration::seconds(secs)
+    }
+}
+
+/// Which source reads which part of `[from, to)`: the coarsest rollup whose slices nest in the
+/// buckets reads the whole slices it can, the next finer one the whole slices at the edges,
+/// and raw rows what is left. Every bucket then holds exactly the readings it would over raw
+/// rows alone (while the raw rows are kept; after that, what the rollups still hold).
+fn plan(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    bucket_secs: i64,
+    source: SourceParam,
+) -> Vec<(Source, DateTime<Utc>, DateTime<Utc>)> {
+    let mut parts = Vec::new();
+    let levels: &[(Source, i64)] = match source {
+        SourceParam::Raw => &[],
+        SourceParam::Auto => &[(Source::Hour, 3600), (Source::Minute, 60)],
+    };
+    // The not yet covered ranges, refined level by level.
+    let mut open = vec![(from, to)];
+    for &(src, width) in levels {
+        if bucket_secs % width != 0 {
+            continue;
+        }
+        let mut rest = Vec::new();
+        for (lo, hi) in open {
+            let (a, b) = (ceil_to(lo, width), floor_to(hi, width));
+            if a < b {
+                parts.push((src, a, b));
+                if lo < a {
+                    rest.push((lo, a));
+                }
+                if b < hi {
+                    rest.push((b, hi));
+                }
+            } else {
+                rest.push((lo, hi));
+            }
+        }
+        open = rest;
+    }
+    parts.extend(open.into_iter().map(|(lo, hi)| (Source::Raw, lo, hi)));
+    parts
 }
 
 #[tracing::instrument(skip_all, fields(device_id = %device))]
@@ -165,43 +294,116 @@ async fn timeseries(
             span / secs
         )));
     }
-    let bin = if has_timescale(&s).await? {
-        "time_bucket(make_interval(secs => $2), time, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
-    } else {
-        "date_bin(make_interval(secs => $2), time, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
+    let keys = match q.key {
+        Some(Keys(k)) => k,
+        None => device_keys(&s, &device, from, to).await?,
     };
-    let rows = sqlx::query(&format!(
-        "SELECT {bin} AS bucket, {} AS value, count(*) AS n
-         FROM tsdb.sensor_readings
-         WHERE device_id = $1 AND time >= $3 AND time < $4
-         GROUP BY 1 ORDER BY 1",
-        agg.sql()
-    ))
-    .bind(&device)
-    .bind(secs as f64)
-    .bind(from)
-    .bind(to)
-    .fetch_all(&s.pool)
-    .await?;
-    let points: Vec<Value> = rows
+    let parts = plan(from, to, secs, q.source);
+    let mut union = Vec::with_capacity(parts.len());
+    for (i, (src, _, _)) in parts.iter().enumerate() {
+        union.push(src.partials(4 + 2 * i, 5 + 2 * i));
+    }
+    let sql = format!(
+        "SELECT key, date_bin(make_interval(secs => $3), t, TIMESTAMPTZ '1970-01-01 00:00:00+00') AS bucket,
+                sum(n)::bigint AS n, sum(s) AS s, min(lo) AS lo, max(hi) AS hi,
+                (array_agg(last_v ORDER BY last_t DESC, last_e DESC))[1] AS last
+         FROM ({}) AS p(key, t, n, s, lo, hi, last_t, last_e, last_v)
+         GROUP BY 1, 2 ORDER BY 1, 2",
+        union.join(" UNION ALL ")
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(&device)
+        .bind(&keys)
+        .bind(secs as f64);
+    for (_, lo, hi) in &parts {
+        query = query.bind(*lo).bind(*hi);
+    }
+    let rows = if keys.is_empty() {
+        Vec::new()
+    } else {
+        query.fetch_all(&s.pool).await?
+    };
+    let mut series: Vec<(String, Vec<Value>)> = Vec::new();
+    for r in &rows {
+        let key: String = r.get("key");
+        let n: i64 = r.get("n");
+        let value = match agg {
+            Agg::Avg => r.get::<Option<f64>, _>("s").map(|s| s / n as f64),
+            Agg::Min => r.get("lo"),
+            Agg::Max => r.get("hi"),
+            Agg::Count => Some(n as f64),
+            Agg::Last => r.get("last"),
+        };
+        let point = json!({
+            "time": format_time(&r.get::<DateTime<Utc>, _>("bucket")),
+            "value": value,
+            "count": n,
+        });
+        match series.last_mut() {
+            Some((k, points)) if *k == key => points.push(point),
+            _ => series.push((key, vec![point])),
+        }
+    }
+    // Every key asked for has a series, empty or not, in the order asked.
+    let series: Vec<Value> = keys
         .iter()
-        .map(|r| {
-            json!({
-                "time": format_time(&r.get::<DateTime<Utc>, _>("bucket")),
-                "value": r.get::<Option<f64>, _>("value"),
-                "count": r.get::<i64, _>("n"),
-            })
+        .map(|k| {
+            let points = series
+                .iter()
+                .find(|(key, _)| key == k)
+                .map_or_else(Vec::new, |(_, p)| p.clone());
+            json!({ "key": k, "points": points })
         })
         .collect();
-    Ok(Json(json!({
+    let mut sources: Vec<&str> = Vec::new();
+    for (src, _, _) in &parts {
+        if !sources.contains(&src.name()) {
+            sources.push(src.name());
+        }
+    }
+    let mut answer = json!({
         "device_id": device,
         "from": format_time(&from),
         "to": format_time(&to),
         "bucket": bucket.text,
         "bucket_seconds": secs,
         "agg": agg.name(),
-        "points": points,
-    })))
+        "sources": sources,
+    });
+    // One series (one key asked, or a device of one quantity) also answers as `points`, the
+    // shape of this route before readings had several quantities.
+    if series.len() <= 1 {
+        answer["points"] = series.first().map_or(json!([]), |s| s["points"].clone());
+    }
+    answer["series"] = Value::Array(series);
+    Ok(Json(answer))
+}
+
+/// The quantities a device reported between `from` and `to`, by name. Read from the hourly
+/// rollup (a row per key and hour) and the last two hours' raw rows, which a late write to the
+/// rollup could not yet cover, instead of every raw row of the range.
+async fn device_keys(
+    s: &QueryState,
+    device: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<String>, QueryError> {
+    let keys = sqlx::query_scalar(
+        "SELECT key FROM tsdb.sensor_rollups_1h
+         WHERE device_id = $1 AND bucket >= $2 AND bucket < $3
+         UNION
+         SELECT DISTINCT key FROM tsdb.sensor_readings
+         WHERE device_id = $1 AND time >= greatest($4, $3 - interval '2 hours') AND time < $3
+         ORDER BY 1
+         LIMIT 1000",
+    )
+    .bind(device)
+    .bind(floor_to(from, 3600))
+    .bind(to)
+    .bind(from)
+    .fetch_all(&s.pool)
+    .await?;
+    Ok(keys)
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,4 +455,84 @@ async fn anomalies(
         })
         .collect();
     Ok(Json(json!({ "anomalies": items, "limit": limit })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn names(p: &[(Source, DateTime<Utc>, DateTime<Utc>)]) -> Vec<(&str, String, String)> {
+        p.iter()
+            .map(|(s, a, b)| (s.name(), format_time(a), format_time(b)))
+            .collect()
+    }
+
+    /// The parts tile [from, to) exactly, each with the coarsest source whose slices fit.
+    #[test]
+    fn hours_inside_minutes_at_the_edges_raw_at_the_very_edges() {
+        let (from, to) = (t("2026-01-01T10:20:30Z"), t("2026-01-01T14:05:10Z"));
+        let p = plan(from, to, 3600, SourceParam::Auto);
+        let mut got = names(&p);
+        got.sort_by(|a, b| a.1.cmp(&b.1));
+        let z = |s: &str| format_time(&t(s));
+        assert_eq!(
+            got,
+            [
+                ("raw", z("2026-01-01T10:20:30Z"), z("2026-01-01T10:21:00Z")),
+                (
+                    "rollup_1m",
+                    z("2026-01-01T10:21:00Z"),
+                    z("2026-01-01T11:00:00Z")
+                ),
+                (
+                    "rollup_1h",
+                    z("2026-01-01T11:00:00Z"),
+                    z("2026-01-01T14:00:00Z")
+                ),
+                (
+                    "rollup_1m",
+                    z("2026-01-01T14:00:00Z"),
+                    z("2026-01-01T14:05:00Z")
+                ),
+                ("raw", z("2026-01-01T14:05:00Z"), z("2026-01-01T14:05:10Z")),
+            ]
+        );
+        // A bucket the hour's slices do not nest in uses minutes; seconds use raw rows.
+        let p = plan(from, to, 300, SourceParam::Auto);
+        assert!(p.iter().all(|(s, _, _)| *s != Source::Hour));
+        let p = plan(from, to, 90, SourceParam::Auto);
+        assert!(p.iter().all(|(s, _, _)| *s == Source::Raw));
+        assert_eq!(names(&plan(from, to, 3600, SourceParam::Raw)).len(), 1);
+        // Aligned ends need no raw rows at all.
+        let p = plan(
+            t("2026-01-01T00:00:00Z"),
+            t("2026-01-31T00:00:00Z"),
+            3600,
+            SourceParam::Auto,
+        );
+        assert_eq!(
+            names(&p),
+            [(
+                "rollup_1h",
+                z("2026-01-01T00:00:00Z"),
+                z("2026-01-31T00:00:00Z")
+            )]
+        );
+    }
+
+    #[test]
+    fn keys_are_quantity_names() {
+        assert_eq!(Keys::try_from("a,b,a".to_string()).unwrap().0, ["a", "b"]);
+        assert!(Keys::try_from("a,,b".to_string()).is_err());
+        assert!(Keys::try_from("a;drop".to_string()).is_err());
+        let many = (0..33)
+            .map(|i| format!("k{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(Keys::try_from(many).is_err());
+    }
 }

@@ -1,5 +1,5 @@
 //! tsdb-writer (SPEC §9): the consumer group that keeps sensor readings as typed time-series
-//! rows in `tsdb.sensor_readings`. Owns the `tsdb` schema. Its health shares the event
+//! rows in `tsdb.sensor_readings`, one per quantity, and their 1-minute and 1-hour rollups. Owns the `tsdb` schema. Its health shares the event
 //! handler's port (8084) when both run in one process, and uses that port alone otherwise.
 
 mod retention;
@@ -52,6 +52,19 @@ impl ConsumerService for Tsdb {
             });
         if let (Some(keep), false) = (keep, policy) {
             ctx.spawn_retention(keep, retention::run);
+        }
+        if r.enabled {
+            let windows = retention::RollupWindows {
+                minute: r.rollup_1m,
+                hour: r.rollup_1h,
+            };
+            ctx.jobs.spawn(retention::run_rollups(
+                ctx.pool.clone(),
+                ctx.clock_guard(),
+                windows,
+                r.interval,
+                ctx.jobs.shutdown.clone(),
+            ));
         }
         Ok(sink::Readings {
             pool: ctx.pool.clone(),

@@ -71,7 +71,9 @@ pub async fn apply_policy(pool: &PgPool, keep: Option<Duration>) -> Result<bool,
 }
 
 /// Removes readings older than `keep` at `now` from the plain table, in slices; returns how
-/// many went.
+/// many went. A reading that arrived late stays until its ingestion is that old too: its raw
+/// row is what keeps a redelivery or replay of it out of the rollups a second time (the sink's
+/// `WRITE`).
 pub async fn enforce(
     pool: &PgPool,
     now: DateTime<Utc>,
@@ -81,10 +83,53 @@ pub async fn enforce(
     crate::infra::db::remove_older_than(
         pool,
         "tsdb.sensor_readings",
-        "time < $1",
+        "time < $1 AND (ingested_at IS NULL OR ingested_at < $1)",
         now,
         keep,
         shutdown,
     )
     .await
+}
+
+/// How long each rollup is kept (`CJ_RETENTION_ROLLUP_1M`, `CJ_RETENTION_ROLLUP_1H`).
+#[derive(Debug, Clone, Copy)]
+pub struct RollupWindows {
+    pub minute: Duration,
+    pub hour: Duration,
+}
+
+/// The hourly job of the rollups: plain tables on either kind of server, so always a job.
+pub async fn run_rollups(
+    pool: PgPool,
+    guard: ClockGuard,
+    windows: RollupWindows,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let (db, stop) = (&pool, &shutdown);
+    guard
+        .rounds(db, every, stop, |now| async move {
+            match enforce_rollups(db, now, windows, stop).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "tsdb retention: old rollup buckets removed."),
+                Err(e) => {
+                    tracing::warn!(error = %e, "tsdb rollup retention failed; next run retries.")
+                }
+            }
+        })
+        .await;
+}
+
+/// Removes rollup buckets that start before each rollup's window at `now`; returns how many.
+pub async fn enforce_rollups(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    windows: RollupWindows,
+    shutdown: &CancellationToken,
+) -> Result<u64, sqlx::Error> {
+    let remove = |table, keep| {
+        crate::infra::db::remove_older_than(pool, table, "bucket < $1", now, keep, shutdown)
+    };
+    Ok(remove("tsdb.sensor_rollups_1m", windows.minute).await?
+        + remove("tsdb.sensor_rollups_1h", windows.hour).await?)
 }
