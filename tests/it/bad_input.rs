@@ -316,11 +316,20 @@ async fn query_app() -> TestApp {
     ])
     .await;
     let pool = app.pool().await;
-    let ai = std::fs::read_to_string(format!(
-        "{}/ai-inference/migrations/V1__inference_results_and_dlq.sql",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
+    let dir = format!("{}/ai-inference/migrations", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort_by_key(|p| {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        name[1..name.find("__").unwrap()].parse::<u32>().unwrap()
+    });
+    let ai: String = files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
     sqlx::raw_sql(&format!("CREATE SCHEMA IF NOT EXISTS ai; {ai}"))
         .execute(&pool)
         .await

@@ -27,6 +27,7 @@ mod read_path;
 mod retention;
 mod retention_clock;
 mod slow_clients;
+mod telemetry;
 mod traces;
 mod tsdb;
 mod webhook_listen;

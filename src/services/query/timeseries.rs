@@ -427,10 +427,10 @@ async fn anomalies(
         .since
         .map_or_else(|| s.clock.now() - chrono::Duration::hours(24), |Time(t)| t);
     let rows = sqlx::query(
-        "SELECT event_id, device_id, time, value, score, is_anomaly, model, model_version
+        "SELECT event_id, device_id, key, time, value, score, is_anomaly, model, model_version
          FROM ai.inference_results
          WHERE ($1::text IS NULL OR device_id = $1) AND time >= $2 AND ($3 OR is_anomaly)
-         ORDER BY time DESC, event_id DESC
+         ORDER BY time DESC, event_id DESC, key
          LIMIT $4",
     )
     .bind(&q.device_id)
@@ -445,6 +445,7 @@ async fn anomalies(
             json!({
                 "event_id": r.get::<Uuid, _>("event_id"),
                 "device_id": r.get::<String, _>("device_id"),
+                "key": r.get::<String, _>("key"),
                 "time": format_time(&r.get::<DateTime<Utc>, _>("time")),
                 "value": r.get::<f64, _>("value"),
                 "score": r.get::<f64, _>("score"),
