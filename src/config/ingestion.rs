@@ -28,6 +28,12 @@ pub struct IngestionConfig {
     pub commit_concurrency: usize,
     /// `CJ_INGESTION_REQUEST_TIMEOUT`: the longest a client waits for its commit before a 503.
     pub request_timeout: Duration,
+    /// `CJ_DEVICE_INACTIVITY_TIMEOUT`: a device that sent no reading for this long is
+    /// `device.inactive` (10m; 0 or `off`: only devices given their own period through the API).
+    pub inactivity_timeout: Duration,
+    /// `CJ_DEVICE_ACTIVITY_INTERVAL`: how often the platform looks for devices that went quiet
+    /// or came back (1s; positive).
+    pub activity_interval: Duration,
 }
 
 impl IngestionConfig {
@@ -53,6 +59,12 @@ impl IngestionConfig {
             commit_max_rows: v.ranged("CJ_INGESTION_COMMIT_MAX_ROWS", 1000, 1, 100_000)?,
             commit_concurrency: v.ranged("CJ_INGESTION_COMMIT_CONCURRENCY", 4, 1, 64)?,
             request_timeout: v.duration("CJ_INGESTION_REQUEST_TIMEOUT", Duration::from_secs(10))?,
+            inactivity_timeout: match v.raw(&["CJ_DEVICE_INACTIVITY_TIMEOUT"]) {
+                Some((_, off)) if off.trim().eq_ignore_ascii_case("off") => Duration::ZERO,
+                _ => v.duration("CJ_DEVICE_INACTIVITY_TIMEOUT", Duration::from_secs(600))?,
+            },
+            activity_interval: v
+                .positive_duration("CJ_DEVICE_ACTIVITY_INTERVAL", Duration::from_secs(1))?,
         };
 
         // An event admitted through the door must fit through the bus, or it would be accepted

@@ -100,6 +100,8 @@ pub enum Source {
     Mqtt,
     Ai,
     Replay,
+    /// Made by the platform itself (a device's `device.inactive` and `device.active`).
+    Platform,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -420,17 +422,25 @@ fn check_event_type(t: &str, errors: &mut Vec<FieldError>) {
 }
 
 fn check_aggregate_id(a: &str, field: &str, errors: &mut Vec<FieldError>) {
+    if let Some(problem) = aggregate_id_problem(a) {
+        fe(errors, field, problem);
+    }
+}
+
+/// What makes `a` no aggregate id ingestion would accept, if anything.
+pub fn aggregate_id_problem(a: &str) -> Option<&'static str> {
+    // The message names the limit; the assertion keeps the two in step.
+    const TOO_LONG: &str = "longer than 256 characters";
+    const _: () = assert!(MAX_AGGREGATE_ID_LEN == 256);
     let n = a.chars().count();
     if n == 0 {
-        fe(errors, field, "must not be empty");
+        Some("must not be empty")
     } else if n > MAX_AGGREGATE_ID_LEN {
-        fe(
-            errors,
-            field,
-            format!("longer than {MAX_AGGREGATE_ID_LEN} characters"),
-        );
+        Some(TOO_LONG)
     } else if a.chars().any(char::is_control) {
-        fe(errors, field, "must contain printable characters only");
+        Some("must contain printable characters only")
+    } else {
+        None
     }
 }
 

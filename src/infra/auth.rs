@@ -25,12 +25,16 @@ pub const SCOPE_ACTIONS: &str = "actions:admin";
 pub const SCOPE_OUTBOX: &str = "outbox:admin";
 /// The consumers' dead letters (`/api/v1/dlq/…`): operators only.
 pub const SCOPE_DLQ: &str = "dlq:admin";
+/// A device's settings (`PUT /api/v1/devices/…`, its inactivity period); reading them is
+/// `query:read`.
+pub const SCOPE_DEVICES: &str = "devices:admin";
 pub const SCOPES: &[&str] = &[
     SCOPE_INGEST,
     SCOPE_QUERY,
     SCOPE_ACTIONS,
     SCOPE_OUTBOX,
     SCOPE_DLQ,
+    SCOPE_DEVICES,
 ];
 
 /// Clock skew tolerated on `exp` and `nbf`.
@@ -122,8 +126,12 @@ pub fn required_scope(rules: &[ScopeRule], method: &Method, path: &str) -> Optio
         path.strip_prefix(p)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     };
-    let rule = rules.iter().find(|r| under(r.prefix))?;
-    (rule.methods.is_empty() || rule.methods.contains(&method.as_str())).then_some(rule.scope)
+    // The first rule for the path and the method: one path may need a scope to read and
+    // another to change.
+    rules
+        .iter()
+        .find(|r| under(r.prefix) && (r.methods.is_empty() || r.methods.contains(&method.as_str())))
+        .map(|r| r.scope)
 }
 
 /// The configured verifier. Exactly one algorithm family is accepted, so `alg: none` and

@@ -221,6 +221,14 @@ mod tests {
             Some(crate::infra::auth::SCOPE_DLQ)
         );
         assert_eq!(need(Method::GET, "/api/v1/ingestx"), None);
+        assert_eq!(
+            need(Method::GET, "/api/v1/devices/d/activity"),
+            Some(SCOPE_QUERY)
+        );
+        assert_eq!(
+            need(Method::PUT, "/api/v1/devices/d/activity"),
+            Some(crate::infra::auth::SCOPE_DEVICES)
+        );
         assert_eq!(need(Method::GET, "/internal/auth/verify"), None);
     }
 }

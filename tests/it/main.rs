@@ -7,6 +7,7 @@ mod common;
 
 mod actions;
 mod actions_replicas;
+mod activity;
 mod auth;
 mod bad_input;
 mod broker_restart;

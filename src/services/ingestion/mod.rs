@@ -1,6 +1,7 @@
 //! Ingestion (port 8080): HTTP ingest into the outbox, and the outbox processor that feeds the
 //! event store and the bus. Owns the `ingestion` schema.
 
+pub mod activity;
 mod api;
 pub mod devices;
 mod error;
@@ -28,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 /// Every route the service serves, for the OpenAPI agreement test and the deployment checks.
 pub const ROUTES: &[crate::infra::http::Route] =
-    crate::infra::http::concat_routes!(api::ROUTES, INTERNAL, quarantine::ROUTES);
+    crate::infra::http::concat_routes!(api::ROUTES, INTERNAL, quarantine::ROUTES, activity::ROUTES);
 
 /// Who may call the service's routes (SPEC §13): devices and clients write events; the outbox
 /// quarantine is for operators.
@@ -48,12 +49,22 @@ pub const SCOPES: &[ScopeRule] = &[
         methods: &[],
         scope: SCOPE_OUTBOX,
     },
+    ScopeRule {
+        prefix: "/api/v1/devices",
+        methods: &["GET"],
+        scope: SCOPE_QUERY,
+    },
+    ScopeRule {
+        prefix: "/api/v1/devices",
+        methods: &[],
+        scope: SCOPE_DEVICES,
+    },
 ];
 
 use super::{Ready, ServiceContext, migrate_when_reachable};
 use crate::config::{Common, IngestionSection};
 use crate::envelope::Clock;
-use crate::infra::auth::{Auth, SCOPE_INGEST, SCOPE_OUTBOX, ScopeRule};
+use crate::infra::auth::{Auth, SCOPE_DEVICES, SCOPE_INGEST, SCOPE_OUTBOX, SCOPE_QUERY, ScopeRule};
 use crate::infra::http::{Check, Status, health_response, metrics_router, not_found, serve};
 use crate::infra::{bus, db};
 use secrecy::ExposeSecret;
@@ -104,12 +115,14 @@ pub async fn run(ctx: ServiceContext<IngestionSection>) -> anyhow::Result<()> {
         .mqtt
         .as_ref()
         .map(|_| Arc::new(mqtt::MqttState::default()));
+    let seen = activity::Seen::default();
     let state = AppState {
         writer: writer::Writer::spawn(
             pool.clone(),
             config.ingestion.commit_max_rows,
             config.ingestion.commit_concurrency,
             wakers.clone(),
+            seen.clone(),
             &tracker,
         ),
         wakers,
@@ -127,6 +140,7 @@ pub async fn run(ctx: ServiceContext<IngestionSection>) -> anyhow::Result<()> {
     let router = Router::new()
         .merge(crate::infra::http::limited(api::router(&state), limit))
         .merge(quarantine::router())
+        .merge(activity::router())
         .merge(internal())
         .route("/health", get(health))
         // Kubernetes-style probes: readiness is /health's deep check, liveness none.
@@ -177,6 +191,15 @@ pub async fn run(ctx: ServiceContext<IngestionSection>) -> anyhow::Result<()> {
                 state.common.retention.clone(),
                 shutdown.clone(),
             ));
+            let monitor = activity::Monitor {
+                pool: state.pool.clone(),
+                writer: state.writer.clone(),
+                seen,
+                clock: state.clock.clone(),
+                default_timeout: state.config.ingestion.inactivity_timeout,
+                every: state.config.ingestion.activity_interval,
+            };
+            tracker.spawn(monitor.run(shutdown.clone()));
             if let (Some(cfg), Some(mqtt_state)) = (&state.config.mqtt, &state.mqtt) {
                 let subscriber = mqtt::Subscriber {
                     cfg: cfg.clone(),

@@ -205,16 +205,19 @@ struct Release {
 }
 
 impl Writer {
+    /// `seen` notes the devices whose readings each commit stored (see `activity`).
     pub fn spawn(
         pool: PgPool,
         max_rows: usize,
         concurrency: usize,
         wakers: Wakers,
+        seen: super::activity::Seen,
         tracker: &TaskTracker,
     ) -> Self {
         let ctx = Arc::new(CommitCtx {
             pool,
             wakers,
+            seen,
             pacer: NotifyPacer(Mutex::new(None)),
         });
         let mut lanes = Vec::with_capacity(concurrency);
@@ -324,6 +327,7 @@ impl Ticket {
 struct CommitCtx {
     pool: PgPool,
     wakers: Wakers,
+    seen: super::activity::Seen,
     pacer: NotifyPacer,
 }
 
@@ -373,6 +377,7 @@ async fn commit_parts(ctx: &CommitCtx, parts: Vec<Part>) -> Vec<Arc<JobState>> {
     let mut outcomes = match result {
         Ok(outcomes) => {
             ctx.wakers.wake_all();
+            ctx.seen.record(&events, &outcomes);
             outcomes.into_iter().map(Ok).collect::<Vec<_>>()
         }
         Err(e) => {
