@@ -299,7 +299,9 @@ fn bad(field: &str, message: &str) -> Response {
 
 /// The device's activity as the API answers it, or None when it was never seen.
 async fn activity(s: &AppState, device: &str) -> Result<Option<Value>, sqlx::Error> {
-    let row: Option<(DateTime<Utc>, String, Option<DateTime<Utc>>, Option<i32>)> = sqlx::query_as(
+    /// last_seen, state, changed_seen, timeout_seconds.
+    type Row = (DateTime<Utc>, String, Option<DateTime<Utc>>, Option<i32>);
+    let row: Option<Row> = sqlx::query_as(
         "SELECT last_seen, state, changed_seen, timeout_seconds
          FROM ingestion.device_activity WHERE device_id = $1",
     )
