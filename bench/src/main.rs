@@ -56,6 +56,7 @@ pub const ROWS: &[&str] = &[
     "e2e-latency",
     "pipeline-max",
     "query",
+    "timeseries-30d",
     "mqtt",
     "anomaly-to-webhook",
     "footprint",
@@ -139,6 +140,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         ("http-ceiling", |c| Box::pin(rows::http_ceiling::run(c))),
         ("e2e-latency", |c| Box::pin(rows::e2e_latency::run(c))),
         ("query", |c| Box::pin(rows::query::run(c))),
+        ("timeseries-30d", |c| Box::pin(rows::timeseries::run(c))),
         ("pipeline-max", |c| Box::pin(rows::pipeline_max::run(c))),
         ("ingest-max", |c| Box::pin(rows::ingest_max::run(c))),
         ("ingest-baseline", |c| {

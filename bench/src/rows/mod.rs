@@ -12,3 +12,4 @@ pub mod ingest_max;
 pub mod mqtt;
 pub mod pipeline_max;
 pub mod query;
+pub mod timeseries;
