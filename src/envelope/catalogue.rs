@@ -20,6 +20,8 @@ pub const EVENT_TYPES: &[&str] = &[
     UserLogin::EVENT_TYPE,
     SystemAlert::EVENT_TYPE,
     AiAnomaly::EVENT_TYPE,
+    DeviceInactive::EVENT_TYPE,
+    DeviceActive::EVENT_TYPE,
 ];
 
 /// A typed payload of one catalogue event type.
@@ -244,6 +246,55 @@ impl Payload for AiAnomaly {
     }
 }
 
+/// `device.inactive`: the platform committed no reading of the device (the aggregate) for its
+/// inactivity period. Emitted by the platform (source `platform`), once per transition.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceInactive {
+    /// When its last reading was committed (RFC 3339).
+    pub last_seen: String,
+    /// The period it exceeded.
+    pub timeout_seconds: f64,
+}
+
+impl Payload for DeviceInactive {
+    const EVENT_TYPE: &'static str = "device.inactive";
+    fn read(payload: &Map<String, Value>) -> Result<Self, PayloadError> {
+        let mut r = Reader::new(payload);
+        let last_seen = r.time("last_seen");
+        let timeout_seconds = r.number("timeout_seconds");
+        r.finish(|| {
+            Some(Self {
+                last_seen: last_seen?,
+                timeout_seconds: timeout_seconds?,
+            })
+        })
+    }
+}
+
+/// `device.active`: an inactive device reported again.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceActive {
+    /// When the reading that reactivated it was committed (RFC 3339).
+    pub last_seen: String,
+    /// The last reading before it went quiet (RFC 3339).
+    pub inactive_since: String,
+}
+
+impl Payload for DeviceActive {
+    const EVENT_TYPE: &'static str = "device.active";
+    fn read(payload: &Map<String, Value>) -> Result<Self, PayloadError> {
+        let mut r = Reader::new(payload);
+        let last_seen = r.time("last_seen");
+        let inactive_since = r.time("inactive_since");
+        r.finish(|| {
+            Some(Self {
+                last_seen: last_seen?,
+                inactive_since: inactive_since?,
+            })
+        })
+    }
+}
+
 /// Checks the payload of a known event type, adding what is wrong to `errors`; false when the
 /// type is not in the catalogue (any payload goes).
 pub(super) fn check(
@@ -256,6 +307,8 @@ pub(super) fn check(
         UserLogin::EVENT_TYPE => UserLogin::read(payload).err(),
         SystemAlert::EVENT_TYPE => SystemAlert::read(payload).err(),
         AiAnomaly::EVENT_TYPE => AiAnomaly::read(payload).err(),
+        DeviceInactive::EVENT_TYPE => DeviceInactive::read(payload).err(),
+        DeviceActive::EVENT_TYPE => DeviceActive::read(payload).err(),
         _ => return false,
     };
     if let Some(e) = refused {
@@ -388,6 +441,13 @@ impl<'a> Reader<'a> {
                 ),
             },
             None => self.fail(key, "required", LEVELS),
+        }
+    }
+
+    fn time(&mut self, key: &'static str) -> Option<String> {
+        match self.payload.get(key).and_then(Value::as_str) {
+            Some(t) if chrono::DateTime::parse_from_rfc3339(t).is_ok() => Some(t.to_string()),
+            _ => self.fail(key, "must be an RFC 3339 time", "an RFC 3339 time"),
         }
     }
 

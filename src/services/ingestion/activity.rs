@@ -425,3 +425,43 @@ async fn put_activity(
         Err(e) => failed(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::catalogue::{DeviceActive, DeviceInactive};
+
+    fn row(kind: &str) -> PendingRow {
+        let t = DateTime::from_timestamp(1_780_000_000, 123_456_000).unwrap();
+        PendingRow {
+            device_id: "d-1".into(),
+            pending: kind.into(),
+            changed_seen: t,
+            pending_at: t + chrono::Duration::seconds(600),
+            pending_since: Some(t - chrono::Duration::seconds(5)),
+            pending_timeout: (kind == INACTIVE).then_some(600),
+        }
+    }
+
+    /// What the platform emits is what the catalogue admits, and the same row always makes
+    /// the same event (so a second emission is a duplicate, not a second transition).
+    #[test]
+    fn a_transition_is_one_well_formed_event() {
+        for kind in [INACTIVE, ACTIVE] {
+            let (a, b) = (row(kind).event(), row(kind).event());
+            assert_eq!(a.envelope, b.envelope);
+            assert_eq!(a.fingerprint, b.fingerprint);
+            assert!(a.client_event_id);
+            let p = &a.envelope.payload;
+            if kind == INACTIVE {
+                DeviceInactive::read(p).unwrap();
+            } else {
+                DeviceActive::read(p).unwrap();
+            }
+        }
+        assert_ne!(
+            row(INACTIVE).event().envelope.event_id,
+            row(ACTIVE).event().envelope.event_id
+        );
+    }
+}
