@@ -197,9 +197,14 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Retention rounds refused because the clocks disagreed, by job.",
     ),
     (
+        "cj_device_transitions_total",
+        Counter,
+        "device.inactive and device.active events put into the outbox, by event_type.",
+    ),
+    (
         "cj_tsdb_readings_written_total",
         Counter,
-        "Sensor readings written by the tsdb-writer.",
+        "Raw time-series rows (one per quantity of a reading) written by the tsdb-writer.",
     ),
     (
         "cj_webhook_attempts_total",
