@@ -34,7 +34,7 @@ E2E_SCOPES ?= ingest:write query:read actions:admin
 
 .PHONY: docker-check docker-build e2e-skeleton e2e-fullstack fmt
 
-.PHONY: help infra-up infra-down infra-status build run test lint lint-deps bench migrate-all clean-test-dbs \
+.PHONY: help infra-up infra-down infra-status build run test lint lint-deps bench fuzz migrate-all clean-test-dbs \
 	skeleton-up skeleton-down fullstack-up fullstack-down
 
 help:
@@ -44,6 +44,7 @@ help:
 	@echo "make lint-deps      only the dependency checks: unused (cargo machete), banned (cargo deny)"
 	@echo "make build          release build of the cornjacket binary"
 	@echo "make bench          run scripts/bench.sh (BENCH_ARGS=...)"
+	@echo "make fuzz           the fuzz targets (fuzz/, cargo-fuzz on nightly), FUZZ_SECONDS (60) each"
 	@echo "make migrate-all    run every service's database migrations"
 	@echo "make clean-test-dbs drop the cjtest_* databases left by tests"
 	@echo "make infra-up | infra-down | infra-status   local PostgreSQL, Tansu, Mosquitto"
@@ -86,6 +87,9 @@ lint-deps:
 
 bench: infra-up
 	scripts/bench.sh $(BENCH_ARGS)
+
+fuzz:
+	scripts/fuzz.sh
 
 migrate-all: infra-up
 	$(CARGO) run --release --bin cornjacket -- migrate
