@@ -642,19 +642,6 @@ async fn a_replay_records_no_delivery_twice_and_fires_no_newer_rule() {
     assert_eq!(receiver.count(), 5, "3 + 1 to the old rule, 1 to the newer");
 }
 
-async fn batch(app: &TestApp, events: Vec<Value>) {
-    for chunk in events.chunks(100) {
-        let r = app
-            .http
-            .post(app.url(Service::Ingestion, "/api/v1/ingest/batch"))
-            .json(&json!({ "events": chunk }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
-    }
-}
-
 async fn get_json(app: &TestApp, path: &str) -> (u16, Value) {
     let r = app
         .http
@@ -817,8 +804,7 @@ async fn recovery_resends_what_failed_once_each_even_when_run_twice() {
     let other_rule = prefix_rule(&app, "other", "o-", &other.url("/h")).await;
     let rule_id = rule["rule_id"].as_str().unwrap();
     let since = wall_clock() - chrono::Duration::seconds(5);
-    batch(
-        &app,
+    app.ingest_batch(
         (0..5)
             .map(|i| alert(&format!("r-{i}"), "error"))
             .chain([alert("o-1", "error")])
@@ -981,8 +967,7 @@ async fn a_deep_backlog_behind_a_slow_endpoint_does_not_hold_back_another_rules_
                "webhook": {"url": slow.url("/all")}}),
     )
     .await;
-    batch(
-        &app,
+    app.ingest_batch(
         (0..300)
             .map(|i| alert(&format!("bulk-{i}"), "info"))
             .collect(),

@@ -16,22 +16,6 @@ const SERVICES: &[Service] = &[
     Service::Query,
 ];
 
-async fn ingest_batch(app: &TestApp, events: Vec<Value>) {
-    for chunk in events.chunks(500) {
-        let r = app
-            .http
-            .post(app.url(Service::Ingestion, "/api/v1/ingest/batch"))
-            .json(&json!({ "events": chunk }))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let body = r.text().await.unwrap();
-        assert_eq!(status, 202, "{body}");
-        assert!(body.contains("\"rejected\":0"), "{body}");
-    }
-}
-
 async fn wait_rows(pool: &sqlx::PgPool, n: i64) {
     eventually(Duration::from_secs(60), || async {
         let c: i64 = sqlx::query_scalar("SELECT count(*) FROM tsdb.sensor_readings")
@@ -61,21 +45,18 @@ async fn several_quantities_become_rows_a_state_and_a_series_each() {
     app.wait_ready().await;
     let dev = "multi-1";
     let at = |s: &str| format!("2026-03-01T00:00:{s}Z");
-    ingest_batch(
-        &app,
-        vec![
-            json!({"event_type": "sensor.reading", "aggregate_id": dev, "event_time": at("00"),
+    app.ingest_batch(vec![
+        json!({"event_type": "sensor.reading", "aggregate_id": dev, "event_time": at("00"),
                    "payload": {"values": {"temperature": 20.0, "humidity": 40.0},
                                "units": {"temperature": "celsius", "humidity": "percent"}}}),
-            json!({"event_type": "sensor.reading", "aggregate_id": dev, "event_time": at("10"),
+        json!({"event_type": "sensor.reading", "aggregate_id": dev, "event_time": at("10"),
                    "payload": {"values": {"humidity": 41.0}}}),
-            json!({"event_type": "sensor.reading", "aggregate_id": dev, "event_time": at("20"),
+        json!({"event_type": "sensor.reading", "aggregate_id": dev, "event_time": at("20"),
                    "payload": {"value": 1013.0, "unit": "hPa", "metric": "pressure"}}),
-            // Older than the rest: it neither overwrites humidity nor is lost for co2.
-            json!({"event_type": "sensor.reading", "aggregate_id": dev, "event_time": at("05"),
+        // Older than the rest: it neither overwrites humidity nor is lost for co2.
+        json!({"event_type": "sensor.reading", "aggregate_id": dev, "event_time": at("05"),
                    "payload": {"values": {"humidity": 1.0, "co2": 400.0}}}),
-        ],
-    )
+    ])
     .await;
     let pool = app.pool().await;
     wait_rows(&pool, 6).await;
@@ -248,7 +229,7 @@ async fn rollups_answer_every_bucket_as_raw_rows_do_and_count_a_redelivery_once(
             "event_time": cornjacket::envelope::format_time(&t),
             "payload": {"values": {"a": a, "b": b}}}));
     }
-    ingest_batch(&app, events).await;
+    app.ingest_batch(events).await;
     let pool = app.pool().await;
     wait_rows(&pool, 2400).await;
 
@@ -264,11 +245,10 @@ async fn rollups_answer_every_bucket_as_raw_rows_do_and_count_a_redelivery_once(
         produce_raw(&topic, dev, e.to_string().as_bytes()).await;
     }
     // Then one reading more, so that once it is written the redeliveries were consumed.
-    ingest_batch(
-        &app,
-        vec![json!({"event_type": "sensor.reading", "aggregate_id": dev,
-            "event_time": "2026-02-01T13:59:59Z", "payload": {"values": {"a": 1.0}}})],
-    )
+    app.ingest_batch(vec![
+        json!({"event_type": "sensor.reading", "aggregate_id": dev,
+            "event_time": "2026-02-01T13:59:59Z", "payload": {"values": {"a": 1.0}}}),
+    ])
     .await;
     wait_rows(&pool, 2401).await;
     let group = app.config.tsdb.consumer_group.clone();

@@ -15,20 +15,6 @@ fn reading_at(device: &str, value: f64, t: &str) -> Value {
            "payload": {"value": value, "unit": "celsius"}, "event_time": t})
 }
 
-async fn ingest_batch(app: &TestApp, events: Vec<Value>) {
-    let r = app
-        .http
-        .post(app.url(Service::Ingestion, "/api/v1/ingest/batch"))
-        .json(&json!({ "events": events }))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let body = r.text().await.unwrap();
-    assert_eq!(status, 202, "{body}");
-    assert!(body.contains("\"rejected\":0"), "{body}");
-}
-
 async fn wait_rows(app: &TestApp, n: i64) {
     let pool = app.pool().await;
     eventually(Duration::from_secs(40), || async {
@@ -95,7 +81,7 @@ async fn readings_become_rows_once_and_poison_goes_to_the_dlq() {
         .chain([json!({"event_type": "user.login", "aggregate_id": "u",
                        "payload": {"user_id": "u", "ip": "10.0.0.1"}})])
         .collect();
-    ingest_batch(&app, events).await;
+    app.ingest_batch(events).await;
     wait_rows(&app, 20).await;
 
     // Redeliver one reading as it was on the bus, and send one the writer cannot type.
@@ -161,7 +147,7 @@ async fn aggregates_match_hand_computed_values() {
         .map(|(t, v)| reading_at("ts-1", *v, &format!("2026-01-01T{t}Z")))
         .collect();
     events.push(reading_at("ts-2", 999.0, "2026-01-01T00:00:10Z"));
-    ingest_batch(&app, events).await;
+    app.ingest_batch(events).await;
     wait_rows(&app, 9).await;
 
     let range = "from=2026-01-01T00:00:00Z&to=2026-01-01T00:05:00Z";

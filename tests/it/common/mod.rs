@@ -322,6 +322,24 @@ impl TestApp {
         (status, r.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// POSTs `events` to /api/v1/ingest/batch, 500 per request, and asserts each request got
+    /// 202 with every event accepted.
+    pub async fn ingest_batch(&self, events: Vec<serde_json::Value>) {
+        for chunk in events.chunks(500) {
+            let r = self
+                .http
+                .post(self.url(Service::Ingestion, "/api/v1/ingest/batch"))
+                .json(&serde_json::json!({ "events": chunk }))
+                .send()
+                .await
+                .expect("batch request");
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            assert_eq!(status, 202, "{body}");
+            assert!(body.contains("\"rejected\":0"), "{body}");
+        }
+    }
+
     /// Waits until ingestion accepts writes (migrations applied).
     pub async fn wait_ready(&self) {
         let url = self.url(Service::Ingestion, "/health");
