@@ -108,7 +108,10 @@ impl Monitor {
         let _ = self.flush().await;
     }
 
-    /// Folds the noted readings in, decides the transitions that are due and emits them.
+    /// Folds the noted readings in, decides the transitions that are due and emits them. A
+    /// deadlock with another instance's flush (which locks rows in device order, these
+    /// UPDATEs in scan order) fails one of the two rounds; both run again next tick and the
+    /// flush puts its notes back, so nothing is lost.
     pub async fn round(&self, started: DateTime<Utc>) -> Result<(), RoundError> {
         self.flush().await?;
         let now = self.clock.now();
