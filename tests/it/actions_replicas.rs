@@ -139,7 +139,10 @@ async fn three_orchestrators_share_the_limit_deliver_once_and_obey_one_breaker()
     eprintln!("60 healthy deliveries in {took:?}");
 
     // One limit across the three: after the burst of 10, one call per 100 ms — any 30
-    // consecutive calls span at least 2 s (three separate limits would send them in under 1 s).
+    // consecutive calls span about 2 s or more, while three separate limits would send their
+    // three bursts of 10 at once (a span near 0). The bound leaves room for a loaded machine,
+    // whose slow first sends arrive bunched with the paced ones (a clean-clone run beside a
+    // release build measured 1.69 s).
     let mut at: Vec<_> = calls_after
         .iter()
         .chain(failing.calls().iter())
@@ -149,7 +152,7 @@ async fn three_orchestrators_share_the_limit_deliver_once_and_obey_one_breaker()
     for w in at.windows(30) {
         let span = w[29] - w[0];
         assert!(
-            span >= Duration::from_millis(1700),
+            span >= Duration::from_millis(1200),
             "30 calls within {span:?}: the rate limit was not shared"
         );
     }
