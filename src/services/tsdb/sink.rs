@@ -33,7 +33,7 @@ pub fn reading(env: &Envelope) -> Result<Reading, PayloadError> {
     })
 }
 
-/// A rollup's upsert from the rows `fresh` (the batch's newly inserted readings): the
+/// A rollup's upsert from the rows `ins` (the batch's newly inserted readings): the
 /// aggregates of each (device, key, bucket) added to what the bucket holds, `last` kept by
 /// (time, event_id). Rows go in key order so two writers never wait on each other in a cycle.
 macro_rules! rollup_upsert {
@@ -50,7 +50,7 @@ macro_rules! rollup_upsert {
                     (array_agg(time ORDER BY time DESC, event_id DESC))[1],
                     (array_agg(event_id ORDER BY time DESC, event_id DESC))[1],
                     (array_agg(value ORDER BY time DESC, event_id DESC))[1]
-             FROM fresh GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+             FROM ins GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
              ON CONFLICT (device_id, key, bucket) DO UPDATE
              SET count = r.count + EXCLUDED.count,
                  sum = r.sum + EXCLUDED.sum,
@@ -83,7 +83,6 @@ const WRITE: &str = concat!(
                              $6::uuid[], $7::timestamptz[])
         ON CONFLICT (device_id, key, time, event_id) DO NOTHING
         RETURNING device_id, key, time, event_id, value),
-     fresh AS (SELECT * FROM ins),
      m AS (",
     rollup_upsert!("tsdb.sensor_rollups_1m", "1 minute"),
     "), h AS (",
