@@ -23,8 +23,8 @@ const OTHER: &str = "whsec_ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
 struct Listen {
     child: Child,
     addr: String,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<Pipe>>,
+    stderr: Arc<Mutex<Pipe>>,
 }
 
 /// A failed assertion must not leave a listener running.
@@ -35,17 +35,26 @@ impl Drop for Listen {
     }
 }
 
-/// Collects what a child writes to one of its pipes.
-fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
+/// What a child wrote to one of its pipes, and whether the pipe has closed.
+#[derive(Default)]
+struct Pipe {
+    text: String,
+    closed: bool,
+}
+
+/// Collects what a child writes to one of its pipes. The reader thread may still be draining the
+/// pipe after the child has exited, so "exited" alone does not mean "everything was read".
+fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<Pipe>> {
+    let text = Arc::new(Mutex::new(Pipe::default()));
     let sink = text.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
-            let mut t = sink.lock().unwrap();
-            t.push_str(&line);
-            t.push('\n');
+            let mut t = sink.lock().unwrap_or_else(|e| e.into_inner());
+            t.text.push_str(&line);
+            t.text.push('\n');
         }
+        sink.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
     });
     text
 }
@@ -83,19 +92,22 @@ impl Listen {
     }
 
     /// Waits (up to 10 s) until `text` holds `needle`; returns all of it.
-    fn wait_for(&mut self, text: &Arc<Mutex<String>>, needle: &str) -> String {
+    fn wait_for(&mut self, text: &Arc<Mutex<Pipe>>, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let t = text.lock().unwrap().clone();
+            let (t, closed) = {
+                let p = text.lock().unwrap();
+                (p.text.clone(), p.closed)
+            };
             if t.contains(needle) {
                 return t;
             }
             let exited = self.child.try_wait().unwrap();
             assert!(
-                exited.is_none() && Instant::now() < deadline,
+                !(exited.is_some() && closed) && Instant::now() < deadline,
                 "expected {needle:?}; listener {exited:?}; stdout:\n{}\nstderr:\n{}",
-                self.stdout.lock().unwrap(),
-                self.stderr.lock().unwrap()
+                self.stdout.lock().unwrap().text,
+                self.stderr.lock().unwrap().text
             );
             std::thread::sleep(Duration::from_millis(20));
         }
