@@ -34,7 +34,7 @@ E2E_SCOPES ?= ingest:write query:read actions:admin
 
 .PHONY: docker-check docker-build e2e-skeleton e2e-fullstack fmt
 
-.PHONY: help infra-up infra-down infra-status build run test lint lint-deps bench fuzz migrate-all clean-test-dbs \
+.PHONY: help infra-up infra-down infra-status build run test lint lint-deps vendor-web bench fuzz migrate-all clean-test-dbs \
 	skeleton-up skeleton-down fullstack-up fullstack-down
 
 help:
@@ -42,6 +42,7 @@ help:
 	@echo "make test           dependency checks, then local infra and every test suite (TEST_ARGS=...)"
 	@echo "make lint           cargo fmt --check, clippy -D warnings (workspace), cargo machete, cargo deny"
 	@echo "make lint-deps      only the dependency checks: unused (cargo machete), banned (cargo deny)"
+	@echo "make vendor-web     check the vendored front-end assets (vendor/web/), fetch what is missing"
 	@echo "make build          release build of the cornjacket binary"
 	@echo "make bench          run scripts/bench.sh (BENCH_ARGS=...)"
 	@echo "make fuzz           the fuzz targets (fuzz/, cargo-fuzz on nightly), FUZZ_SECONDS (60) each"
@@ -67,7 +68,7 @@ build:
 	$(CARGO) build --release --bin cornjacket
 
 # The platform and, beside it, the ai-inference sidecar (port 8090); Ctrl-C stops both.
-run: infra-up
+run: vendor-web infra-up
 	$(CARGO) build --release --bin cornjacket
 	@scripts/dev-env.sh
 	@scripts/ai.sh venv
@@ -76,7 +77,7 @@ run: infra-up
 
 # The dependency checks first: a second once installed (.ci/run calls only `make test`, so CI runs
 # them too); clippy stays in `make lint`, since on a fresh checkout it compiles the whole graph.
-test: lint-deps infra-up
+test: vendor-web lint-deps infra-up
 	scripts/test.sh $(TEST_ARGS)
 
 lint:
@@ -84,6 +85,11 @@ lint:
 
 lint-deps:
 	CARGO=$(CARGO) scripts/lint.sh deps
+
+# The console's front-end assets (vendor/web/, embedded in the binary): a fast no-op while they
+# match vendor/web/MANIFEST.tsv; a missing or altered file is fetched again (scripts/vendor-web.sh).
+vendor-web:
+	@scripts/vendor-web.sh check
 
 bench: infra-up
 	scripts/bench.sh $(BENCH_ARGS)
