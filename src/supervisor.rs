@@ -100,11 +100,32 @@ pub async fn start(
             jobs: crate::infra::jobs::Jobs::new(token),
         };
         let root = shutdown.clone();
-        let (ingestion, eventhandler, tsdb, actions) = (
+        let (ingestion, eventhandler, tsdb, actions, console) = (
             config.ingestion_section(),
             config.eventhandler.clone(),
             config.tsdb.clone(),
             config.actions.clone(),
+            {
+                // The console is last in `Service::ALL`: every other service of this process
+                // is bound by now.
+                let mut c = config.console.clone();
+                let port = |svc: Service| addrs.get(&svc).map(|a: &SocketAddr| a.port());
+                c.resolve_local(
+                    &config.ports,
+                    crate::config::LocalPorts {
+                        ingestion: port(Service::Ingestion),
+                        query: port(Service::Query),
+                        actions: port(Service::Actions),
+                        actions_health: health_addrs
+                            .get(&Service::Actions)
+                            .map(|a: &SocketAddr| a.port()),
+                        // A tsdb-writer sharing the event handler's port has no address of its own.
+                        eventhandler_health: port(Service::Eventhandler).or(port(Service::Tsdb)),
+                        tsdb_health: port(Service::Tsdb).or(port(Service::Eventhandler)),
+                    },
+                );
+                c
+            },
         );
         tasks.spawn(async move {
             let r = match svc {
@@ -113,6 +134,7 @@ pub async fn start(
                 Service::Tsdb => services::tsdb::run(ctx.with(tsdb)).await,
                 Service::Query => services::query::run(ctx).await,
                 Service::Actions => services::actions::run(ctx.with(actions)).await,
+                Service::Console => services::console::run(ctx.with(console)).await,
             };
             // Whatever ended a service — error or unexpected return — ends the process.
             root.cancel();

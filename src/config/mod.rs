@@ -6,6 +6,7 @@
 
 mod bus;
 mod common;
+mod console;
 mod consumers;
 mod ingestion;
 mod vars;
@@ -20,6 +21,7 @@ use crate::services::Service;
 
 pub use bus::{ENVELOPE_OVERHEAD, KafkaConfig, OutboxConfig, Topics};
 pub use common::{ApiLimitConfig, AuthConfig, AuthMode, DbTimeouts, HttpLimits, RetentionConfig};
+pub use console::{ConsoleConfig, LocalPorts};
 pub use consumers::{ActionsConfig, EventHandlerConfig, TsdbConfig};
 pub use ingestion::{IngestionConfig, MqttConfig};
 pub use vars::redact_url;
@@ -60,6 +62,8 @@ pub struct Ports {
     pub actions: u16,
     pub actions_health: u16,
     pub eventhandler_health: u16,
+    /// `CJ_CONSOLE_PORT`: the operator console (default 8085).
+    pub console: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +88,7 @@ pub struct Config {
     pub eventhandler: EventHandlerConfig,
     pub tsdb: TsdbConfig,
     pub actions: ActionsConfig,
+    pub console: ConsoleConfig,
     pub retention: RetentionConfig,
     pub api_limit: ApiLimitConfig,
     /// `None` when `CJ_MQTT_URL=off`.
@@ -212,6 +217,7 @@ impl Config {
         let ingestion = IngestionConfig::parse(v, &kafka)?;
         let ports = Ports::parse(v)?;
         let mqtt = MqttConfig::parse(v, &ingestion, ports.ingestion, host_name)?;
+        let console = ConsoleConfig::parse(v, &ports)?;
         Ok(Self {
             log_level,
             log_format,
@@ -230,6 +236,7 @@ impl Config {
             eventhandler: EventHandlerConfig::parse(v, &kafka.topics)?,
             tsdb: TsdbConfig::parse(v, &kafka.topics)?,
             actions: ActionsConfig::parse(v, &kafka.topics)?,
+            console,
             kafka,
             ingestion,
             retention: RetentionConfig::parse(v)?,
@@ -249,7 +256,8 @@ impl Config {
             Service::Eventhandler => d.eventhandler.expose_secret(),
             Service::Tsdb => d.tsdb.expose_secret(),
             Service::Actions => d.actions.expose_secret(),
-            Service::Query => d.query.expose_secret(),
+            // The console reads every schema the way the query service does.
+            Service::Query | Service::Console => d.query.expose_secret(),
         }
     }
 }
@@ -397,6 +405,7 @@ impl Ports {
             actions: v.port("CJ_ACTIONS_PORT", 8082)?,
             actions_health: v.port("CJ_ACTIONS_HEALTH_PORT", 8083)?,
             eventhandler_health: v.port("CJ_EVENTHANDLER_HEALTH_PORT", 8084)?,
+            console: v.port("CJ_CONSOLE_PORT", 8085)?,
         })
     }
 }

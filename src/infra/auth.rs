@@ -274,7 +274,10 @@ impl Auth {
         method: &Method,
         path: &str,
     ) -> Result<Claims, AuthError> {
-        let claims = self.verify(headers)?;
+        let claims = match console_cookie(headers, path) {
+            Some(bearer) => self.verify(&bearer)?,
+            None => self.verify(headers)?,
+        };
         let need = required_scope(&self.rules, method, path)
             .ok_or_else(|| AuthError::NoRoute(format!("{method} {path}")))?;
         if claims.scope.split_whitespace().any(|s| s == need) {
@@ -283,6 +286,32 @@ impl Auth {
             Err(AuthError::Forbidden(need.into()))
         }
     }
+}
+
+/// A browser on the console sends its session as the `cj_console` cookie (HttpOnly,
+/// SameSite=Strict, Path=/console), never an Authorization header: for console paths only, that
+/// cookie stands for the bearer token — so Traefik's ForwardAuth admits a logged-in browser the
+/// way the console itself does. An API path never accepts it: the APIs stay immune to CSRF.
+fn console_cookie(headers: &HeaderMap, path: &str) -> Option<HeaderMap> {
+    if !(path == "/console" || path.starts_with("/console/"))
+        || headers.contains_key(header::AUTHORIZATION)
+    {
+        return None;
+    }
+    let token = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == "cj_console")
+        .map(|(_, v)| v)?;
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).ok()?,
+    );
+    Some(h)
 }
 
 /// Paths that stay open in `app` mode: orchestrators and scrapers, and ForwardAuth itself.

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::envelope::Clock;
 
 pub mod actions;
+pub mod console;
 pub mod eventhandler;
 pub mod ingestion;
 pub mod query;
@@ -25,6 +26,7 @@ pub fn scope_rules() -> Vec<crate::infra::auth::ScopeRule> {
         query::SCOPES,
         actions::SCOPES,
         scaffold::SCOPES,
+        console::SCOPES,
     ]
     .concat()
 }
@@ -83,15 +85,17 @@ pub enum Service {
     Tsdb,
     Query,
     Actions,
+    Console,
 }
 
 impl Service {
-    pub const ALL: [Service; 5] = [
+    pub const ALL: [Service; 6] = [
         Service::Ingestion,
         Service::Eventhandler,
         Service::Tsdb,
         Service::Query,
         Service::Actions,
+        Service::Console,
     ];
 
     pub fn name(self) -> &'static str {
@@ -101,6 +105,7 @@ impl Service {
             Service::Tsdb => "tsdb",
             Service::Query => "query",
             Service::Actions => "actions",
+            Service::Console => "console",
         }
     }
 
@@ -111,6 +116,7 @@ impl Service {
             Service::Eventhandler | Service::Tsdb => config.ports.eventhandler_health,
             Service::Query => config.ports.query,
             Service::Actions => config.ports.actions,
+            Service::Console => config.ports.console,
         }
     }
 
@@ -122,15 +128,15 @@ impl Service {
         }
     }
 
-    /// The schema the service owns and its migrations; `None` for the query service, which
-    /// only reads the others' tables.
+    /// The schema the service owns and its migrations; `None` for the query service and the
+    /// console, which only read the others' tables.
     pub fn migrations(self) -> Option<&'static crate::infra::db::Migrations> {
         match self {
             Service::Ingestion => Some(&ingestion::MIGRATIONS),
             Service::Eventhandler => Some(&eventhandler::MIGRATIONS),
             Service::Tsdb => Some(&tsdb::MIGRATIONS),
             Service::Actions => Some(&actions::MIGRATIONS),
-            Service::Query => None,
+            Service::Query | Service::Console => None,
         }
     }
 

@@ -12,6 +12,7 @@ mod auth;
 mod bad_input;
 mod broker_restart;
 mod chain;
+mod console;
 mod consumer_failures;
 mod db_blackhole;
 mod deploy_files;

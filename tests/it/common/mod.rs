@@ -201,6 +201,7 @@ pub fn test_env(db_url: &str, topic_prefix: &str) -> HashMap<String, String> {
         ("CJ_EVENTHANDLER_HEALTH_PORT", "0".into()),
         ("CJ_ACTIONS_PORT", "0".into()),
         ("CJ_ACTIONS_HEALTH_PORT", "0".into()),
+        ("CJ_CONSOLE_PORT", "0".into()),
         (
             "CJ_EVENTHANDLER_CONSUMER_GROUP",
             format!("{topic_prefix}event-handler"),

@@ -1,0 +1,130 @@
+//! Console (port 8085): the operator console, server-rendered HTML under `/console/`.
+//!
+//! It reads through the query service's database URL (every schema's read side) and acts only
+//! through the other services' HTTP APIs, forwarding the operator's token, so each action is
+//! checked by the service that owns it exactly as a curl call would be. Live parts of pages are
+//! Server-Sent Events fed by one sampler shared by every viewer.
+
+mod assets;
+mod error;
+mod overview;
+mod pages;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+
+use super::ServiceContext;
+use crate::config::ConsoleConfig;
+use crate::infra::auth::{SCOPE_ACTIONS, SCOPE_QUERY, ScopeRule};
+use crate::infra::db;
+use crate::infra::http::{Check, health_response, metrics_router, not_found, serve};
+
+/// Reading needs `query:read`, every button `actions:admin`. The login form and the assets are
+/// open (see [`session::is_open`]).
+pub const SCOPES: &[ScopeRule] = &[
+    ScopeRule {
+        prefix: "/console",
+        methods: &["GET", "HEAD"],
+        scope: SCOPE_QUERY,
+    },
+    ScopeRule {
+        prefix: "/console",
+        methods: &["POST"],
+        scope: SCOPE_ACTIONS,
+    },
+];
+
+#[derive(Clone)]
+pub struct ConsoleState {
+    pool: sqlx::PgPool,
+    upstream: Arc<ConsoleConfig>,
+    http: reqwest::Client,
+    auth: Arc<crate::infra::auth::Auth>,
+    overview: tokio::sync::watch::Receiver<Arc<overview::Snapshot>>,
+    clock: Arc<dyn crate::envelope::Clock>,
+}
+
+pub async fn run(ctx: ServiceContext<ConsoleConfig>) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(2))
+        .build()?;
+    let upstream = Arc::new(ctx.config);
+    let overview = overview::spawn_sampler(
+        ctx.db.clone(),
+        http.clone(),
+        upstream.clone(),
+        &ctx.jobs,
+        ctx.shutdown.clone(),
+    );
+    let state = ConsoleState {
+        pool: ctx.db,
+        upstream,
+        http,
+        auth: ctx.auth.clone(),
+        overview,
+        clock: ctx.clock.clone(),
+    };
+    let console = Router::new()
+        .route("/console", get(|| async { Redirect::to("/console/") }))
+        .route("/console/", get(pages::overview))
+        .route("/console/live/overview", get(overview::live))
+        .route("/console/devices", get(pages::devices))
+        .route("/console/devices/{device_id}", get(pages::device))
+        .route("/console/devices/{device_id}/series", get(pages::series))
+        .route("/console/dead-letters", get(pages::dead_letters))
+        .route(
+            "/console/dead-letters/{consumer}/{dlq_id}/{action}",
+            post(pages::dead_letter_action),
+        )
+        .route("/console/docs", get(pages::docs))
+        .route("/console/docs/{doc}", get(assets::openapi))
+        .route(
+            "/console/login",
+            get(session::login_form).post(session::login),
+        )
+        .route("/console/logout", post(session::logout))
+        .route("/console/assets/{*path}", get(assets::serve))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            session::middleware,
+        ));
+    let router = Router::new()
+        .merge(console)
+        .route("/", get(|| async { Redirect::to("/console/") }))
+        .route("/health", get(health))
+        .route("/readyz", get(health))
+        .route("/livez", get(crate::infra::http::livez))
+        .merge(metrics_router())
+        .method_not_allowed_fallback(crate::infra::extract::method_not_allowed)
+        .fallback(not_found)
+        .with_state(state);
+    let listener = ctx
+        .listener
+        .ok_or_else(|| anyhow::anyhow!("the console needs its own port"))?;
+    let served = serve(
+        "console",
+        listener,
+        router,
+        ctx.shutdown,
+        ctx.common.http,
+        ctx.common.shutdown_timeout,
+    )
+    .await;
+    ctx.jobs.drain().await;
+    served
+}
+
+async fn health(State(s): State<ConsoleState>) -> Response {
+    health_response(vec![(
+        "database",
+        Check::from_ping(db::ping(&s.pool).await),
+    )])
+    .into_response()
+}

@@ -1,0 +1,60 @@
+// The console's few lines of script: live regions over Server-Sent Events, the device chart
+// (uPlot), Swagger UI, and a readable message when an htmx button's request fails.
+"use strict";
+
+document.querySelectorAll("[data-live]").forEach((el) => {
+  const source = new EventSource(el.dataset.live);
+  source.addEventListener(el.dataset.event, (e) => {
+    el.innerHTML = e.data;
+    el.dataset.updates = String(Number(el.dataset.updates || 0) + 1);
+  });
+});
+
+document.body.addEventListener("htmx:responseError", (e) => {
+  let msg = e.detail.xhr.statusText;
+  try { msg = JSON.parse(e.detail.xhr.responseText).error || msg; } catch (_) { /* not JSON */ }
+  const target = e.detail.target;
+  if (target) target.innerHTML = '<td colspan="8" class="error">' + e.detail.xhr.status + ": " +
+    msg.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c])) + "</td>";
+});
+
+const chart = document.getElementById("chart");
+if (chart && window.uPlot) {
+  const form = document.getElementById("chart-controls");
+  const status = document.getElementById("chart-status");
+  let plot = null;
+  const draw = async () => {
+    const params = new URLSearchParams(new FormData(form));
+    const r = await fetch(chart.dataset.series + "?" + params, { headers: { Accept: "application/json" } });
+    const d = await r.json();
+    if (!r.ok) { status.textContent = d.error || r.statusText; return; }
+    // Anomalies are drawn as points on the bucket that holds them.
+    const marks = d.times.map(() => null);
+    let shown = 0;
+    for (const a of d.anomalies) {
+      let i = d.times.findIndex((t) => t > a.time) - 1;
+      if (i < 0) i = d.times.length - 1;
+      if (i >= 0) { marks[i] = a.value; shown++; }
+    }
+    status.textContent = d.times.length + " bucket(s) of " + d.bucket_seconds + " s, " + shown +
+      " anomaly marker(s)";
+    chart.dataset.points = String(d.times.length);
+    chart.dataset.anomalies = String(shown);
+    const opts = {
+      width: Math.max(chart.clientWidth, 320), height: 320,
+      series: [{}, { label: d.key + " (" + d.agg + ")", stroke: "#1e6fd9", width: 1.5 },
+        { label: "anomaly", stroke: "#d93a1e", width: 0, points: { show: true, size: 9, fill: "#d93a1e" } }],
+      axes: [{}, {}],
+    };
+    if (plot) plot.destroy();
+    plot = new uPlot(opts, [d.times, d.values, marks], chart);
+  };
+  form.addEventListener("change", draw);
+  draw();
+}
+
+const swagger = document.getElementById("swagger-ui");
+if (swagger && window.SwaggerUIBundle) {
+  const urls = swagger.dataset.docs.split(",").map((n) => ({ url: "/console/docs/" + n, name: n }));
+  window.SwaggerUIBundle({ urls, dom_id: "#swagger-ui", deepLinking: false });
+}
