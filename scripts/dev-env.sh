@@ -21,11 +21,14 @@ if ! grep -q '^CJ_ACTIONS_ALLOW_PRIVATE_TARGETS=' .env; then
     echo "dev-env: allowed webhooks to local receivers in .env"
 fi
 
-token=$(./target/release/cornjacket token --sub developer --scopes "ingest:write query:read actions:admin" --ttl 12h)
+token=$(./target/release/cornjacket token --sub developer --scopes "ingest:write query:read actions:admin dlq:admin" --ttl 12h)
 cat <<MSG
 
 A development token (12 h):
   export TOKEN=$token
+
+The operator console (log in with that token):
+  http://127.0.0.1:8085/console/
 
 Send an event and read it back:
   curl -sS -X POST localhost:8080/api/v1/ingest -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' \\
