@@ -44,14 +44,16 @@ ENV CJ_BIND_ADDR=0.0.0.0 \
 
 USER 10001:10001
 
-# ingestion 8080, query 8081, actions API 8082, actions health 8083, event-handler health 8084 (SPEC §2)
-EXPOSE 8080 8081 8082 8083 8084
+# ingestion 8080, query 8081, actions API 8082, actions health 8083, event-handler health 8084
+# (SPEC §2), operator console 8085
+EXPOSE 8080 8081 8082 8083 8084 8085
 
 # Liveness, not readiness: /livez answers 200 while the process serves and asks no dependency, so
 # a database or broker outage never marks the container unhealthy (and never gets it restarted);
 # /readyz (= /health, 503 when unhealthy, SPEC §13) is for traffic: Traefik's health checks.
 # Every port that serves /health also serves both (ingestion 8080, query 8081, actions 8083,
-# event handler + tsdb-writer 8084); the image checks the ingestion port, compose and ECS all four.
+# event handler + tsdb-writer 8084, console 8085); the image checks the ingestion port, compose
+# and ECS all five.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD curl -fsS -o /dev/null http://127.0.0.1:8080/livez || exit 1
 

@@ -1,8 +1,9 @@
 # The ECS task of seed 004 §2.1 (SPEC §14): six containers in one Fargate task, 1 vCPU / 2 GB in
 # total, sharing the task's network namespace — they reach each other on localhost, which is why
 # Redpanda's pandaproxy/schema registry and EMQX's WebSocket listeners are moved off the platform's
-# ports 8081-8084. Ports (SPEC §2): traefik 80 + 8180, app 8080-8084, mqtt-broker 1883 + 18083,
-# redpanda 9092 + 9644, postgres 5432, ai-inference 8090. Checked by tests/deploy/check_terraform.py.
+# ports 8081-8084. Ports (SPEC §2): traefik 80 + 8180, app 8080-8085 (8085: the operator console,
+# reached through Traefik's /console/), mqtt-broker 1883 + 18083, redpanda 9092 + 9644, postgres
+# 5432, ai-inference 8090. Checked by tests/deploy/check_terraform.py.
 
 locals {
   app_image          = "${aws_ecr_repository.app.repository_url}:${var.app_image_tag}"
@@ -73,6 +74,7 @@ locals {
         { name = "actions", containerPort = 8082, protocol = "tcp" },
         { name = "actions-health", containerPort = 8083, protocol = "tcp" },
         { name = "eventhandler-health", containerPort = 8084, protocol = "tcp" },
+        { name = "console", containerPort = 8085, protocol = "tcp" },
       ]
       # SPEC §3 / §11: behind Traefik, everything else on the task's localhost.
       environment = [
@@ -97,16 +99,17 @@ locals {
         { containerName = "mqtt-broker", condition = "HEALTHY" },
       ]
       # Liveness (ECS replaces the task when an essential container stays unhealthy): `serve` runs
-      # all five services, each with its own HTTP server, so the app is alive when every probe port
-      # answers /livez (ingestion 8080, query 8081, actions 8083, event handler + tsdb-writer 8084;
-      # the actions API 8082 has none). /livez asks no dependency, so a database or broker blip
-      # never gets the task replaced; readiness (/readyz, 503 while unhealthy) is Traefik's check
-      # for traffic (traefik/dynamic/routers.yaml, shipped above). There is no load balancer or
-      # target group in front of the task: Traefik is its gateway.
+      # all six services, each with its own HTTP server, so the app is alive when every probe port
+      # answers /livez (ingestion 8080, query 8081, actions 8083, event handler + tsdb-writer 8084,
+      # console 8085; the actions API 8082 has none; five 2s probes in turn, hence the 12s
+      # timeout). /livez asks no dependency, so a database or broker blip never gets the task
+      # replaced; readiness (/readyz, 503 while unhealthy) is Traefik's check for traffic
+      # (traefik/dynamic/routers.yaml, shipped above). There is no load balancer or target group
+      # in front of the task: Traefik is its gateway.
       healthCheck = {
-        command     = ["CMD-SHELL", "curl -fsS -o /dev/null --max-time 2 http://localhost:8080/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8081/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8083/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8084/livez"]
+        command     = ["CMD-SHELL", "curl -fsS -o /dev/null --max-time 2 http://localhost:8080/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8081/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8083/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8084/livez && curl -fsS -o /dev/null --max-time 2 http://localhost:8085/livez"]
         interval    = 15
-        timeout     = 10
+        timeout     = 12
         retries     = 3
         startPeriod = 60
       }

@@ -1,8 +1,9 @@
 # Security groups per ADR-0006 (seed 000 §6.3), dev posture:
 #   public (var.public_cidr_blocks):   80 (Traefik HTTP), 1883 (MQTT)
 #   admins only (var.admin_cidr_blocks): 8180 (Traefik dashboard), 18083 (EMQX dashboard), 9644 (Redpanda admin)
-#   internal only: everything else — PostgreSQL 5432, Kafka 9092, the platform's 8080-8084 and the
-#   sidecar's 8090 are reached over the task's localhost and have no ingress rule at all.
+#   internal only: everything else — PostgreSQL 5432, Kafka 9092, the platform's 8080-8085 and the
+#   sidecar's 8090 are reached over the task's localhost and have no ingress rule at all (the
+#   console on 8085 is public only through Traefik on 80, under /console/).
 
 locals {
   public_ports = {

@@ -6,7 +6,12 @@ ECS task definition, EFS volumes, secrets, log groups and security groups are ch
 task of seed 004 §2.1 with the ports of SPEC §2. The ai-inference container is checked against the
 sidecar itself: its variables and defaults are read from the `Settings` class in
 ai-inference/ai_inference/config.py and its routes from ai_inference/api.py (parsed with `ast`, not
-imported, so no sidecar dependency is needed). Run from anywhere:
+imported, so no sidecar dependency is needed). The Traefik configuration the task ships
+(../traefik, read by ecs.tf) is checked for the operator console's routes — /console/ behind
+ForwardAuth (which must forward the session cookie), the open login form and assets, the
+Server-Sent-Events streams without a buffering middleware, entrypoint timeouts that let a stream
+live — and the full-stack compose file for the same ports and probes as the task (parsed with
+PyYAML). Run from anywhere:
 
     python3 tests/deploy/check_terraform.py [deploy-dir]
 
@@ -21,6 +26,7 @@ import sys
 from pathlib import Path
 
 import hcl2
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 AI_CONFIG = ROOT / "ai-inference" / "ai_inference" / "config.py"
@@ -80,11 +86,12 @@ SIDECAR = sidecar_settings()
 SIDECAR_VARIABLES = {v for names, _ in SIDECAR.values() for v in names}
 AI_PORT = int(SIDECAR["port"][1])
 
-# Seed 004 §2.1 with the ports of SPEC §2 (the platform's own five ports are also checked against
-# the binary's configuration defaults by tests/it/deploy_files.rs).
+# Seed 004 §2.1 with the ports of SPEC §2 (the platform's own six ports are also checked against
+# the binary's configuration defaults by tests/it/deploy_files.rs): ingestion 8080, query 8081,
+# actions API 8082, actions health 8083, event handler + tsdb-writer health 8084, console 8085.
 EXPECTED_PORTS = {
     "traefik": {80, 8180},
-    "app": {8080, 8081, 8082, 8083, 8084},
+    "app": {8080, 8081, 8082, 8083, 8084, 8085},
     "mqtt-broker": {1883, 18083},
     "redpanda": {9092, 9644},
     "postgres": {5432},
@@ -93,7 +100,11 @@ EXPECTED_PORTS = {
 STATEFUL = {"postgres", "redpanda", "mqtt-broker"}
 PUBLIC_PORTS = {80, 1883}
 DASHBOARD_PORTS = {8180, 18083, 9644}
-INTERNAL_ONLY_PORTS = {5432, 9092, 8080, 8081, 8082, 8083, 8084, AI_PORT}
+INTERNAL_ONLY_PORTS = {5432, 9092, 8080, 8081, 8082, 8083, 8084, 8085, AI_PORT}
+# The app's ports that answer the probes (/livez, /readyz, /health): all but the actions API's,
+# whose probes are on its health port 8083.
+APP_PROBE_PORTS = {8080, 8081, 8083, 8084, 8085}
+CONSOLE_PORT = 8085
 TASK_CPU, TASK_MEMORY = 1024, 2048
 # A plain environment variable whose name says it holds a secret (…_PASSWORD, …_SECRET, …).
 SECRET_LIKE = re.compile(r"(^|_)(PASSWORD|SECRET|TOKEN|PRIVATE_KEY|SECRET_KEY)$", re.IGNORECASE)
@@ -273,6 +284,26 @@ def run(deploy: Path) -> Checker:
             f"app {var} from the {secret} secret",
             f"got {app_secrets.get(var)!r}",
         )
+    # Liveness on every probe port (a database blip must not get the task replaced), each probe
+    # within the check's timeout when they run in turn.
+    app_hc_cmd = (app.get("healthCheck") or {}).get("command") or []
+    app_hc = " ".join(str(x) for x in app_hc_cmd)
+    app_asked = set(re.findall(r"://([A-Za-z0-9_.\-]+):(\d+)(/[A-Za-z0-9_./\-]*)", app_hc))
+    c.check(
+        {(int(p), path) for _, p, path in app_asked} == {(p, "/livez") for p in APP_PROBE_PORTS}
+        and all(h in ("localhost", "127.0.0.1") for h, _, _ in app_asked),
+        f"app health check asks only localhost /livez, on {sorted(APP_PROBE_PORTS)}",
+        app_hc,
+    )
+    probe_times = [int(t) for t in re.findall(r"--max-time\s+(\d+)", app_hc)]
+    hc_timeout = as_int((app.get("healthCheck") or {}).get("timeout"))
+    c.check(
+        len(probe_times) == len(app_asked) and hc_timeout is not None and sum(probe_times) < hc_timeout,
+        "app health check: every probe has --max-time and together they end before its timeout",
+        f"--max-time {probe_times}, timeout {hc_timeout}",
+    )
+    app_port_names = {m.get("name"): as_int(m.get("containerPort")) for m in app.get("portMappings") or []}
+    c.check(app_port_names.get("console") == CONSOLE_PORT, f"app port mapping 'console' is {CONSOLE_PORT}", f"got {app_port_names}")
     pg_secrets = {s.get("name"): str(s.get("valueFrom", "")) for s in by_name.get("postgres", {}).get("secrets") or []}
     c.check("aws_secretsmanager_secret.database." in pg_secrets.get("POSTGRES_PASSWORD", ""), "postgres password from the database secret")
     mq_secrets = {s.get("name"): str(s.get("valueFrom", "")) for s in by_name.get("mqtt-broker", {}).get("secrets") or []}
@@ -450,10 +481,196 @@ def run(deploy: Path) -> Checker:
     return c
 
 
+# --- the gateway the task ships (../traefik) and the full-stack compose file ---------------------
+
+CONSOLE_SERVICE_URL = f"http://app:{CONSOLE_PORT}"
+# Console paths that need a session (ForwardAuth), one per kind of page or form.
+CONSOLE_GUARDED = ["/console", "/console/", "/console/devices", "/console/devices/d-1", "/console/devices/d-1/series",
+                   "/console/dead-letters", "/console/dead-letters/tsdb/1/replay", "/console/docs", "/console/docs/query.yaml",
+                   "/console/logout"]
+# Its Server-Sent-Events streams: guarded, and never buffered.
+CONSOLE_LIVE = ["/console/live/overview"]
+# What the console itself leaves open: the login form (GET, POST) and the static assets.
+CONSOLE_OPEN = ["/console/login", "/console/assets/console.js", "/console/assets/vendor/htmx.min.js"]
+# Never routed: the probes, the metrics, the verify endpoint.
+UNROUTED = ["/livez", "/readyz", "/health", "/metrics", "/internal/auth/verify", "/consoles", "/console-x"]
+# An SSE stream must outlive a minute (the old 60s timeouts cut it); 0 is "no timeout".
+MIN_STREAM_SECONDS = 10 * 60
+
+
+def duration_seconds(v) -> float | None:
+    """Traefik durations: an integer (seconds) or Go's '1h30m', '90s', '250ms'."""
+    if isinstance(v, (int, float)):
+        return float(v)
+    text = str(v).strip()
+    if re.fullmatch(r"\d+", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    unit = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+class TraefikRouter:
+    TERM = re.compile(r"^(PathPrefix|Path)\(`([^`]+)`\)$")
+
+    def __init__(self, name: str, body: dict) -> None:
+        self.name = name
+        self.rule = str(body.get("rule", ""))
+        self.terms = []
+        for t in self.rule.split("||"):
+            m = self.TERM.match(t.strip())
+            self.terms.append((m.group(1) == "PathPrefix", m.group(2)) if m else None)
+        # Traefik's default priority is the length of the rule.
+        self.priority = int(body["priority"]) if "priority" in body else len(self.rule)
+        self.service = str(body.get("service", "")).split("@")[0]
+        self.middlewares = [str(m).split("@")[0] for m in body.get("middlewares") or []]
+        self.entry_points = body.get("entryPoints") or []
+
+    @property
+    def parsed(self) -> bool:
+        return all(t is not None for t in self.terms)
+
+    def matches(self, path: str) -> bool:
+        return any(t and (path.startswith(t[1]) if t[0] else path == t[1]) for t in self.terms)
+
+
+def traefik_dynamic(traefik: Path) -> dict:
+    """The dynamic files merged under `http`, as ecs.tf merges them."""
+    http: dict = {}
+    for f in sorted((traefik / "dynamic").glob("*.yaml")):
+        for section, items in (yaml.safe_load(f.read_text()) or {}).get("http", {}).items():
+            http.setdefault(section, {}).update(items or {})
+    return http
+
+
+def check_gateway(c: Checker, root: Path) -> None:
+    traefik = root / "traefik"
+    http = traefik_dynamic(traefik)
+    middlewares = http.get("middlewares", {})
+    services = http.get("services", {})
+    routers = [TraefikRouter(n, b) for n, b in http.get("routers", {}).items()]
+    bad = [r.name for r in routers if not r.parsed]
+    c.check(not bad, "traefik routers: rules are Path/PathPrefix terms joined by ||", f"unparsed {bad}")
+
+    def kind(name: str) -> str:
+        m = middlewares.get(name) or {}
+        return next(iter(m), "undefined")
+
+    auth = [n for n, m in middlewares.items() if "forwardAuth" in (m or {})]
+    if not c.check(len(auth) == 1, "traefik: one forwardAuth middleware", f"got {auth}"):
+        return
+    fa = middlewares[auth[0]]["forwardAuth"]
+    req_headers = fa.get("authRequestHeaders")
+    # Unset, Traefik forwards every request header; set, only those listed.
+    c.check(
+        req_headers is None or {"Authorization", "Cookie"} <= {str(h).title() for h in req_headers},
+        "ForwardAuth forwards Authorization and Cookie (the console's session) to the verify endpoint",
+        f"authRequestHeaders {req_headers}",
+    )
+    c.check(
+        re.fullmatch(r"http://app:8080/internal/auth/verify", str(fa.get("address", ""))) is not None,
+        "ForwardAuth asks the ingestion port's /internal/auth/verify",
+        str(fa.get("address")),
+    )
+
+    def winner(path: str):
+        """The router Traefik picks for a path on the web entrypoint: the highest priority."""
+        hits = sorted((r for r in routers if "web" in r.entry_points and r.matches(path)), key=lambda r: -r.priority)
+        if len(hits) > 1 and hits[0].priority == hits[1].priority:
+            return None, f"{hits[0].name} and {hits[1].name} tie at priority {hits[0].priority}"
+        return (hits[0], "") if hits else (None, "no router matches")
+
+    console = services.get("console", {}).get("loadBalancer", {})
+    c.check(
+        [s.get("url") for s in console.get("servers") or []] == [CONSOLE_SERVICE_URL],
+        f"traefik service console is {CONSOLE_SERVICE_URL} (ecs.tf rewrites app: to localhost:)",
+        f"got {console.get('servers')}",
+    )
+    c.check(CONSOLE_PORT in EXPECTED_PORTS["app"], f"the console port {CONSOLE_PORT} is one of the app's")
+    c.check(
+        (console.get("healthCheck") or {}).get("path") == "/readyz" and "port" not in (console.get("healthCheck") or {}),
+        "traefik service console: health check on its own port's /readyz",
+        f"got {console.get('healthCheck')}",
+    )
+    c.check(console.get("passHostHeader") is not False, "traefik service console keeps the Host (the console checks Origin against it)")
+
+    for path in CONSOLE_GUARDED + CONSOLE_LIVE + CONSOLE_OPEN:
+        r, why = winner(path)
+        if not c.check(r is not None and r.service == "console", f"{path} is routed to the console", why or (r and f"{r.name} → {r.service}")):
+            continue
+        kinds = [kind(m) for m in r.middlewares]
+        guarded = auth[0] in r.middlewares
+        c.check("undefined" not in kinds, f"{path}: router {r.name}'s middlewares are defined", f"{r.middlewares}")
+        c.check("rateLimit" in kinds, f"{path}: router {r.name} is rate-limited", f"{r.middlewares}")
+        if path in CONSOLE_OPEN:
+            c.check(not guarded, f"{path}: router {r.name} is open (no ForwardAuth)", f"{r.middlewares}")
+        else:
+            c.check(guarded, f"{path}: router {r.name} goes through ForwardAuth", f"{r.middlewares}")
+        if path in CONSOLE_LIVE:
+            # `buffering` holds the whole response until the service ends it: an SSE stream never
+            # reaches the browser.
+            c.check("buffering" not in kinds, f"{path}: router {r.name} does not buffer (Server-Sent Events)", f"{r.middlewares}")
+        else:
+            c.check("buffering" in kinds, f"{path}: router {r.name} limits the body size", f"{r.middlewares}")
+        if guarded and "buffering" in kinds:
+            c.check(kinds.index("forwardAuth") < kinds.index("buffering"), f"{path}: authenticated before the body is buffered")
+    # Only the console's own open paths skip ForwardAuth.
+    for r in routers:
+        if auth[0] in r.middlewares:
+            continue
+        c.check(
+            all(t in ((False, "/console/login"), (True, "/console/assets/")) for t in r.terms),
+            f"router {r.name} skips ForwardAuth only for /console/login and /console/assets/",
+            r.rule,
+        )
+    for path in UNROUTED:
+        r, _ = winner(path)
+        c.check(r is None, f"{path} is not routed", r and r.name)
+
+    # The web entrypoint's timeouts end a request that outlives them, streams included.
+    st = yaml.safe_load((traefik / "traefik.yaml").read_text())
+    web = (st.get("entryPoints") or {}).get("web") or {}
+    timeouts = (web.get("transport") or {}).get("respondingTimeouts") or {}
+    for t in ("readTimeout", "writeTimeout"):
+        # Traefik v3's defaults: readTimeout 60s, writeTimeout 0.
+        v = timeouts.get(t, "60s" if t == "readTimeout" else 0)
+        sec = duration_seconds(v)
+        c.check(
+            sec is not None and (sec == 0 or sec >= MIN_STREAM_SECONDS),
+            f"traefik web {t} lets an SSE stream stay open (0 or at least {MIN_STREAM_SECONDS // 60} min)",
+            f"got {v!r}",
+        )
+
+    # The full-stack compose file: the same ports and probes as the task ------------------------
+    compose = yaml.safe_load((root / "docker-compose" / "docker-compose.fullstack.yaml").read_text())
+    app = (compose.get("services") or {}).get("app") or {}
+    exposed = {int(str(p)) for p in app.get("expose") or []}
+    c.check(exposed == EXPECTED_PORTS["app"], f"compose app exposes {sorted(EXPECTED_PORTS['app'])}", f"got {sorted(exposed)}")
+    c.check(not app.get("ports"), "compose app publishes no port (the APIs and the console go through Traefik)", f"got {app.get('ports')}")
+    test = (app.get("healthcheck") or {}).get("test") or []
+    hc = " ".join(str(x) for x in test) if isinstance(test, list) else str(test)
+    asked = set(re.findall(r"://([A-Za-z0-9_.\-]+):(\d+)(/[A-Za-z0-9_./\-]*)", hc))
+    c.check(
+        {(int(p), path) for _, p, path in asked} == {(p, "/livez") for p in APP_PROBE_PORTS},
+        f"compose app health check asks /livez on {sorted(APP_PROBE_PORTS)}",
+        hc,
+    )
+    probe_times = [int(t) for t in re.findall(r"--max-time\s+(\d+)", hc)]
+    timeout = duration_seconds((app.get("healthcheck") or {}).get("timeout", "30s"))
+    c.check(
+        len(probe_times) == len(asked) and timeout is not None and sum(probe_times) < timeout,
+        "compose app health check: every probe has --max-time and together they end before its timeout",
+        f"--max-time {probe_times}, timeout {timeout}",
+    )
+
+
 def main() -> int:
     deploy = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "deploy"
     print(f"check_terraform: {deploy}")
     c = run(deploy)
+    check_gateway(c, deploy.resolve().parent)
     print(f"{c.passed} passed, {c.failed} failed")
     return 1 if c.failed else 0
 
