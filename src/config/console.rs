@@ -78,7 +78,11 @@ impl ConsoleConfig {
                 ports.eventhandler_health,
                 bound.eventhandler_health,
             ),
-            (&mut self.tsdb_url, ports.eventhandler_health, bound.tsdb_health),
+            (
+                &mut self.tsdb_url,
+                ports.eventhandler_health,
+                bound.tsdb_health,
+            ),
         ] {
             if *url == format!("http://127.0.0.1:{port}")
                 && let Some(actual) = actual

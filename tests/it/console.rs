@@ -309,7 +309,7 @@ async fn the_pages_show_what_was_ingested_and_a_dead_letter_is_replayed_from_its
             && html.matches("class=\"device\"").count() == 3
             && html.contains("temperature 22.4 celsius")
             && html.contains("<polyline"))
-            .then_some(html)
+        .then_some(html)
     })
     .await;
     assert!(

@@ -96,6 +96,7 @@ fn ports_of(cfg: &Config) -> BTreeMap<&'static str, u16> {
         ("actions", p.actions),
         ("actions_health", p.actions_health),
         ("eventhandler_health", p.eventhandler_health),
+        ("console", p.console),
     ])
 }
 
@@ -205,12 +206,15 @@ fn routes_with_ports() -> Vec<(&'static str, String, u16)> {
             all.push((*method, path.replace("{consumer}", consumer), port));
         }
     }
+    for (method, path) in cornjacket::services::console::ROUTES {
+        all.push((*method, path.to_string(), ports["console"]));
+    }
     all
 }
 
 /// Routes meant for clients (through the gateway) versus internal ones (ForwardAuth's verify).
 fn is_public(path: &str) -> bool {
-    path.starts_with("/api/")
+    path.starts_with("/api/") || path == "/console" || path.starts_with("/console/")
 }
 
 // --- what the sidecar says -------------------------------------------------------------------------
@@ -1404,8 +1408,20 @@ fn forward_auth_rate_limit_and_body_limit_guard_every_router() {
     let batch_limit = defaults().ingestion.max_batch_body_bytes as u64;
     for r in &routers {
         let mws: Vec<&Value> = r.middlewares.iter().map(|m| middleware(&http, m)).collect();
+        // The console's login form and assets are open (the console's own open paths): their
+        // router may skip ForwardAuth, as long as it routes nothing else.
+        let open_console = r.matches("/console/login")
+            && r.matches("/console/assets/x")
+            && ![
+                "/console/",
+                "/console/devices",
+                "/console/dead-letters/tsdb/x/replay",
+                "/api/v1/ingest",
+            ]
+            .iter()
+            .any(|p| r.matches(p));
         assert!(
-            r.middlewares.contains(auth_name),
+            open_console || r.middlewares.contains(auth_name),
             "router {} skips ForwardAuth",
             r.name
         );
@@ -1424,6 +1440,20 @@ fn forward_auth_rate_limit_and_body_limit_guard_every_router() {
             "router {}: rate limit per client IP",
             r.name
         );
+        // Traefik's buffering middleware buffers the response too, which would hold the
+        // console's Server-Sent-Events streams for ever: their router (GET only, no body; the
+        // app's own body limit stands) goes without it, and routes nothing else.
+        if r.matches("/console/live/overview")
+            && !r.matches("/console/devices")
+            && !r.matches("/api/v1/ingest")
+        {
+            assert!(
+                mws.iter().all(|m| m["buffering"].is_null()),
+                "router {} buffers the SSE streams",
+                r.name
+            );
+            continue;
+        }
         let buffering = mws
             .iter()
             .find(|m| !m["buffering"].is_null())
@@ -1440,7 +1470,9 @@ fn forward_auth_rate_limit_and_body_limit_guard_every_router() {
             );
         }
         // Auth runs before the body is buffered.
-        let auth_at = r.middlewares.iter().position(|m| m == auth_name).unwrap();
+        let Some(auth_at) = r.middlewares.iter().position(|m| m == auth_name) else {
+            continue; // the open console router (checked above)
+        };
         let buf_at = r
             .middlewares
             .iter()

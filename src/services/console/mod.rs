@@ -40,6 +40,24 @@ pub const SCOPES: &[ScopeRule] = &[
     },
 ];
 
+/// Every route under `/console` (method, path), for the deployment files' checks.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/console"),
+    ("get", "/console/"),
+    ("get", "/console/live/overview"),
+    ("get", "/console/devices"),
+    ("get", "/console/devices/{device_id}"),
+    ("get", "/console/devices/{device_id}/series"),
+    ("get", "/console/dead-letters"),
+    ("post", "/console/dead-letters/{consumer}/{dlq_id}/{action}"),
+    ("get", "/console/docs"),
+    ("get", "/console/docs/{doc}"),
+    ("get", "/console/login"),
+    ("post", "/console/login"),
+    ("post", "/console/logout"),
+    ("get", "/console/assets/{*path}"),
+];
+
 #[derive(Clone)]
 pub struct ConsoleState {
     pool: sqlx::PgPool,
