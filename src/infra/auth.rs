@@ -288,6 +288,22 @@ impl Auth {
     }
 }
 
+/// The console's session cookie.
+pub const CONSOLE_COOKIE: &str = "cj_console";
+
+/// The value of the cookie `name` in a request, if set and not empty.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+        .filter(|v| !v.is_empty())
+}
+
 /// A browser on the console sends its session as the `cj_console` cookie (HttpOnly,
 /// SameSite=Strict, Path=/console), never an Authorization header: for console paths only, that
 /// cookie stands for the bearer token — so Traefik's ForwardAuth admits a logged-in browser the
@@ -298,14 +314,7 @@ fn console_cookie(headers: &HeaderMap, path: &str) -> Option<HeaderMap> {
     {
         return None;
     }
-    let token = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == "cj_console")
-        .map(|(_, v)| v)?;
+    let token = cookie(headers, CONSOLE_COOKIE)?;
     let mut h = HeaderMap::new();
     h.insert(
         header::AUTHORIZATION,

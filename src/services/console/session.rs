@@ -20,7 +20,7 @@ use super::error::ConsoleError;
 use crate::config::AuthMode;
 use crate::infra::auth::AuthError;
 
-pub const COOKIE: &str = "cj_console";
+pub const COOKIE: &str = crate::infra::auth::CONSOLE_COOKIE;
 /// The header (or form field) that carries the CSRF token.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
@@ -60,19 +60,7 @@ pub fn token_of(headers: &HeaderMap) -> Option<String> {
     {
         return Some(t.trim().to_string());
     }
-    cookie(headers, COOKIE)
-}
-
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_string())
-        .filter(|v| !v.is_empty())
+    crate::infra::auth::cookie(headers, COOKIE)
 }
 
 fn bearer_headers(token: &str) -> HeaderMap {
