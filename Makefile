@@ -34,7 +34,7 @@ E2E_SCOPES ?= ingest:write query:read actions:admin
 
 .PHONY: docker-check docker-build e2e-skeleton e2e-fullstack fmt
 
-.PHONY: help infra-up infra-down infra-status build run test lint lint-deps vendor-web bench fuzz migrate-all clean-test-dbs \
+.PHONY: help infra-up test-tools infra-down infra-status build run test lint lint-deps vendor-web bench fuzz migrate-all clean-test-dbs \
 	skeleton-up skeleton-down fullstack-up fullstack-down
 
 help:
@@ -58,6 +58,9 @@ help:
 infra-up:
 	@$(INFRA) up
 
+test-tools:
+	@$(INFRA) test-tools
+
 infra-down:
 	@$(INFRA) down
 
@@ -77,7 +80,7 @@ run: vendor-web infra-up
 
 # The dependency checks first: a second once installed (.ci/run calls only `make test`, so CI runs
 # them too); clippy stays in `make lint`, since on a fresh checkout it compiles the whole graph.
-test: vendor-web lint-deps infra-up
+test: vendor-web lint-deps infra-up test-tools
 	scripts/test.sh $(TEST_ARGS)
 
 lint:

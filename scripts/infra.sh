@@ -4,6 +4,7 @@
 #   scripts/infra.sh up     [postgres|tansu|mosquitto ...]  install what is missing, start what is not running
 #   scripts/infra.sh down   [postgres|tansu|mosquitto ...]  stop them
 #   scripts/infra.sh status [postgres|tansu|mosquitto ...]  print each one's state; exit 0 if all run, 1 otherwise
+#   scripts/infra.sh test-tools                             install what only the tests use (chromium, promtool)
 #
 # With no component named, all three are meant. Everything listens on loopback only:
 #   PostgreSQL 15 (Debian cluster 15/main)  127.0.0.1:5432  role/db cornjacket, password cornjacket
@@ -48,6 +49,9 @@ MQTT_DIR="$INFRA_DIR/mosquitto"
 # Packages needed to build the crate (rdkafka builds librdkafka with cmake), installed on every `up`
 # when missing. The services' own packages are installed by their components.
 BUILD_PACKAGES=(cmake libcurl4-openssl-dev pkg-config)
+# What only `make test` needs: the console's browser test drives Debian's Chromium; promtool (in
+# Debian's prometheus package) checks every /metrics and the observability profile's rules.
+TEST_PACKAGES=(chromium prometheus)
 
 CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
 export PATH="$CARGO_BIN:$PATH"
@@ -470,7 +474,7 @@ mosquitto_status() {
 # --- main --------------------------------------------------------------------------------------
 
 usage() {
-    sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -504,8 +508,9 @@ main() {
             for c in "${components[@]}"; do "${c}_status" || rc=1; done
             return "$rc"
             ;;
+        test-tools) ensure_packages "${TEST_PACKAGES[@]}" ;;
         -h | --help | help) usage ;;
-        *) die "unknown command '$cmd' (up, down, status)" ;;
+        *) die "unknown command '$cmd' (up, down, status, test-tools)" ;;
     esac
 }
 
