@@ -1,5 +1,5 @@
 //! The command line: `serve`, `migrate`, `dlq`, `outbox`, `replay`, `projections`, `retention`,
-//! `token`, `devices`, `actions recover` (re-send failed webhook deliveries) and `webhook listen`
+//! `token`, `devices`, `simulate`, `actions recover` (re-send failed webhook deliveries) and `webhook listen`
 //! (a local receiver that verifies and prints webhooks, for development).
 
 use std::net::SocketAddr;
@@ -87,6 +87,9 @@ pub enum Command {
         #[command(subcommand)]
         action: WebhookAction,
     },
+    /// Simulated sensors sending realistic readings (HTTP or MQTT) with occasional outliers,
+    /// so the console has devices, charts and anomalies to show.
+    Simulate(crate::simulate::SimulateArgs),
     /// Mint a development JWT (HS256, from CJ_JWT_SECRET) and print it.
     Token {
         /// The subject (`sub`), e.g. a device or service name.
@@ -322,6 +325,13 @@ pub async fn main() -> i32 {
             0
         }
         Command::Token { sub, scopes, ttl } => token(&config, &sub, &scopes, ttl),
+        Command::Simulate(args) => match crate::simulate::run(&config, args).await {
+            Ok(_) => 0,
+            Err(e) => {
+                eprintln!("cornjacket: {e}");
+                1
+            }
+        },
         Command::Actions {
             action: ActionsAction::Recover { since, rule },
         } => report(recover_cmd(&config, since, rule).await),

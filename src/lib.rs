@@ -6,5 +6,6 @@ pub mod config;
 pub mod envelope;
 pub mod infra;
 pub mod services;
+pub mod simulate;
 pub mod supervisor;
 pub mod webhook_listen;

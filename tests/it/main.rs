@@ -28,6 +28,7 @@ mod process;
 mod read_path;
 mod retention;
 mod retention_clock;
+mod simulate;
 mod slow_clients;
 mod telemetry;
 mod traces;

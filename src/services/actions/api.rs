@@ -31,6 +31,7 @@ crate::infra::http::routes! {
         patch "/api/v1/actions/rules/{rule_id}" => patch_rule;
         delete "/api/v1/actions/rules/{rule_id}" => delete_rule;
         post "/api/v1/actions/rules/{rule_id}/rotate-secret" => rotate_secret;
+        post "/api/v1/actions/rules/{rule_id}/test" => test_rule;
         get "/api/v1/actions/deliveries" => list_deliveries;
         get "/api/v1/actions/deliveries/{delivery_id}" => get_delivery;
         get "/api/v1/actions/deliveries/{delivery_id}/attempts" => list_attempts;
@@ -291,6 +292,85 @@ async fn get_delivery(
 
 /// Sends a finished, unsuccessful delivery again with a fresh retry schedule (an operator's
 /// "resend" after fixing the receiver).
+/// The event type of a test delivery; with `metadata.source = "platform"` and the rule's id as
+/// its aggregate, a receiver can tell a test from a real event.
+pub const TEST_EVENT_TYPE: &str = "webhook.test";
+
+/// `POST /api/v1/actions/rules/{rule_id}/test`: a delivery of a `webhook.test` envelope to the
+/// rule's URL, recorded like any other, so it goes through the same worker, signature, retries
+/// and breaker, and shows in the deliveries with its attempts. The rule's event type and
+/// condition are not consulted: it tests the receiver, not the match. A disabled rule is a 409:
+/// the worker cancels every delivery of a disabled rule, a test one too.
+async fn test_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ActionsError> {
+    let id = uuid_param("rule_id", &id)?;
+    let rule = rules::get(&s.pool, id)
+        .await?
+        .ok_or_else(|| rule_not_found(id))?;
+    if !rule.enabled {
+        return Err(ActionsError::Conflict(format!(
+            "rule {id} is disabled: its deliveries are cancelled; enable it to test it"
+        )));
+    }
+    let now = crate::envelope::truncate_micros(s.clock.now());
+    let mut payload = serde_json::Map::new();
+    payload.insert("rule_id".into(), json!(rule.rule_id));
+    payload.insert("rule_name".into(), json!(rule.name));
+    payload.insert(
+        "message".into(),
+        json!("A test delivery: the platform sent it on request, no event caused it."),
+    );
+    let envelope = crate::envelope::Envelope {
+        event_id: Uuid::now_v7(),
+        event_type: TEST_EVENT_TYPE.into(),
+        aggregate_id: rule.rule_id.to_string(),
+        event_time: now,
+        ingested_at: now,
+        payload,
+        metadata: crate::envelope::Metadata {
+            source: crate::envelope::Source::Platform,
+            traceparent: None,
+            schema_version: crate::envelope::SCHEMA_VERSION,
+            subject: None,
+        },
+    };
+    let delivery_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO actions.deliveries
+            (delivery_id, rule_id, event_id, event_type, aggregate_id, event_at, endpoint, body,
+             status)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending')",
+    )
+    .bind(delivery_id)
+    .bind(rule.rule_id)
+    .bind(envelope.event_id)
+    .bind(&envelope.event_type)
+    .bind(&envelope.aggregate_id)
+    .bind(now)
+    .bind(&rule.webhook_url)
+    .bind(envelope.to_json())
+    .execute(&s.pool)
+    .await?;
+    s.wake.notify_one();
+    tracing::info!(rule_id = %rule.rule_id, %delivery_id, "Test delivery recorded.");
+    Ok((
+        StatusCode::ACCEPTED,
+        [(
+            header::LOCATION,
+            format!("/api/v1/actions/deliveries/{delivery_id}"),
+        )],
+        Json(json!({
+            "delivery_id": delivery_id,
+            "event_id": envelope.event_id,
+            "event_type": TEST_EVENT_TYPE,
+            "status": DeliveryStatus::Pending,
+        })),
+    )
+        .into_response())
+}
+
 async fn retry_delivery(
     State(s): State<ApiState>,
     Path(id): Path<String>,

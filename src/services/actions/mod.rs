@@ -44,6 +44,7 @@ use crate::infra::http::{Check, Status, not_found};
 struct ApiState {
     pool: PgPool,
     wake: Arc<Notify>,
+    clock: Arc<dyn crate::envelope::Clock>,
 }
 
 pub async fn run(ctx: ServiceContext<ActionsConfig>) -> anyhow::Result<()> {
@@ -52,6 +53,7 @@ pub async fn run(ctx: ServiceContext<ActionsConfig>) -> anyhow::Result<()> {
     let api_state = ApiState {
         pool: ctx.db.clone(),
         wake: wake.clone(),
+        clock: ctx.clock.clone(),
     };
     let limit = crate::infra::http::ClientLimit::new(
         ctx.common.api_limit.per_second,

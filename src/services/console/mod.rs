@@ -7,9 +7,11 @@
 
 mod assets;
 mod error;
+mod feeds;
 mod overview;
 mod pages;
 mod session;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +50,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/console/devices"),
     ("get", "/console/devices/{device_id}"),
     ("get", "/console/devices/{device_id}/series"),
+    ("get", "/console/anomalies"),
+    ("get", "/console/live/anomalies"),
+    ("get", "/console/tail"),
+    ("get", "/console/live/tail"),
+    ("get", "/console/webhooks"),
+    ("post", "/console/webhooks/rules/{rule_id}/{action}"),
+    ("post", "/console/webhooks/deliveries/{delivery_id}/retry"),
     ("get", "/console/dead-letters"),
     ("post", "/console/dead-letters/{consumer}/{dlq_id}/{action}"),
     ("get", "/console/docs"),
@@ -96,6 +105,19 @@ pub async fn run(ctx: ServiceContext<ConsoleConfig>) -> anyhow::Result<()> {
         .route("/console/devices", get(pages::devices))
         .route("/console/devices/{device_id}", get(pages::device))
         .route("/console/devices/{device_id}/series", get(pages::series))
+        .route("/console/anomalies", get(feeds::anomalies_page))
+        .route("/console/live/anomalies", get(feeds::live_anomalies))
+        .route("/console/tail", get(feeds::tail_page))
+        .route("/console/live/tail", get(feeds::live_tail))
+        .route("/console/webhooks", get(webhooks::page))
+        .route(
+            "/console/webhooks/rules/{rule_id}/{action}",
+            post(webhooks::rule_action),
+        )
+        .route(
+            "/console/webhooks/deliveries/{delivery_id}/retry",
+            post(webhooks::retry),
+        )
         .route("/console/dead-letters", get(pages::dead_letters))
         .route(
             "/console/dead-letters/{consumer}/{dlq_id}/{action}",

@@ -37,7 +37,7 @@ pub struct Frame {
     pub auth_off: bool,
 }
 
-fn frame(s: &ConsoleState, session: &Session, title: &str, nav: &'static str) -> Frame {
+pub fn frame(s: &ConsoleState, session: &Session, title: &str, nav: &'static str) -> Frame {
     Frame {
         title: title.to_string(),
         nav,
@@ -48,7 +48,7 @@ fn frame(s: &ConsoleState, session: &Session, title: &str, nav: &'static str) ->
     }
 }
 
-fn html(t: impl Template) -> Result<Response, ConsoleError> {
+pub fn html(t: impl Template) -> Result<Response, ConsoleError> {
     Ok(Html(t.render()?).into_response())
 }
 
@@ -246,7 +246,7 @@ pub async fn devices(
 }
 
 /// A table another service owns and has not created yet holds nothing.
-fn missing_is_empty<T>(e: sqlx::Error) -> Result<Vec<T>, ConsoleError> {
+pub fn missing_is_empty<T>(e: sqlx::Error) -> Result<Vec<T>, ConsoleError> {
     match &e {
         sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(Vec::new()),
         _ => Err(e.into()),
@@ -328,7 +328,7 @@ struct DevicePage {
     state: String,
 }
 
-fn fmt_time(t: DateTime<Utc>) -> String {
+pub fn fmt_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S").to_string()
 }
 
@@ -662,11 +662,43 @@ async fn act(
         other => return Err(ConsoleError::NotFound(format!("no consumer {other:?}"))),
     };
     let url = format!("{base}/api/v1/dlq/{consumer}/{id}/{action}");
-    let mut req = s.http.post(&url);
+    let body = upstream(
+        s,
+        session,
+        reqwest::Method::POST,
+        &url,
+        None,
+        "the consumer's DLQ API",
+    )
+    .await?;
+    Ok(body
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or(if action == "replay" {
+            "replayed"
+        } else {
+            "discarded"
+        })
+        .to_string())
+}
+
+/// One call to another service's API with the operator's token: its JSON answer when it
+/// succeeded, its status and error message (passed through) when not.
+pub async fn upstream(
+    s: &ConsoleState,
+    session: &Session,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+    service: &'static str,
+) -> Result<Value, ConsoleError> {
+    let mut req = s.http.request(method, url);
     if let Some(t) = &session.token {
         req = req.bearer_auth(t);
     }
-    let service = "the consumer's DLQ API";
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
     let r = req.send().await.map_err(|e| ConsoleError::Unreachable {
         service,
         message: e.to_string(),
@@ -674,15 +706,7 @@ async fn act(
     let status = r.status();
     let body: Value = r.json().await.unwrap_or(Value::Null);
     if status.is_success() {
-        return Ok(body
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or(if action == "replay" {
-                "replayed"
-            } else {
-                "discarded"
-            })
-            .to_string());
+        return Ok(body);
     }
     Err(ConsoleError::Upstream {
         service,

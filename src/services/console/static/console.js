@@ -2,11 +2,21 @@
 // (uPlot), Swagger UI, and a readable message when an htmx button's request fails.
 "use strict";
 
+// A live region either is replaced by each event, or (data-mode="prepend", the live tail)
+// gets each event's row on top, keeping at most data-keep rows.
 document.querySelectorAll("[data-live]").forEach((el) => {
   const source = new EventSource(el.dataset.live);
+  const counter = el.dataset.count && document.getElementById(el.dataset.count);
   source.addEventListener(el.dataset.event, (e) => {
-    el.innerHTML = e.data;
+    if (el.dataset.mode === "prepend") {
+      el.insertAdjacentHTML("afterbegin", e.data);
+      const keep = Number(el.dataset.keep || 200);
+      while (el.children.length > keep) el.lastElementChild.remove();
+    } else {
+      el.innerHTML = e.data;
+    }
     el.dataset.updates = String(Number(el.dataset.updates || 0) + 1);
+    if (counter) counter.textContent = el.dataset.updates;
   });
 });
 
