@@ -289,7 +289,7 @@ def run(root: Path) -> Checker:
     allowed = set(known) | EXTERNAL_METRICS
 
     promtool = find_promtool()
-    c.check(promtool is not None, f"promtool found ({promtool})",
+    c.check(promtool is not None, f"promtool found ({promtool})" if promtool else "promtool found",
             "install Debian's `prometheus` package (`scripts/infra.sh test-tools`, run by `make test`) "
             "or set PROMTOOL=/path/to/promtool")
 
