@@ -64,9 +64,13 @@ deploy_venv() {
         cp "$DEPLOY_REQ" "$DEPLOY_VENV/.requirements.txt" || return 1
     fi
 }
-echo "test: checking deploy/ (tests/deploy/check_terraform.py)"
+# The same venv (PyYAML) checks the observability compose profile (deploy/observability/); it runs
+# promtool, from Debian's prometheus package (`make test` installs it: scripts/infra.sh test-tools),
+# and fails when it is missing.
+echo "test: checking deploy/ (tests/deploy/check_terraform.py, tests/deploy/check_observability.py)"
 if deploy_venv; then
     "$DEPLOY_VENV/bin/python" "$ROOT/tests/deploy/check_terraform.py" "$ROOT/deploy" || status=$?
+    "$DEPLOY_VENV/bin/python" "$ROOT/tests/deploy/check_observability.py" "$ROOT" || status=$?
 else
     status=1
 fi
