@@ -71,17 +71,20 @@ pub struct Tally {
     pub refused: AtomicU64,
     pub failed: AtomicU64,
     pub outliers: AtomicU64,
+    /// Sends repeated after a 429, a 503 or a lost connection.
+    pub retried: AtomicU64,
 }
 
 impl Tally {
     fn line(&self) -> String {
         format!(
-            "{} sent, {} accepted, {} refused, {} failed, {} outliers",
+            "{} sent, {} accepted, {} refused, {} failed, {} outliers, {} retries",
             self.sent.load(Ordering::Relaxed),
             self.accepted.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
             self.outliers.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
         )
     }
 }
@@ -263,20 +266,22 @@ pub async fn run(config: &Config, args: SimulateArgs) -> Result<Arc<Tally>, Simu
             // message rather than a screen of failures.
             if !probed {
                 probed = true;
-                send(&sender, &tally, &id, payload, Some(permit)).await;
-                if tally.failed.load(Ordering::Relaxed) > 0 {
-                    if let Sender::Http { url, .. } = &*sender {
-                        return Err(SimulateError::Unreachable {
-                            url: url.clone(),
-                            message: "connection failed".into(),
-                        });
-                    }
+                send(&sender, &tally, &id, payload, Some(permit), false).await;
+                if tally.failed.load(Ordering::Relaxed) > 0
+                    && let Sender::Http { url, .. } = &*sender
+                {
+                    return Err(SimulateError::Unreachable {
+                        url: url.clone(),
+                        message: "connection failed".into(),
+                    });
                 }
                 continue;
             }
             let sender = sender.clone();
             let tally = tally.clone();
-            tokio::spawn(async move { send(&sender, &tally, &id, payload, Some(permit)).await });
+            tokio::spawn(
+                async move { send(&sender, &tally, &id, payload, Some(permit), true).await },
+            );
         }
     }
     // Wait for what is in flight (every permit back), but not for ever on a broker gone away.
@@ -441,15 +446,67 @@ async fn connect(
     }
 }
 
+/// Why one HTTP send did not succeed.
+#[derive(Debug)]
+struct SendFailure {
+    /// A 429, a 503 or a transport error: the platform asked to come back, or was not there.
+    retryable: bool,
+    transport: bool,
+    /// The server's `Retry-After`, when it gave one.
+    after: Option<Duration>,
+    message: String,
+}
+
+async fn post_once(
+    client: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> Result<(), SendFailure> {
+    let mut req = client.post(url).json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    match req.send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        Ok(r) => {
+            let status = r.status();
+            let after = r
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let text = r.text().await.unwrap_or_default();
+            Err(SendFailure {
+                retryable: matches!(status.as_u16(), 429 | 503),
+                transport: false,
+                after,
+                message: format!("{status}: {text}"),
+            })
+        }
+        Err(e) => Err(SendFailure {
+            retryable: true,
+            transport: true,
+            after: None,
+            message: e.to_string(),
+        }),
+    }
+}
+
 /// Sends one reading. An HTTP permit is released when the answer arrives; an MQTT one when the
-/// broker acknowledges the publish (in the event loop), so both bound what is in flight.
+/// broker acknowledges the publish (in the event loop), so both bound what is in flight. Over
+/// HTTP a 429, a 503 (a platform starting or shedding load) or a lost connection is retried
+/// with backoff, honouring `Retry-After`, as a device would: readings are not dropped for it.
 async fn send(
     sender: &Sender,
     tally: &Tally,
     device: &str,
     payload: Value,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    retry: bool,
 ) {
+    use backon::{ExponentialBuilder, Retryable};
     match sender {
         Sender::Http { client, url, token } => {
             let body = json!({
@@ -457,23 +514,31 @@ async fn send(
                 "aggregate_id": device,
                 "payload": payload,
             });
-            let mut req = client.post(url).json(&body);
-            if let Some(t) = token {
-                req = req.bearer_auth(t);
-            }
-            match req.send().await {
-                Ok(r) if r.status().is_success() => {
+            let backoff = ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(10)
+                .with_jitter();
+            let outcome = (|| post_once(client, url, token.as_deref(), &body))
+                .retry(backoff)
+                // Without `retry` (the first reading) a platform that is not there is told at once.
+                .when(|e: &SendFailure| e.retryable && (retry || !e.transport))
+                .adjust(|e: &SendFailure, next| next.map(|d| e.after.unwrap_or(d)))
+                .notify(|_, _| {
+                    tally.retried.fetch_add(1, Ordering::Relaxed);
+                })
+                .await;
+            match outcome {
+                Ok(()) => {
                     tally.accepted.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(r) => {
-                    let status = r.status();
-                    tally.refused.fetch_add(1, Ordering::Relaxed);
-                    let text = r.text().await.unwrap_or_default();
-                    eprintln!("simulate: {device}: {status}: {text}");
+                Err(e) if e.transport => {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("simulate: {device}: {}", e.message);
                 }
                 Err(e) => {
-                    tally.failed.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("simulate: {device}: {e}");
+                    tally.refused.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("simulate: {device}: {}", e.message);
                 }
             }
             drop(permit);

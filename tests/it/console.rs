@@ -431,3 +431,176 @@ async fn the_pages_show_what_was_ingested_and_a_dead_letter_is_replayed_from_its
     );
     assert_eq!(get("/console/docs/query.yaml".into()).await.0, 200);
 }
+
+#[tokio::test]
+async fn webhooks_anomalies_and_the_live_tail_act_through_the_apis() {
+    use crate::common::webhook::{Receiver, Reply, verify};
+    let app = TestApp::spawn_with(
+        &[
+            Service::Ingestion,
+            Service::Eventhandler,
+            Service::Actions,
+            Service::Console,
+        ],
+        // One retry: the delivery ends failed after two calls.
+        |e| {
+            e.insert("CJ_ACTIONS_RETRY_DELAYS".into(), "10ms".into());
+        },
+    )
+    .await;
+    app.wait_ready().await;
+    let c = raw_client();
+    let console = |p: &str| app.url(Service::Console, p);
+    // The first two calls fail, every later one succeeds.
+    let receiver = Receiver::start(
+        vec![Reply::status(500), Reply::status(500)],
+        Some(Reply::status(200)),
+    )
+    .await;
+    let r = app
+        .http
+        .post(app.url(Service::Actions, "/api/v1/actions/rules"))
+        .json(&json!({"name": "disk alerts", "event_type": "system.alert",
+                      "condition": {"all": [{"path": "payload.level", "op": "in", "value": ["error"]},
+                                            {"path": "payload.disk", "op": "exists"}]},
+                      "webhook": {"url": receiver.url("/hook")}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let rule: Value = r.json().await.unwrap();
+    let rule_id = rule["rule_id"].as_str().unwrap().to_string();
+    let secret = rule["webhook"]["secret"].as_str().unwrap().to_string();
+
+    // The live tail opens before the event; the event arrives on it as a row.
+    let mut tail = c
+        .get(console("/console/live/tail?type=system.*"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.headers()["content-type"], "text/event-stream");
+    let (status, body) = app
+        .ingest(json!({"event_type": "system.alert", "aggregate_id": "host-1",
+                       "payload": {"level": "error", "disk": "/var", "message": "disk almost full"}}))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let row = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut text = String::new();
+        while !text.contains("host-1") {
+            let chunk = tail.chunk().await.unwrap().expect("stream open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        text
+    })
+    .await
+    .expect("the envelope arrives on the tail");
+    assert!(
+        row.contains("event: envelope") && row.contains("system.alert"),
+        "{row}"
+    );
+    let r = c
+        .get(console("/console/live/tail?type=Bad%20Type"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // The delivery fails; the page shows it with Retry.
+    receiver.wait_for(2, Duration::from_secs(20)).await;
+    let pool = app.pool().await;
+    let delivery: Uuid = eventually(Duration::from_secs(20), || async {
+        sqlx::query_scalar("SELECT delivery_id FROM actions.deliveries WHERE status = 'failed'")
+            .fetch_optional(&pool)
+            .await
+            .ok()?
+    })
+    .await;
+    let page = c
+        .get(console("/console/webhooks?status=failed"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("payload.level in [&quot;error&quot;] and payload.disk exists")
+            || page.contains("payload.level in [&#34;error&#34;] and payload.disk exists"),
+        "the condition reads as written: {page}"
+    );
+    assert!(page.contains(&format!("/console/webhooks/deliveries/{delivery}/retry")));
+    let csrf = csrf_of(&page);
+    let post = |path: String| c.post(console(&path)).header("x-csrf-token", &csrf).send();
+    let r = post(format!("/console/webhooks/deliveries/{delivery}/retry"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("queued again"));
+    receiver.wait_for(3, Duration::from_secs(20)).await;
+
+    // A test delivery: a signed webhook.test envelope through the same worker.
+    let r = post(format!("/console/webhooks/rules/{rule_id}/test"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let calls = receiver.wait_for(4, Duration::from_secs(20)).await;
+    let test = calls.last().unwrap();
+    assert!(verify(&secret, test), "signed with the rule's secret");
+    let env = test.json();
+    assert_eq!(env["event_type"], "webhook.test");
+    assert_eq!(env["aggregate_id"], rule_id.as_str());
+    assert_eq!(env["metadata"]["source"], "platform");
+
+    // Disabled, a rule cannot be tested (its deliveries would be cancelled); enabled, it can.
+    let r = post(format!("/console/webhooks/rules/{rule_id}/disable"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .http
+        .post(app.url(
+            Service::Actions,
+            &format!("/api/v1/actions/rules/{rule_id}/test"),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "conflict");
+    let r = post(format!("/console/webhooks/rules/{rule_id}/test"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409, "the API's refusal comes through");
+    let r = post(format!("/console/webhooks/rules/{rule_id}/enable"))
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().contains("enabled"));
+    let r = post(format!("/console/webhooks/rules/{rule_id}/nonsense"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Anomalies: an ai.anomaly event (as the sidecar submits it) with the rule's outcome.
+    let (status, _) = app
+        .ingest(json!({"event_type": "ai.anomaly", "aggregate_id": "dev-9",
+                       "payload": {"device_id": "dev-9", "key": "temperature", "value": 99.5,
+                                   "score": 7.25, "threshold": 3.0, "source_event_id": Uuid::now_v7(),
+                                   "model": "zscore@1"}}))
+        .await;
+    assert_eq!(status, 202);
+    let html = eventually(Duration::from_secs(20), || async {
+        let html = c
+            .get(console("/console/anomalies"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        html.contains("class=\"anomaly\"").then_some(html)
+    })
+    .await;
+    for want in ["dev-9", "temperature", "99.500", "7.25", "3.0", "no rule"] {
+        assert!(html.contains(want), "{want}: {html}");
+    }
+}

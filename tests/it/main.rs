@@ -13,6 +13,7 @@ mod bad_input;
 mod broker_restart;
 mod chain;
 mod console;
+mod console_browser;
 mod consumer_failures;
 mod db_blackhole;
 mod deploy_files;

@@ -57,6 +57,7 @@ async fn stored(app: &TestApp, prefix: &str, n: usize) -> Vec<(String, f64)> {
 #[tokio::test]
 async fn what_the_simulator_sends_over_http_arrives_with_outliers_after_the_warm_up() {
     let app = TestApp::spawn(&[Service::Ingestion, Service::Eventhandler]).await;
+    app.wait_ready().await;
     let url = app.url(Service::Ingestion, "");
     let (ok, out) = simulate(
         &env_of(&app),

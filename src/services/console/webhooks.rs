@@ -247,6 +247,7 @@ pub async fn page(
     })
 }
 
+/// A row's new content after an action: the outcome across the row.
 fn done(id: Uuid, colspan: u8, message: &str) -> Response {
     Html(format!(
         "<td colspan=\"{colspan}\" class=\"done\">{id}: {}</td>",
@@ -257,7 +258,8 @@ fn done(id: Uuid, colspan: u8, message: &str) -> Response {
     .into_response()
 }
 
-/// `POST /console/webhooks/rules/{id}/{enable|disable|test}`: an HTML fragment for the row.
+/// `POST /console/webhooks/rules/{id}/{enable|disable|test}`: an HTML fragment for the row's
+/// action cell.
 pub async fn rule_action(
     State(s): State<ConsoleState>,
     Extension(session): Extension<Session>,
@@ -299,7 +301,13 @@ pub async fn rule_action(
         other => Err(ConsoleError::NotFound(format!("no rule action {other:?}"))),
     };
     match result {
-        Ok(message) => done(id, 5, &message),
+        Ok(message) => Html(format!(
+            "<small class=\"done\">{}</small>",
+            askama::filters::escape(&message, askama::filters::Html)
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        ))
+        .into_response(),
         Err(e) => e.json(),
     }
 }

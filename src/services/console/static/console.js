@@ -24,8 +24,11 @@ document.body.addEventListener("htmx:responseError", (e) => {
   let msg = e.detail.xhr.statusText;
   try { msg = JSON.parse(e.detail.xhr.responseText).error || msg; } catch (_) { /* not JSON */ }
   const target = e.detail.target;
-  if (target) target.innerHTML = '<td colspan="8" class="error">' + e.detail.xhr.status + ": " +
-    msg.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c])) + "</td>";
+  const text = e.detail.xhr.status + ": " +
+    msg.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+  // A whole row gets one cell across it; a cell gets a line.
+  if (target && target.tagName === "TR") target.innerHTML = '<td colspan="8" class="error">' + text + "</td>";
+  else if (target) target.innerHTML = '<small class="error">' + text + "</small>";
 });
 
 const chart = document.getElementById("chart");
@@ -52,6 +55,9 @@ if (chart && window.uPlot) {
     chart.dataset.anomalies = String(shown);
     const opts = {
       width: Math.max(chart.clientWidth, 320), height: 320,
+      // One bucket alone would stretch the time axis over years: show a bucket either side.
+      scales: { x: { time: true, range: (u, min, max) => min === max
+        ? [min - d.bucket_seconds, max + d.bucket_seconds] : [min, max] } },
       series: [{}, { label: d.key + " (" + d.agg + ")", stroke: "#1e6fd9", width: 1.5 },
         { label: "anomaly", stroke: "#d93a1e", width: 0, points: { show: true, size: 9, fill: "#d93a1e" } }],
       axes: [{}, {}],
@@ -63,8 +69,14 @@ if (chart && window.uPlot) {
   draw();
 }
 
+// Swagger UI over one document at a time, chosen in the select (the bundle alone, without the
+// standalone preset's top bar, shows only a single `url`).
 const swagger = document.getElementById("swagger-ui");
-if (swagger && window.SwaggerUIBundle) {
-  const urls = swagger.dataset.docs.split(",").map((n) => ({ url: "/console/docs/" + n, name: n }));
-  window.SwaggerUIBundle({ urls, dom_id: "#swagger-ui", deepLinking: false });
+const docSelect = document.getElementById("doc-select");
+if (swagger && docSelect && window.SwaggerUIBundle) {
+  const show = () => window.SwaggerUIBundle({
+    url: "/console/docs/" + encodeURIComponent(docSelect.value), dom_id: "#swagger-ui", deepLinking: false,
+  });
+  docSelect.addEventListener("change", show);
+  show();
 }
