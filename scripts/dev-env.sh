@@ -30,6 +30,9 @@ A development token (12 h):
 The operator console (log in with that token):
   http://127.0.0.1:8085/console/
 
+Give it something to show (simulated sensors with occasional outliers; Ctrl-C stops):
+  ./target/release/cornjacket simulate
+
 Send an event and read it back:
   curl -sS -X POST localhost:8080/api/v1/ingest -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' \\
     -d '{"event_type":"sensor.reading","aggregate_id":"device-001","payload":{"value":72.5,"unit":"fahrenheit"}}'
