@@ -25,6 +25,10 @@ FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --recipe-path recipe.json
 COPY . .
+# The commit `cj_build_info` reports (the build context has no .git):
+# docker build --build-arg CJ_GIT_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG CJ_GIT_COMMIT=unknown
+ENV CJ_GIT_COMMIT=${CJ_GIT_COMMIT}
 RUN cargo build --release --locked --bin cornjacket \
     && strip target/release/cornjacket
 

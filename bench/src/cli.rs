@@ -17,6 +17,9 @@ pub struct Args {
     /// Query service base URL.
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     pub query_url: String,
+    /// Console base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8085")]
+    pub console_url: String,
     /// Event handler health base URL.
     #[arg(long, default_value = "http://127.0.0.1:8084")]
     pub eventhandler_url: String,

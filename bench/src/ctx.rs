@@ -18,6 +18,7 @@ pub struct Ctx {
     pub ingest: (SocketAddr, String),
     pub query: (SocketAddr, String),
     pub eventhandler: (SocketAddr, String),
+    pub console: (SocketAddr, String),
     pub db: Option<PgPool>,
     pub run: String,
     pub rows: BTreeMap<String, Row>,

@@ -57,6 +57,7 @@ pub const ROWS: &[&str] = &[
     "pipeline-max",
     "query",
     "timeseries-30d",
+    "console",
     "mqtt",
     "anomaly-to-webhook",
     "footprint",
@@ -89,6 +90,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         ingest: target(&a.ingest_url).await?,
         query: target(&a.query_url).await?,
         eventhandler: target(&a.eventhandler_url).await?,
+        console: target(&a.console_url).await?,
         run: format!(
             "{:x}",
             SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()
@@ -141,6 +143,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         ("e2e-latency", |c| Box::pin(rows::e2e_latency::run(c))),
         ("query", |c| Box::pin(rows::query::run(c))),
         ("timeseries-30d", |c| Box::pin(rows::timeseries::run(c))),
+        ("console", |c| Box::pin(rows::console::run(c))),
         ("pipeline-max", |c| Box::pin(rows::pipeline_max::run(c))),
         ("ingest-max", |c| Box::pin(rows::ingest_max::run(c))),
         ("ingest-baseline", |c| {

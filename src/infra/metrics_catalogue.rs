@@ -282,7 +282,8 @@ pub fn describe() {
     metrics::gauge!(
         "cj_build_info",
         "version" => env!("CARGO_PKG_VERSION"),
-        "commit" => option_env!("CJ_GIT_COMMIT").unwrap_or("unknown"),
+        // Set by build.rs: the build's CJ_GIT_COMMIT, else `git rev-parse`, else "unknown".
+        "commit" => env!("CJ_GIT_COMMIT"),
     )
     .set(1.0);
 }

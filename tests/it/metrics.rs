@@ -239,4 +239,84 @@ async fn every_metric_has_help_the_right_type_and_fitting_buckets() {
             && build.ends_with(" 1"),
         "{build}"
     );
+    // The commit of this checkout (build.rs asks git), not "unknown".
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert_eq!(head.len(), 12, "a git checkout");
+    assert!(build.contains(&format!("commit=\"{head}\"")), "{build}");
+}
+
+/// Prometheus's own linter (`promtool check metrics`, Debian's prometheus package, which
+/// `make test` installs) accepts what every port of every service serves.
+#[tokio::test]
+async fn promtool_accepts_every_metrics_endpoint() {
+    const PROMTOOL: &str = "/usr/bin/promtool";
+    assert!(
+        std::path::Path::new(PROMTOOL).exists(),
+        "{PROMTOOL} is missing: `make test` installs Debian's prometheus (scripts/infra.sh test-tools)"
+    );
+    let app = TestApp::spawn(&[
+        Service::Ingestion,
+        Service::Eventhandler,
+        Service::Tsdb,
+        Service::Query,
+        Service::Actions,
+        Service::Console,
+    ])
+    .await;
+    app.wait_ready().await;
+    // Something in every family that has samples only once used.
+    assert_eq!(app.ingest(reading("promtool-1")).await.0, 202);
+    let _ = app
+        .http
+        .get(app.url(Service::Ingestion, "/no-such-route"))
+        .send()
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The actions API port serves only the API; its /metrics is on its health port.
+    let mut urls: Vec<String> = app
+        .addrs
+        .iter()
+        .filter(|(s, _)| **s != Service::Actions)
+        .map(|(_, a)| a)
+        .chain(app.health_addrs.values())
+        .map(|a| format!("http://{a}/metrics"))
+        .collect();
+    urls.sort();
+    urls.dedup();
+    assert!(urls.len() >= 5, "{urls:?}");
+    for url in urls {
+        let text = app
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("cj_build_info"), "{url}: {text}");
+        let mut child = tokio::process::Command::new(PROMTOOL)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).await.unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "{url}: promtool check metrics:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

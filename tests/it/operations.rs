@@ -127,3 +127,69 @@ async fn rebuild_restores_identical_states_and_replay_changes_nothing() {
     let dlq: i64 = count_rows(&pool, "eventhandler.dlq").await;
     assert_eq!(dlq, 0);
 }
+
+/// The outbox sample that `/health`, `/readyz` and `/metrics` report stays right, and cheap,
+/// with a backlog far above what a probe should count: exact up to the cap, the planner's
+/// estimate beyond it, the oldest row and the retried rows read through indexes. (The outbox is
+/// filled directly, with no service running, so no processor drains it meanwhile.)
+#[tokio::test]
+async fn the_outbox_sample_stays_cheap_and_right_under_a_large_backlog() {
+    use cornjacket::services::ingestion::processor::{EXACT_BACKLOG, backlog};
+    let db = TestDb::new().await;
+    cornjacket::infra::db::migrate(&db.url, Service::Ingestion.migrations().unwrap())
+        .await
+        .unwrap();
+    let pool = db.pool().await;
+    let fill = |n: i64, age_s: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO ingestion.outbox (shard, event_id, created_at, event_payload)
+                 SELECT (i % 16)::smallint, gen_random_uuid(),
+                        now() - make_interval(secs => $2::float8), '{}'::jsonb
+                 FROM generate_series(1, $1::bigint) AS i",
+            )
+            .bind(n)
+            .bind(age_s as f64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    // Small: exact.
+    fill(1_000, 120).await;
+    let (n, age, stuck) = backlog(&pool, 5).await.unwrap();
+    assert_eq!((n, stuck), (1_000, 0));
+    assert!((119.0..200.0).contains(&age), "{age}");
+    sqlx::query("UPDATE ingestion.outbox SET retry_count = 9 WHERE seq IN (SELECT seq FROM ingestion.outbox LIMIT 7)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(backlog(&pool, 5).await.unwrap().2, 7);
+    // Large: counted up to the cap, then the estimate (after the analyse autovacuum would run).
+    fill(EXACT_BACKLOG + 50_000, 10).await;
+    sqlx::query("ANALYZE ingestion.outbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (n, age, stuck) = backlog(&pool, 5).await.unwrap();
+    let real = EXACT_BACKLOG + 51_000;
+    assert!(
+        n > EXACT_BACKLOG && (n - real).abs() < real / 10,
+        "{n} is not within 10% of {real}"
+    );
+    assert!(
+        (119.0..200.0).contains(&age),
+        "the oldest is still the first: {age}"
+    );
+    assert_eq!(stuck, 7);
+    // The retried rows come from their partial index, not a scan of the backlog.
+    let plan: String = sqlx::query_scalar::<_, String>(
+        "EXPLAIN SELECT count(*) FROM ingestion.outbox WHERE retry_count > 0 AND retry_count > 5",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .join("\n");
+    assert!(plan.contains("idx_outbox_retried"), "{plan}");
+}

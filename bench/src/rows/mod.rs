@@ -3,6 +3,7 @@
 pub mod anomaly_to_webhook;
 pub mod batch_max;
 pub mod broker_baseline;
+pub mod console;
 pub mod db_ceiling;
 pub mod e2e_latency;
 pub mod footprint;

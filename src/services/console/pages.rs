@@ -191,20 +191,23 @@ pub async fn devices(
            FROM eventhandler.projections p
            LEFT JOIN ingestion.device_activity a ON a.device_id = p.aggregate_id
           WHERE p.projection_type = 'sensor_state'
-            AND p.aggregate_id ILIKE $1 AND p.aggregate_id > $2
+            AND ($4 = '' OR p.aggregate_id ILIKE $1) AND p.aggregate_id > $2
           ORDER BY p.aggregate_id
           LIMIT $3",
     )
     .bind(&pattern)
     .bind(&after)
     .bind(PAGE + 1)
+    .bind(&q)
     .fetch_all(&s.pool)
     .await
     .or_else(missing_is_empty)?;
+    // Without a search, no ILIKE: an index-only count (ILIKE costs ~1 µs a row, 8 ms at 10,000).
     let total: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM eventhandler.projections
-          WHERE projection_type = 'sensor_state' AND aggregate_id ILIKE $1",
+          WHERE projection_type = 'sensor_state' AND ($1 = '' OR aggregate_id ILIKE $2)",
     )
+    .bind(&q)
     .bind(&pattern)
     .fetch_one(&s.pool)
     .await
@@ -265,12 +268,16 @@ async fn sparklines(
     }
     let (devices, ks): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
     let since = now - chrono::Duration::hours(1);
+    // LATERAL: one primary-key range scan per device. As a plain join the planner may hash the
+    // fifty keys against the whole table (a million rows in `make bench`'s console row).
     let rows: Vec<(String, DateTime<Utc>, f64)> = sqlx::query_as(
-        "SELECT r.device_id, r.bucket, r.sum / r.count
-           FROM tsdb.sensor_rollups_1m r
-           JOIN unnest($1::text[], $2::text[]) AS w(d, k) ON r.device_id = w.d AND r.key = w.k
-          WHERE r.bucket >= $3
-          ORDER BY r.device_id, r.bucket",
+        "SELECT w.d, r.bucket, r.sum / r.count
+           FROM unnest($1::text[], $2::text[]) AS w(d, k)
+           CROSS JOIN LATERAL (
+                SELECT bucket, sum, count FROM tsdb.sensor_rollups_1m
+                 WHERE device_id = w.d AND key = w.k AND bucket >= $3
+                 ORDER BY bucket) AS r
+          ORDER BY w.d, r.bucket",
     )
     .bind(&devices)
     .bind(&ks)

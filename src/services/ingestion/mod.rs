@@ -82,7 +82,14 @@ pub struct AppState {
     auth: Arc<Auth>,
     wakers: writer::Wakers,
     retention: Arc<crate::infra::clock_guard::ClockSkew>,
+    /// The last outbox sample and when it was taken: probes, `/health` and scrapes within
+    /// [`SAMPLE_FRESH`] of each other share one query.
+    outbox_sample: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, OutboxSample)>>>,
 }
+
+/// Rows, oldest age, rows over the retry limit, quarantined rows.
+type OutboxSample = (i64, f64, i64, i64);
+const SAMPLE_FRESH: Duration = Duration::from_secs(1);
 
 impl AppState {
     fn is_ready(&self) -> bool {
@@ -132,6 +139,7 @@ pub async fn run(ctx: ServiceContext<IngestionSection>) -> anyhow::Result<()> {
         clock,
         ready: Ready::default(),
         producer: Arc::new(tokio::sync::OnceCell::new()),
+        outbox_sample: Default::default(),
         mqtt: state_mqtt,
         auth: auth.clone(),
         retention: Default::default(),
@@ -286,7 +294,14 @@ async fn start_processor(
 }
 
 /// Samples the outbox backlog into its gauges (also reported by `/health`).
-async fn outbox_gauges(state: &AppState) -> Result<(i64, f64, i64, i64), sqlx::Error> {
+async fn outbox_gauges(state: &AppState) -> Result<OutboxSample, sqlx::Error> {
+    // Callers queue on the lock, so however many probes arrive at once one query runs.
+    let mut last = state.outbox_sample.lock().await;
+    if let Some((at, sample)) = *last
+        && at.elapsed() < SAMPLE_FRESH
+    {
+        return Ok(sample);
+    }
     let max = state.config.outbox.max_retries;
     let (n, age, stuck) = processor::backlog(&state.pool, max).await?;
     let quarantined = quarantine::count(&state.pool).await?;
@@ -294,6 +309,7 @@ async fn outbox_gauges(state: &AppState) -> Result<(i64, f64, i64, i64), sqlx::E
     metrics::gauge!("cj_outbox_oldest_age_seconds").set(age);
     metrics::gauge!("cj_outbox_over_retry_limit").set(stuck as f64);
     metrics::gauge!("cj_outbox_quarantined").set(quarantined as f64);
+    *last = Some((tokio::time::Instant::now(), (n, age, stuck, quarantined)));
     Ok((n, age, stuck, quarantined))
 }
 
