@@ -26,9 +26,9 @@ COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --recipe-path recipe.json
 COPY . .
 # The commit `cj_build_info` reports (the build context has no .git):
-# docker build --build-arg CJ_GIT_COMMIT=$(git rev-parse --short=12 HEAD) .
-ARG CJ_GIT_COMMIT=unknown
-ENV CJ_GIT_COMMIT=${CJ_GIT_COMMIT}
+# docker build --build-arg CORNJACKET_BUILD_COMMIT=$(git rev-parse --short=12 HEAD) .
+ARG CORNJACKET_BUILD_COMMIT=unknown
+ENV CORNJACKET_BUILD_COMMIT=${CORNJACKET_BUILD_COMMIT}
 RUN cargo build --release --locked --bin cornjacket \
     && strip target/release/cornjacket
 

@@ -1,11 +1,11 @@
-//! Records the commit the binary is built from as `CJ_GIT_COMMIT`, which `cj_build_info` reports:
+//! Records the commit the binary is built from as `CORNJACKET_BUILD_COMMIT`, which `cj_build_info` reports:
 //! the variable itself when the build sets it (an image build has no `.git`: the Dockerfile takes
 //! it as a build argument), else `git rev-parse`, else `unknown`.
 
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=CJ_GIT_COMMIT");
+    println!("cargo:rerun-if-env-changed=CORNJACKET_BUILD_COMMIT");
     // A new commit moves the branch HEAD points at, not HEAD itself.
     println!("cargo:rerun-if-changed=.git/HEAD");
     if let Ok(head) = std::fs::read_to_string(".git/HEAD")
@@ -13,7 +13,7 @@ fn main() {
     {
         println!("cargo:rerun-if-changed=.git/{r}");
     }
-    let commit = std::env::var("CJ_GIT_COMMIT")
+    let commit = std::env::var("CORNJACKET_BUILD_COMMIT")
         .ok()
         .filter(|c| !c.trim().is_empty())
         .or_else(|| {
@@ -26,5 +26,5 @@ fn main() {
                 .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=CJ_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=CORNJACKET_BUILD_COMMIT={commit}");
 }

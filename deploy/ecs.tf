@@ -80,6 +80,13 @@ locals {
       environment = [
         { name = "CJ_AUTH_MODE", value = "gateway" },
         { name = "CJ_BIND_ADDR", value = "0.0.0.0" },
+        # Traefik runs in this task and reaches the app on localhost: the app limits by the
+        # client Traefik names in X-Forwarded-For, at Traefik's own rate.
+        { name = "CJ_TRUSTED_PROXIES", value = "127.0.0.1,::1" },
+        { name = "CJ_INGESTION_RATE_LIMIT", value = "100" },
+        { name = "CJ_INGESTION_RATE_BURST", value = "200" },
+        { name = "CJ_API_RATE_LIMIT", value = "100" },
+        { name = "CJ_API_RATE_BURST", value = "200" },
         { name = "CJ_LOG_FORMAT", value = "json" },
         { name = "CJ_LOG_LEVEL", value = "info" },
         { name = "CJ_KAFKA_BROKERS", value = "localhost:9092" },

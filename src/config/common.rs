@@ -60,6 +60,11 @@ pub struct ApiLimitConfig {
     pub per_second: u32,
     /// `CJ_API_RATE_BURST`: bucket size; 0 means one second's worth.
     pub burst: u32,
+    /// `CJ_TRUSTED_PROXIES`: comma-separated addresses or CIDR networks of the proxies in front
+    /// of the app (Traefik). A request from one of them is limited by the client its
+    /// `X-Forwarded-For` names (the rightmost address that is not itself a trusted proxy);
+    /// any other request by its peer address, whatever it claims. Default: none.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl ApiLimitConfig {
@@ -67,6 +72,7 @@ impl ApiLimitConfig {
         Ok(ApiLimitConfig {
             per_second: v.ranged("CJ_API_RATE_LIMIT", 0, 0, 10_000_000)?,
             burst: v.ranged("CJ_API_RATE_BURST", 0, 0, 10_000_000)?,
+            trusted_proxies: v.networks("CJ_TRUSTED_PROXIES")?,
         })
     }
 }

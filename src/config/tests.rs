@@ -118,6 +118,8 @@ fn each_malformed_variable_names_itself_and_the_expected_form() {
         ("CJ_ACTIONS_PROXY", "socks5://10.0.0.1:1080", "proxy URL"),
         ("CJ_ACTIONS_PROXY", "http://", "proxy URL"),
         ("CJ_API_RATE_LIMIT", "lots", "integer"),
+        ("CJ_TRUSTED_PROXIES", "10.0.0.0/8,traefik", "CIDR networks"),
+        ("CJ_TRUSTED_PROXIES", "10.0.0.0/33", "CIDR networks"),
         ("CJ_RETENTION_EVENTS", "0s", "positive duration"),
         ("CJ_RETENTION_INTERVAL", "hourly", "duration"),
         ("CJ_RETENTION_ENABLED", "perhaps", "true or false"),

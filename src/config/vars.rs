@@ -123,6 +123,29 @@ impl Vars<'_> {
         }
     }
 
+    /// A comma-separated list of IP networks (`10.0.0.0/8`) or addresses (`127.0.0.1`, taken
+    /// as a network of one); empty when unset.
+    pub(super) fn networks(&self, name: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        let Some((var, t)) = self.raw(&[name]) else {
+            return Ok(Vec::new());
+        };
+        t.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        Self::err(
+                            &var,
+                            &t,
+                            "comma-separated IP addresses or CIDR networks such as 10.0.0.0/8",
+                        )
+                    })
+            })
+            .collect()
+    }
+
     pub(super) fn durations(
         &self,
         name: &str,

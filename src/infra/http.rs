@@ -185,11 +185,47 @@ pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
 /// A per-client (IP) request rate limit for an API port (SPEC §11: rate limits per client in
 /// the gateway and in the app). `None` when configured off.
 #[derive(Clone)]
-pub struct ClientLimit(std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>);
+pub struct ClientLimit {
+    limiter: std::sync::Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    trusted: std::sync::Arc<[ipnet::IpNet]>,
+}
+
+/// The client a request counts against: its peer, unless the peer is a trusted proxy, in which
+/// case the rightmost `X-Forwarded-For` address that is not itself trusted (each proxy appends
+/// the address it saw, so everything left of that could be forged by the client). Behind a
+/// proxy that is not trusted, or with no usable header, the peer.
+pub fn client_ip(
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> std::net::IpAddr {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|h| h.trim().parse().ok())
+        .collect();
+    hops.iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(hops.first())
+        .copied()
+        .unwrap_or(peer)
+}
 
 impl ClientLimit {
     /// `per_second` 0 turns the limit off; `burst` 0 means one second's worth.
-    pub fn new(per_second: u32, burst: u32, jobs: &crate::infra::jobs::Jobs) -> Option<Self> {
+    pub fn new(
+        per_second: u32,
+        burst: u32,
+        trusted_proxies: &[ipnet::IpNet],
+        jobs: &crate::infra::jobs::Jobs,
+    ) -> Option<Self> {
         let rate = std::num::NonZeroU32::new(per_second)?;
         let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
         let limiter = std::sync::Arc::new(governor::RateLimiter::keyed(
@@ -206,7 +242,10 @@ impl ClientLimit {
                 l.retain_recent();
             }
         });
-        Some(Self(limiter))
+        Some(Self {
+            limiter,
+            trusted: trusted_proxies.into(),
+        })
     }
 
     /// Middleware: 429 with `Retry-After` once a client is over its rate.
@@ -216,7 +255,8 @@ impl ClientLimit {
         req: axum::extract::Request,
         next: axum::middleware::Next,
     ) -> Response {
-        if let Err(not_until) = limit.0.check_key(&peer.ip()) {
+        let client = client_ip(peer.ip(), req.headers(), &limit.trusted);
+        if let Err(not_until) = limit.limiter.check_key(&client) {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
             ));
@@ -249,4 +289,45 @@ pub fn limited<S: Clone + Send + Sync + 'static>(
 /// The fallback for routes that do not exist, so clients get JSON and not an empty 404.
 pub async fn not_found() -> Response {
     error_body(StatusCode::NOT_FOUND, "no such route", json!([]))
+}
+
+#[cfg(test)]
+mod client_ip_tests {
+    use super::client_ip;
+    use axum::http::HeaderMap;
+
+    fn ip(s: &str) -> std::net::IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_may_name_the_client() {
+        let trusted: Vec<ipnet::IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "127.0.0.1/32".parse().unwrap(),
+        ];
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", "6.6.6.6, 203.0.113.7".parse().unwrap());
+        h.append("x-forwarded-for", "10.1.2.3".parse().unwrap());
+        // From Traefik: the rightmost untrusted hop (the client's forged 6.6.6.6 is left of it).
+        assert_eq!(client_ip(ip("10.0.0.5"), &h, &trusted), ip("203.0.113.7"));
+        // From anyone else the header is ignored.
+        assert_eq!(
+            client_ip(ip("198.51.100.1"), &h, &trusted),
+            ip("198.51.100.1")
+        );
+        // Nothing trusted configured: always the peer.
+        assert_eq!(client_ip(ip("10.0.0.5"), &h, &[]), ip("10.0.0.5"));
+        // Every hop trusted: the leftmost; no usable header: the peer.
+        let mut inner = HeaderMap::new();
+        inner.insert("x-forwarded-for", "127.0.0.1, 10.9.9.9".parse().unwrap());
+        assert_eq!(client_ip(ip("10.0.0.5"), &inner, &trusted), ip("127.0.0.1"));
+        let mut junk = HeaderMap::new();
+        junk.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
+        assert_eq!(client_ip(ip("10.0.0.5"), &junk, &trusted), ip("10.0.0.5"));
+        assert_eq!(
+            client_ip(ip("10.0.0.5"), &HeaderMap::new(), &trusted),
+            ip("10.0.0.5")
+        );
+    }
 }

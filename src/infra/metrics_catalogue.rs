@@ -282,8 +282,8 @@ pub fn describe() {
     metrics::gauge!(
         "cj_build_info",
         "version" => env!("CARGO_PKG_VERSION"),
-        // Set by build.rs: the build's CJ_GIT_COMMIT, else `git rev-parse`, else "unknown".
-        "commit" => env!("CJ_GIT_COMMIT"),
+        // Set by build.rs: the build's CORNJACKET_BUILD_COMMIT, else `git rev-parse`, else "unknown".
+        "commit" => env!("CORNJACKET_BUILD_COMMIT"),
     )
     .set(1.0);
 }

@@ -2287,3 +2287,55 @@ fn emqx_in_ecs_authorizes_devices_and_queues_like_the_local_mosquitto() {
         .collect();
     check_emqx("deploy/ecs.tf mqtt-broker", &env, &script, &user);
 }
+
+/// The app's per-client limits are the gateway's (Traefik's rateLimit on every router), and the
+/// app trusts the X-Forwarded-For of the gateway only: in compose the compose network (no API
+/// port of the app is published in gateway mode), in ECS the task's localhost.
+#[test]
+fn the_apps_rate_limit_is_the_gateways_and_it_trusts_only_the_gateway() {
+    let http = traefik_http();
+    let limits: BTreeSet<(u64, u64)> = routers(&http)
+        .iter()
+        .flat_map(|r| r.middlewares.clone())
+        .map(|m| middleware(&http, &m)["rateLimit"].clone())
+        .filter(|rl| !rl.is_null())
+        .map(|rl| {
+            (
+                rl["average"].as_u64().unwrap(),
+                rl["burst"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(limits.len(), 1, "one gateway rate: {limits:?}");
+    let (average, burst) = *limits.iter().next().unwrap();
+    let compose = environment(&all_services()[APP_SERVICE]);
+    let (ecs, _) = tf_environment(&tf_containers()[APP_SERVICE]);
+    for (what, env) in [("compose", &compose), ("ECS", &ecs)] {
+        for (var, want) in [
+            ("CJ_INGESTION_RATE_LIMIT", average),
+            ("CJ_API_RATE_LIMIT", average),
+            ("CJ_INGESTION_RATE_BURST", burst),
+            ("CJ_API_RATE_BURST", burst),
+        ] {
+            let got = env.get(var).map(|v| v.trim_matches('"').to_string());
+            assert_eq!(got, Some(want.to_string()), "{what}: {var}");
+        }
+        let mut map = HashMap::new();
+        map.insert(
+            "CJ_TRUSTED_PROXIES".to_string(),
+            env["CJ_TRUSTED_PROXIES"].trim_matches('"').to_string(),
+        );
+        let cfg = Config::from_map(&map).unwrap();
+        let trusted = &cfg.api_limit.trusted_proxies;
+        assert!(!trusted.is_empty(), "{what}");
+        // Never the whole internet, and never a public address.
+        for n in trusted {
+            assert!(
+                n.addr().is_loopback()
+                    || matches!(n.addr(), std::net::IpAddr::V4(a) if a.is_private()),
+                "{what} trusts {n}"
+            );
+        }
+    }
+    // That only Traefik reaches the API ports is in_gateway_mode_no_api_port_of_the_app_is_published.
+}

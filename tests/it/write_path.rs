@@ -216,6 +216,47 @@ async fn rate_limit_answers_429_with_retry_after() {
     assert!(statuses[2..].contains(&429), "{statuses:?}");
 }
 
+/// Behind a trusted proxy (Traefik in the deployments) each client has its own bucket, keyed
+/// on the address the proxy appended to `X-Forwarded-For`; a client talking to the port directly
+/// cannot pick its bucket with the header.
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_limit_keys_on_the_forwarded_client() {
+    let spawn = |trusted: Option<&'static str>| {
+        TestApp::spawn_with(&[Service::Ingestion], move |e| {
+            e.insert("CJ_INGESTION_RATE_LIMIT".into(), "1".into());
+            e.insert("CJ_INGESTION_RATE_BURST".into(), "1".into());
+            if let Some(t) = trusted {
+                e.insert("CJ_TRUSTED_PROXIES".into(), t.into());
+            }
+        })
+    };
+    let send = |app: &TestApp, xff: &str| {
+        app.http
+            .post(app.url(Service::Ingestion, "/api/v1/ingest"))
+            .header("x-forwarded-for", xff)
+            .json(&reading("xff", 1.0))
+            .send()
+    };
+    // The test's requests come from 127.0.0.1: the proxy here.
+    let app = spawn(Some("127.0.0.1")).await;
+    app.wait_ready().await;
+    for client in ["203.0.113.1", "203.0.113.2", "6.6.6.6, 203.0.113.3"] {
+        assert_eq!(send(&app, client).await.unwrap().status(), 202, "{client}");
+    }
+    // The same client again is over its one-request burst; a forged left part changes nothing.
+    assert_eq!(send(&app, "203.0.113.1").await.unwrap().status(), 429);
+    assert_eq!(
+        send(&app, "1.2.3.4, 203.0.113.2").await.unwrap().status(),
+        429
+    );
+
+    // Not trusted: the header is ignored, every request is 127.0.0.1's.
+    let app = spawn(None).await;
+    app.wait_ready().await;
+    assert_eq!(send(&app, "203.0.113.1").await.unwrap().status(), 202);
+    assert_eq!(send(&app, "203.0.113.2").await.unwrap().status(), 429);
+}
+
 #[tokio::test]
 async fn the_events_alias_behaves_like_ingest() {
     let app = TestApp::spawn(&[Service::Ingestion]).await;

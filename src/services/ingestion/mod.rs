@@ -82,14 +82,12 @@ pub struct AppState {
     auth: Arc<Auth>,
     wakers: writer::Wakers,
     retention: Arc<crate::infra::clock_guard::ClockSkew>,
-    /// The last outbox sample and when it was taken: probes, `/health` and scrapes within
-    /// [`SAMPLE_FRESH`] of each other share one query.
+    /// The last outbox sample and when its query started (see [`outbox_gauges`]).
     outbox_sample: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, OutboxSample)>>>,
 }
 
 /// Rows, oldest age, rows over the retry limit, quarantined rows.
 type OutboxSample = (i64, f64, i64, i64);
-const SAMPLE_FRESH: Duration = Duration::from_secs(1);
 
 impl AppState {
     fn is_ready(&self) -> bool {
@@ -115,6 +113,7 @@ pub async fn run(ctx: ServiceContext<IngestionSection>) -> anyhow::Result<()> {
     let limit = crate::infra::http::ClientLimit::new(
         config.ingestion.rate_limit_per_sec,
         config.ingestion.rate_limit_burst,
+        &common.api_limit.trusted_proxies,
         &jobs,
     );
     let wakers = writer::Wakers::new(config.outbox.worker_count);
@@ -295,13 +294,17 @@ async fn start_processor(
 
 /// Samples the outbox backlog into its gauges (also reported by `/health`).
 async fn outbox_gauges(state: &AppState) -> Result<OutboxSample, sqlx::Error> {
-    // Callers queue on the lock, so however many probes arrive at once one query runs.
+    // Single flight: callers queue on the lock, and one that finds a sample taken after it
+    // arrived uses it, so however many probes and scrapes come at once one query runs, and no
+    // answer is older than its request (an operator's fix shows at once).
+    let arrived = tokio::time::Instant::now();
     let mut last = state.outbox_sample.lock().await;
     if let Some((at, sample)) = *last
-        && at.elapsed() < SAMPLE_FRESH
+        && at >= arrived
     {
         return Ok(sample);
     }
+    let taken = tokio::time::Instant::now();
     let max = state.config.outbox.max_retries;
     let (n, age, stuck) = processor::backlog(&state.pool, max).await?;
     let quarantined = quarantine::count(&state.pool).await?;
@@ -309,7 +312,7 @@ async fn outbox_gauges(state: &AppState) -> Result<OutboxSample, sqlx::Error> {
     metrics::gauge!("cj_outbox_oldest_age_seconds").set(age);
     metrics::gauge!("cj_outbox_over_retry_limit").set(stuck as f64);
     metrics::gauge!("cj_outbox_quarantined").set(quarantined as f64);
-    *last = Some((tokio::time::Instant::now(), (n, age, stuck, quarantined)));
+    *last = Some((taken, (n, age, stuck, quarantined)));
     Ok((n, age, stuck, quarantined))
 }
 

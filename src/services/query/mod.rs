@@ -52,6 +52,7 @@ pub async fn run(ctx: ServiceContext) -> anyhow::Result<()> {
     let limit = crate::infra::http::ClientLimit::new(
         ctx.common.api_limit.per_second,
         ctx.common.api_limit.burst,
+        &ctx.common.api_limit.trusted_proxies,
         &ctx.jobs,
     );
     let api = api::router()
