@@ -229,7 +229,7 @@ if [[ $AUTH_MODE == app ]]; then
     if TOKEN=$(platform token --sub cornjacket-bench --scopes "ingest:write query:read actions:admin" --ttl 4h 2>/dev/null); then
         AUTH_NOTE="CJ_AUTH_MODE=app (an HS256 JWT checked on every request)"
         # The sidecar's own token for its ai.anomaly submissions (anomaly-to-webhook).
-        AI_TOKEN=$(platform token --sub ai-inference --scopes ingest:write --ttl 4h 2>/dev/null) || AI_TOKEN=""
+        AI_TOKEN=$(platform token --sub ai-inference --scopes "ingest:write ingest:ai" --ttl 4h 2>/dev/null) || AI_TOKEN=""
     else
         TOKEN=""
         AUTH_NOTE="no authentication in this build"

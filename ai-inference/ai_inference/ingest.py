@@ -19,7 +19,8 @@ from ai_inference.model import MODEL_NAME, MODEL_VERSION
 from ai_inference.store import Result
 
 ANOMALY_EVENT_TYPE = "ai.anomaly"
-INGEST_SCOPE = "ingest:write"
+# `ingest:write` passes the ingest route; `ingest:ai` lets it submit ai.* events.
+INGEST_SCOPE = "ingest:write ingest:ai"
 # Self-minted tokens live this long and are renewed when less than a tenth of that is left.
 TOKEN_TTL_S = 3600
 

@@ -237,7 +237,7 @@ def test_a_minted_token_carries_the_service_claims() -> None:
         issuer="cj",
         options={"verify_exp": False, "verify_iat": False},
     )
-    assert claims["sub"] == "ai-inference" and claims["scope"] == "ingest:write"
+    assert claims["sub"] == "ai-inference" and claims["scope"] == "ingest:write ingest:ai"
     assert claims["exp"] - claims["iat"] == 3600
 
 

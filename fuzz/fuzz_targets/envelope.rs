@@ -22,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
             subject: Some("fuzz".into()),
             traceparent: None,
             aggregate_id: (source == Source::Mqtt).then(|| "dev-1".to_string()),
+            ai_allowed: source == Source::Http,
         };
         match validate_request(
             &body,

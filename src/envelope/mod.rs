@@ -205,6 +205,9 @@ pub struct Submission {
     pub traceparent: Option<String>,
     /// The event type set by the transport (MQTT's topic gives the aggregate, not the type).
     pub aggregate_id: Option<String>,
+    /// Whether `ai.*` events may be submitted: over HTTP with the scope `ingest:ai` (or with
+    /// authentication off); never over MQTT.
+    pub ai_allowed: bool,
 }
 
 /// Rules that vary by deployment.
@@ -375,6 +378,16 @@ pub fn validate_request(
     if let (Some(t), Some(p)) = (&event_type, &payload) {
         check_catalogue(t, p, rules, &mut errors);
     }
+    if let Some(t) = &event_type
+        && t.starts_with("ai.")
+        && !sub.ai_allowed
+    {
+        fe(
+            &mut errors,
+            "event_type",
+            "ai.* events are what the inference sidecar derives: they need a token with the scope ingest:ai",
+        );
+    }
 
     if !errors.is_empty() {
         return Err(errors);
@@ -520,6 +533,7 @@ mod tests {
             subject: None,
             traceparent: None,
             aggregate_id: None,
+            ai_allowed: true,
         }
     }
 
@@ -695,6 +709,28 @@ mod tests {
         let tp = check(body).unwrap().metadata.traceparent.unwrap();
         assert!(trace::is_valid(&tp), "{tp}");
         assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    }
+
+    #[test]
+    fn ai_events_need_a_submission_allowed_to_make_them() {
+        let body = json!({"event_type": "ai.anomaly", "aggregate_id": "d", "payload": {
+            "device_id": "d", "key": "value", "value": 9.0, "score": 9.0, "threshold": 4.0,
+            "source_event_id": Uuid::now_v7(), "model": "m@1"}});
+        let rules = Rules::default();
+        assert!(validate_request(&body, &sub(), rules, now()).is_ok());
+        for source in [Source::Http, Source::Mqtt] {
+            let denied = Submission {
+                source,
+                ai_allowed: false,
+                ..sub()
+            };
+            let errs = validate_request(&body, &denied, rules, now()).unwrap_err();
+            assert!(
+                errs.iter()
+                    .any(|e| e.field == "event_type" && e.message.contains("ingest:ai")),
+                "{errs:?}"
+            );
+        }
     }
 
     #[test]

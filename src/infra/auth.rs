@@ -28,8 +28,12 @@ pub const SCOPE_DLQ: &str = "dlq:admin";
 /// A device's settings (`PUT /api/v1/devices/…`, its inactivity period); reading them is
 /// `query:read`.
 pub const SCOPE_DEVICES: &str = "devices:admin";
+/// Submitting `ai.*` events (what inference derived, SPEC §9): the sidecar's token has it beside
+/// `ingest:write`; a client's or a device's never does, so no one can forge an anomaly.
+pub const SCOPE_INGEST_AI: &str = "ingest:ai";
 pub const SCOPES: &[&str] = &[
     SCOPE_INGEST,
+    SCOPE_INGEST_AI,
     SCOPE_QUERY,
     SCOPE_ACTIONS,
     SCOPE_OUTBOX,
@@ -70,6 +74,17 @@ pub enum Audience {
 /// Who made a request, as far as the platform knows; stored in `metadata.subject`.
 #[derive(Debug, Clone)]
 pub struct Subject(pub String);
+
+/// The scopes of an authenticated request's token (a request extension beside [`Subject`]);
+/// absent with `CJ_AUTH_MODE=off`.
+#[derive(Debug, Clone)]
+pub struct Scopes(pub Vec<String>);
+
+impl Scopes {
+    pub fn has(&self, scope: &str) -> bool {
+        self.0.iter().any(|s| s == scope)
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -343,7 +358,16 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
     let subject = match auth.mode {
         AuthMode::App | AuthMode::Gateway => {
             match auth.authorize(req.headers(), &req.method().clone(), &path) {
-                Ok(claims) => Some(claims.sub),
+                Ok(claims) => {
+                    req.extensions_mut().insert(Scopes(
+                        claims
+                            .scope
+                            .split_whitespace()
+                            .map(str::to_string)
+                            .collect(),
+                    ));
+                    Some(claims.sub)
+                }
                 Err(e) => {
                     metrics::counter!("cj_auth_denied_total", "reason" => match e {
                         AuthError::Missing | AuthError::Invalid(_) => "unauthenticated",

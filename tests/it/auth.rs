@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::common::*;
 use base64::Engine;
@@ -11,6 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use cornjacket::services::Service;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 const SECRET: &str = "test-secret-that-is-long-enough-0123456789";
 const ISSUER: &str = "cornjacket-test";
@@ -460,4 +461,70 @@ async fn the_token_command_mints_a_token_the_platform_accepts() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+}
+
+/// `ai.*` events are what the sidecar derives: only a token with `ingest:ai` may submit them,
+/// singly or in a batch (where the others of the batch are still taken); `ingest:write` alone,
+/// the scope every client has, cannot forge an anomaly.
+#[tokio::test]
+async fn ai_events_need_the_ingest_ai_scope() {
+    let app = TestApp::spawn_with(&[Service::Ingestion], auth_env).await;
+    app.wait_ready().await;
+    let anomaly = json!({"event_type": "ai.anomaly", "aggregate_id": "dev-ai",
+        "payload": {"device_id": "dev-ai", "key": "value", "value": 99.0, "score": 9.0,
+                    "threshold": 4.0, "source_event_id": Uuid::now_v7(), "model": "m@1"}});
+    let reading = json!({"event_type": "sensor.reading", "aggregate_id": "dev-ai",
+        "payload": {"value": 1.0, "unit": "c"}});
+    let post = |token: String, path: &'static str, body: Value| {
+        app.http
+            .post(app.url(Service::Ingestion, path))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let client = hs(&claims("ingest:write"));
+    let sidecar = hs(&claims("ingest:write ingest:ai"));
+    let r = post(client.clone(), "/api/v1/ingest", anomaly.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["code"], "validation_failed");
+    assert_eq!(v["details"][0]["field"], "event_type");
+    assert!(
+        v["details"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ingest:ai"),
+        "{v}"
+    );
+    let r = post(sidecar.clone(), "/api/v1/ingest", anomaly.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let stored: Value = r.json().await.unwrap();
+    // In a batch the anomaly is refused and the reading taken.
+    let r = post(
+        client,
+        "/api/v1/ingest/batch",
+        json!({"events": [anomaly.clone(), reading]}),
+    )
+    .await
+    .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["results"][0]["status"], "rejected", "{v}");
+    assert_eq!(v["results"][1]["status"], "accepted", "{v}");
+    // What the sidecar submitted is marked as coming from AI.
+    let pool = app.pool().await;
+    let source: String = eventually(Duration::from_secs(20), || async {
+        sqlx::query_scalar(
+            "SELECT metadata->>'source' FROM ingestion.event_store WHERE event_id = $1::text::uuid",
+        )
+        .bind(stored["event_id"].as_str().unwrap())
+        .fetch_optional(&pool)
+        .await
+        .ok()?
+    })
+    .await;
+    assert_eq!(source, "ai");
 }

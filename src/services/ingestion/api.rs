@@ -15,7 +15,7 @@ use super::AppState;
 use super::error::IngestError;
 use super::writer::{Outcome, Pending, WriteError};
 use crate::envelope::{self, Rules, Source, Submission, trace};
-use crate::infra::auth::Subject;
+use crate::infra::auth::{SCOPE_INGEST_AI, Scopes, Subject};
 
 crate::infra::http::routes! {
     /// This module's routes; [`super::ROUTES`] lists all of the service's.
@@ -139,7 +139,12 @@ fn parse_batch(body: &[u8], max: usize) -> Result<Vec<&RawValue>, IngestError> {
     }
 }
 
-fn submission(headers: &HeaderMap, subject: Option<Extension<Subject>>) -> Submission {
+fn submission(
+    state: &AppState,
+    headers: &HeaderMap,
+    subject: Option<Extension<Subject>>,
+    scopes: Option<Extension<Scopes>>,
+) -> Submission {
     // With traces on, the request's span (already a child of the client's traceparent) is the
     // event's parent; otherwise the client's traceparent is kept as is, or a trace is started.
     let traceparent = crate::infra::telemetry::traceparent_of(&tracing::Span::current())
@@ -156,6 +161,8 @@ fn submission(headers: &HeaderMap, subject: Option<Extension<Subject>>) -> Submi
         subject: subject.map(|Extension(Subject(s))| s),
         traceparent: Some(traceparent),
         aggregate_id: None,
+        ai_allowed: state.auth.mode == crate::config::AuthMode::Off
+            || scopes.is_some_and(|Extension(s)| s.has(SCOPE_INGEST_AI)),
     }
 }
 
@@ -216,6 +223,7 @@ async fn commit(state: &AppState, events: Vec<Pending>) -> Result<Vec<Outcome>, 
 async fn ingest(
     State(state): State<AppState>,
     subject: Option<Extension<Subject>>,
+    scopes: Option<Extension<Scopes>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
@@ -224,7 +232,7 @@ async fn ingest(
     let key = idempotency_key(&headers)?;
     let env = envelope::validate_request(
         &value,
-        &submission(&headers, subject),
+        &submission(&state, &headers, subject, scopes),
         state.rules(),
         state.now(),
     )
@@ -253,6 +261,7 @@ async fn ingest(
 async fn ingest_batch(
     State(state): State<AppState>,
     subject: Option<Extension<Subject>>,
+    scopes: Option<Extension<Scopes>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, IngestError> {
@@ -266,7 +275,7 @@ async fn ingest_batch(
         ));
     }
     tracing::Span::current().record("events", items.len());
-    let sub = submission(&headers, subject);
+    let sub = submission(&state, &headers, subject, scopes);
     let (rules, now) = (state.rules(), state.now());
     let single_limit = state.config.ingestion.max_body_bytes;
     let mut results: Vec<Value> = Vec::with_capacity(items.len());

@@ -333,6 +333,8 @@ impl Subscriber {
                     subject: None,
                     traceparent: Some(crate::envelope::trace::new_trace()),
                     aggregate_id: Some(device.clone()),
+                    // A device never speaks for the inference sidecar.
+                    ai_allowed: false,
                 };
                 envelope::validate_request(&body, &sub, self.rules, self.clock.now())
                     .map(|env| (env, body))
