@@ -34,7 +34,7 @@ E2E_SCOPES ?= ingest:write query:read actions:admin
 
 .PHONY: docker-check docker-build e2e-skeleton e2e-fullstack fmt
 
-.PHONY: help infra-up test-tools infra-down infra-status build run test lint lint-deps vendor-web bench fuzz migrate-all clean-test-dbs \
+.PHONY: help infra-up test-tools infra-down infra-status build run test lint lint-deps vendor-web bench fuzz chaos migrate-all clean-test-dbs \
 	skeleton-up skeleton-down fullstack-up fullstack-down
 
 help:
@@ -46,6 +46,7 @@ help:
 	@echo "make build          release build of the cornjacket binary"
 	@echo "make bench          run scripts/bench.sh (BENCH_ARGS=...)"
 	@echo "make fuzz           the fuzz targets (fuzz/, cargo-fuzz on nightly), FUZZ_SECONDS (60) each"
+	@echo "make chaos          one fault of each kind under load, the long durations (tests/it/chaos.rs; make test runs it short)"
 	@echo "make migrate-all    run every service's database migrations"
 	@echo "make clean-test-dbs drop the cjtest_* databases left by tests"
 	@echo "make infra-up | infra-down | infra-status   local PostgreSQL, Tansu, Mosquitto"
@@ -99,6 +100,12 @@ bench: infra-up
 
 fuzz:
 	scripts/fuzz.sh
+
+# The full chaos run (tests/it/chaos.rs with the issue's fault durations: the broker down 30 s,
+# the database blackholed 10 s, its connections cut 10 s); `make test` runs the short variant.
+chaos: infra-up
+	CJ_CHAOS_FULL=1 scripts/test.sh --no-capture -E 'test(/one_fault_of_each_kind/)'
+
 
 migrate-all: infra-up
 	$(CARGO) run --release --bin cornjacket -- migrate

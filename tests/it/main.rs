@@ -12,6 +12,7 @@ mod auth;
 mod bad_input;
 mod broker_restart;
 mod chain;
+mod chaos;
 mod console;
 mod console_browser;
 mod consumer_failures;
