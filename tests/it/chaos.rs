@@ -177,11 +177,8 @@ async fn projected(
         };
         assert!(
             Instant::now() < deadline,
-            "the event handler says {health}; {}",
-            format!(
-                "projections never caught up ({} rows): {behind:?}",
-                rows.len()
-            )
+            "the event handler says {health}; projections never caught up ({} rows): {behind:?}",
+            rows.len()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
