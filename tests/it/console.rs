@@ -263,24 +263,7 @@ fn reading(device: &str, temperature: f64) -> Value {
 
 #[tokio::test]
 async fn the_pages_show_what_was_ingested_and_a_dead_letter_is_replayed_from_its_page() {
-    const ALL: &[Service] = &[
-        Service::Ingestion,
-        Service::Eventhandler,
-        Service::Tsdb,
-        Service::Query,
-        Service::Actions,
-        Service::Console,
-    ];
-    let app = TestApp::spawn_with(ALL, |e| {
-        for k in [
-            "CJ_EVENTHANDLER_RETRY_DELAYS",
-            "CJ_TSDB_RETRY_DELAYS",
-            "CJ_ACTIONS_CONSUMER_RETRY_DELAYS",
-        ] {
-            e.insert(k.into(), "0s,50ms".into());
-        }
-    })
-    .await;
+    let app = TestApp::spawn_with(EVERY_SERVICE, fast_consumer_retries).await;
     app.wait_ready().await;
     let c = raw_client();
     let get = |p: String| {
@@ -371,23 +354,8 @@ async fn the_pages_show_what_was_ingested_and_a_dead_letter_is_replayed_from_its
     assert!(overview.contains("action-orchestrator"), "{overview}");
 
     // A reading the tsdb-writer refuses becomes a dead letter listed with its buttons.
-    let hot = json!({"event_id": Uuid::now_v7(), "event_type": "sensor.reading", "aggregate_id": "console-a",
-        "event_time": "2026-01-01T00:00:00Z", "ingested_at": "2026-01-01T00:00:00Z",
-        "payload": {"value": "hot", "unit": "c"}, "metadata": {"source": "http", "schema_version": 1}});
-    produce_raw(
-        &app.topic("sensor-events"),
-        "console-a",
-        hot.to_string().as_bytes(),
-    )
-    .await;
+    let (dlq_id, hot_id) = tsdb_dead_letter(&app, "console-a", false).await;
     let pool = app.pool().await;
-    let dlq_id: Uuid = eventually(Duration::from_secs(60), || async {
-        sqlx::query_scalar("SELECT dlq_id FROM tsdb.dlq WHERE status = 'pending'")
-            .fetch_optional(&pool)
-            .await
-            .ok()?
-    })
-    .await;
     let (_, letters) = get("/console/dead-letters".into()).await;
     assert!(
         letters.contains(&format!("id=\"dl-{dlq_id}\"")),
@@ -409,17 +377,13 @@ async fn the_pages_show_what_was_ingested_and_a_dead_letter_is_replayed_from_its
     let (status, body) = (r.status(), r.text().await.unwrap());
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("still failing"), "{body}");
-    sqlx::query("UPDATE tsdb.dlq SET event_payload = jsonb_set(event_payload, '{payload,value}', '19.5') WHERE dlq_id = $1")
-        .bind(dlq_id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    fix_tsdb_dead_letter(&pool, dlq_id).await;
     let r = replay().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("replayed"));
     let value: f64 =
         sqlx::query_scalar("SELECT value FROM tsdb.sensor_readings WHERE event_id = $1")
-            .bind(Uuid::parse_str(hot["event_id"].as_str().unwrap()).unwrap())
+            .bind(hot_id)
             .fetch_one(&pool)
             .await
             .unwrap();

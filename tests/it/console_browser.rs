@@ -14,7 +14,6 @@ use chromiumoxide::browser::{Browser, BrowserConfig};
 use chromiumoxide::page::{Page, ScreenshotParams};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 use crate::common::sidecar::Sidecar;
 use crate::common::webhook::Receiver;
@@ -154,24 +153,10 @@ async fn launch() -> (Browser, tokio::task::JoinHandle<()>, tempfile::TempDir) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_walks_every_page_in_a_real_browser() {
-    const ALL: &[Service] = &[
-        Service::Ingestion,
-        Service::Eventhandler,
-        Service::Tsdb,
-        Service::Query,
-        Service::Actions,
-        Service::Console,
-    ];
-    let app = TestApp::spawn_with(ALL, |e| {
+    let app = TestApp::spawn_with(EVERY_SERVICE, |e| {
         e.insert("CJ_AUTH_MODE".into(), "app".into());
         e.insert("CJ_JWT_SECRET".into(), SECRET.into());
-        for k in [
-            "CJ_EVENTHANDLER_RETRY_DELAYS",
-            "CJ_TSDB_RETRY_DELAYS",
-            "CJ_ACTIONS_CONSUMER_RETRY_DELAYS",
-        ] {
-            e.insert(k.into(), "0s,50ms".into());
-        }
+        fast_consumer_retries(e);
     })
     .await;
     app.wait_ready().await;
@@ -239,28 +224,7 @@ async fn an_operator_walks_every_page_in_a_real_browser() {
     .await;
 
     // A dead letter: a reading the tsdb-writer refuses, corrected so a replay succeeds.
-    let hot_id = Uuid::now_v7();
-    let hot = json!({"event_id": hot_id, "event_type": "sensor.reading", "aggregate_id": "web-0001",
-        "event_time": "2026-01-01T00:00:00Z", "ingested_at": "2026-01-01T00:00:00Z",
-        "payload": {"value": "hot", "unit": "c"}, "metadata": {"source": "http", "schema_version": 1}});
-    produce_raw(
-        &app.topic("sensor-events"),
-        "web-0001",
-        hot.to_string().as_bytes(),
-    )
-    .await;
-    let dlq_id: Uuid = eventually(Duration::from_secs(60), || async {
-        sqlx::query_scalar("SELECT dlq_id FROM tsdb.dlq WHERE status = 'pending'")
-            .fetch_optional(&pool)
-            .await
-            .ok()?
-    })
-    .await;
-    sqlx::query("UPDATE tsdb.dlq SET event_payload = jsonb_set(event_payload, '{payload,value}', '19.5') WHERE dlq_id = $1")
-        .bind(dlq_id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    let (dlq_id, hot_id) = tsdb_dead_letter(&app, "web-0001", true).await;
 
     let (mut browser, pump, _profile) = launch().await;
     let page = browser.new_page("about:blank").await.unwrap();

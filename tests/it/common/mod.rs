@@ -816,3 +816,66 @@ pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .map(|s| s.value)
         .sum()
 }
+
+/// Every service of the binary (the sidecar is a process of its own: [`sidecar::Sidecar`]).
+pub const EVERY_SERVICE: &[Service] = &[
+    Service::Ingestion,
+    Service::Eventhandler,
+    Service::Tsdb,
+    Service::Query,
+    Service::Actions,
+    Service::Console,
+];
+
+/// Consumers that retry a poison message at once and then 50 ms later, so it is dead-lettered
+/// within a test's patience.
+pub fn fast_consumer_retries(e: &mut HashMap<String, String>) {
+    for k in [
+        "CJ_EVENTHANDLER_RETRY_DELAYS",
+        "CJ_TSDB_RETRY_DELAYS",
+        "CJ_ACTIONS_CONSUMER_RETRY_DELAYS",
+    ] {
+        e.insert(k.into(), "0s,50ms".into());
+    }
+}
+
+/// Puts a reading whose value is not a number ("hot") on the app's sensor topic and waits for
+/// the tsdb-writer to dead-letter it; returns (its dlq_id, its event_id). With `fixed`, the
+/// stored payload is then corrected to 19.5, so a replay succeeds.
+pub async fn tsdb_dead_letter(app: &TestApp, device: &str, fixed: bool) -> (Uuid, Uuid) {
+    let event_id = Uuid::now_v7();
+    let hot = serde_json::json!({"event_id": event_id, "event_type": "sensor.reading",
+        "aggregate_id": device, "event_time": "2026-01-01T00:00:00Z",
+        "ingested_at": "2026-01-01T00:00:00Z", "payload": {"value": "hot", "unit": "c"},
+        "metadata": {"source": "http", "schema_version": 1}});
+    produce_raw(
+        &app.topic("sensor-events"),
+        device,
+        hot.to_string().as_bytes(),
+    )
+    .await;
+    let pool = app.pool().await;
+    let dlq_id: Uuid = eventually(Duration::from_secs(60), || async {
+        sqlx::query_scalar("SELECT dlq_id FROM tsdb.dlq WHERE status = 'pending'")
+            .fetch_optional(&pool)
+            .await
+            .ok()?
+    })
+    .await;
+    if fixed {
+        fix_tsdb_dead_letter(&pool, dlq_id).await;
+    }
+    (dlq_id, event_id)
+}
+
+/// Corrects a [`tsdb_dead_letter`]'s value to 19.5.
+pub async fn fix_tsdb_dead_letter(pool: &PgPool, dlq_id: Uuid) {
+    sqlx::query(
+        "UPDATE tsdb.dlq SET event_payload = jsonb_set(event_payload, '{payload,value}', '19.5')
+          WHERE dlq_id = $1",
+    )
+    .bind(dlq_id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
