@@ -411,6 +411,33 @@ pub fn forward_auth(auth: &Auth, headers: &HeaderMap) -> Response {
             }
             r
         }
+        // A person opening the console without a session is sent to its login form, as the
+        // console does itself in app mode: Traefik hands a non-2xx ForwardAuth answer,
+        // Location included, to the browser.
+        Err(AuthError::Missing | AuthError::Invalid(_))
+            if method == Method::GET
+                && (path == "/console" || path.starts_with("/console/"))
+                && headers
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|a| a.contains("text/html")) =>
+        {
+            // Percent-encoding of the few characters a console URI holds; not worth a crate.
+            let next: String = uri
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            let mut r = StatusCode::SEE_OTHER.into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("/console/login?next={next}")) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -240,6 +240,33 @@ async fn a_token_becomes_an_httponly_strict_cookie_and_every_refusal_is_the_righ
             .status(),
         401
     );
+    // Without a session, a person opening the console behind the gateway is sent to the login
+    // form (Traefik passes the answer on); a script, or an API path, gets the 401.
+    let verify_anon = |uri: &'static str, accept: &'static str| {
+        c.get(app.url(Service::Ingestion, "/internal/auth/verify"))
+            .header("x-forwarded-method", "GET")
+            .header("x-forwarded-uri", uri)
+            .header("accept", accept)
+            .send()
+    };
+    let r = verify_anon("/console/devices?q=a b", "text/html,application/xhtml+xml")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(
+        r.headers()["location"],
+        "/console/login?next=/console/devices%3Fq%3Da%20b"
+    );
+    for (uri, accept) in [
+        ("/console/devices", "application/json"),
+        ("/api/v1/query/events", "text/html"),
+    ] {
+        assert_eq!(
+            verify_anon(uri, accept).await.unwrap().status(),
+            401,
+            "{uri}"
+        );
+    }
 
     // `next` never leaves the console.
     let r = c
