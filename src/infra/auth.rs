@@ -422,16 +422,7 @@ pub fn forward_auth(auth: &Auth, headers: &HeaderMap) -> Response {
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|a| a.contains("text/html")) =>
         {
-            // Percent-encoding of the few characters a console URI holds; not worth a crate.
-            let next: String = uri
-                .bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
-                        (b as char).to_string()
-                    }
-                    _ => format!("%{b:02X}"),
-                })
-                .collect();
+            let next = crate::infra::http::percent_encode(uri);
             let mut r = StatusCode::SEE_OTHER.into_response();
             if let Ok(v) = HeaderValue::from_str(&format!("/console/login?next={next}")) {
                 r.headers_mut().insert(header::LOCATION, v);

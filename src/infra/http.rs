@@ -170,6 +170,19 @@ pub fn metrics_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     )
 }
 
+/// Percent-encodes everything but unreserved characters and `/`, for the console's own paths
+/// and queries in a `Location` or a link (a few lines; no crate for it).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Whether a request declares a JSON body (`application/json` or `application/*+json`).
 pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
     headers

@@ -290,7 +290,7 @@ fn reading(device: &str, temperature: f64) -> Value {
 
 #[tokio::test]
 async fn the_pages_show_what_was_ingested_and_a_dead_letter_is_replayed_from_its_page() {
-    let app = TestApp::spawn_with(EVERY_SERVICE, fast_consumer_retries).await;
+    let app = TestApp::spawn_with(&Service::ALL, fast_consumer_retries).await;
     app.wait_ready().await;
     let c = raw_client();
     let get = |p: String| {

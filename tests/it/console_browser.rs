@@ -153,7 +153,7 @@ async fn launch() -> (Browser, tokio::task::JoinHandle<()>, tempfile::TempDir) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_walks_every_page_in_a_real_browser() {
-    let app = TestApp::spawn_with(EVERY_SERVICE, |e| {
+    let app = TestApp::spawn_with(&Service::ALL, |e| {
         e.insert("CJ_AUTH_MODE".into(), "app".into());
         e.insert("CJ_JWT_SECRET".into(), SECRET.into());
         fast_consumer_retries(e);

@@ -285,16 +285,7 @@ async fn seq_now(s: &ConsoleState) -> Result<i64, ConsoleError> {
 }
 
 fn filter_query(f: &TailFilter) -> String {
-    let enc = |v: &str| {
-        v.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect::<String>()
-    };
+    let enc = crate::infra::http::percent_encode;
     format!(
         "type={}&aggregate={}",
         enc(&f.event_type),

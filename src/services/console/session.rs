@@ -163,21 +163,13 @@ fn unauthenticated(req: &Request, why: &str) -> Response {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/console/");
-        let to = format!("/console/login?next={}", urlencode(next));
+        let to = format!(
+            "/console/login?next={}",
+            crate::infra::http::percent_encode(next)
+        );
         return Redirect::to(&to).into_response();
     }
     AuthError::Invalid(why.to_string()).into_response()
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Only paths of the console itself: an open redirect would send a fresh session elsewhere.

@@ -817,16 +817,6 @@ pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// Every service of the binary (the sidecar is a process of its own: [`sidecar::Sidecar`]).
-pub const EVERY_SERVICE: &[Service] = &[
-    Service::Ingestion,
-    Service::Eventhandler,
-    Service::Tsdb,
-    Service::Query,
-    Service::Actions,
-    Service::Console,
-];
-
 /// Consumers that retry a poison message at once and then 50 ms later, so it is dead-lettered
 /// within a test's patience.
 pub fn fast_consumer_retries(e: &mut HashMap<String, String>) {
